@@ -1,0 +1,141 @@
+"""The `sft` command line: load the recipe, apply key=value overrides, call the command. Thin."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sft_cli.errors import SftError
+
+app = typer.Typer(
+    add_completion=True,
+    no_args_is_help=True,
+    help="Turn a YAML recipe into a trained, evaluated model.",
+    pretty_exceptions_enable=False,
+)
+state = {"debug": False}
+
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-5 schedule.epochs=1", show_default=False)
+RESUME_HELP = "Continue from the newest checkpoint in output.dir (or from PATH)."
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (load reports, per-file progress bars) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    from sft_cli.progress import console
+
+    handler = RichHandler(console=console, show_time=False, show_path=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("sft").setLevel(logging.INFO)
+
+
+def _run(action, *args, **kwargs):
+    """Call a command; a user error becomes one line on stderr and exit code 2."""
+    from sft_cli.engine import Interrupted
+
+    try:
+        return action(*args, **kwargs)
+    except SftError as err:
+        if state["debug"]:
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        raise typer.Exit(err.exit_code) from None
+    except Interrupted as stop:
+        sys.stderr.write(f"interrupted: checkpoint saved at {stop.checkpoint}\n")
+        raise typer.Exit(stop.code) from None
+
+
+def _load(recipe: Path, overrides: Optional[List[str]]):
+    from sft_cli.recipe import load_recipe
+
+    return load_recipe(recipe, list(overrides or []))
+
+
+def _resume_value(resume: Optional[str]) -> Optional[str]:
+    """`--resume` alone means the newest checkpoint; `--resume PATH` a given one."""
+    if resume is None:
+        return None
+    return "" if resume in ("", "latest", "auto") else resume
+
+
+def _train(command: str, recipe: Path, overrides: Optional[List[str]], resume: Optional[str], overwrite: bool) -> None:
+    from sft_cli import commands
+
+    _quiet_libraries()
+    _setup_logging()
+    parsed = _run(_load, recipe, overrides)
+    again = ["sft", command, str(recipe), *(overrides or []), "--resume"]
+    resume_command = " ".join(shlex.quote(a) for a in again)
+    try:
+        _run(commands.train, parsed, command, _resume_value(resume), overwrite, resume_command)
+    except typer.Exit as stop:
+        if stop.exit_code in (130, 143):
+            sys.stderr.write(f"resume with: {resume_command}\n")
+        raise
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    """sft: pretrain, fine-tune and evaluate transformer models from YAML recipes."""
+    state["debug"] = debug
+
+
+
+@app.command()
+def finetune(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, is_flag=False, flag_value="latest"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
+) -> None:
+    """Supervised fine-tuning (classification, image classification, prompt->response generation)."""
+    _train("finetune", recipe, overrides, resume, overwrite)
+
+
+@app.command()
+def pretrain(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, is_flag=False, flag_value="latest"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
+) -> None:
+    """Unsupervised language modelling (next-token or masked) on raw text, from scratch or continued."""
+    _train("pretrain", recipe, overrides, resume, overwrite)
+
+
+@app.command("eval")
+def evaluate(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: output.dir/model)."),
+) -> None:
+    """Evaluate a trained model on data.eval; writes eval.json into output.dir."""
+    from sft_cli import commands
+
+    _quiet_libraries()
+    _setup_logging()
+    parsed = _run(_load, recipe, overrides)
+    _run(commands.evaluate_model, parsed, str(model) if model else None)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

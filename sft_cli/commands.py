@@ -1,0 +1,116 @@
+"""What each CLI command does, as plain functions over a typed Recipe (no YAML, no Typer here).
+
+A run directory holds: recipe.yaml, metrics.jsonl, checkpoints/, best-model/, model/, summary.json,
+and after `sft eval`, eval.json (+ plots).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from accelerate.utils import set_seed
+
+from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
+from sft_cli.engine import Trainer, evaluate, make_accelerator
+from sft_cli.errors import SftError
+from sft_cli.progress import print_per_class, print_table
+from sft_cli.recipe import Recipe, to_yaml
+from sft_cli.tasks import build_task
+
+log = logging.getLogger("sft")
+
+PRETRAIN_TASKS = ("language-modeling",)
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "eval.json", "model", "best-model", "checkpoints")
+
+
+def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished run, and fail early when the directory cannot be written."""
+    if (run_dir / "summary.json").exists() and not overwrite and not resume:
+        raise SftError(f"output.dir: {run_dir} already holds a finished run — pass --overwrite, or set output.dir=<new dir>")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SftError(f"output.dir: cannot write to {run_dir} ({err.strerror or err}) — choose a writable directory") from None
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """With --overwrite: remove the old run's files (only once the new run has validated)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def train(recipe: Recipe, command: str, resume: Optional[str] = None, overwrite: bool = False, resume_command: str = "") -> dict[str, Any]:
+    """`sft pretrain` / `sft finetune`: train, keep the best (or last) model in model/, write summary.json."""
+    wants_pretrain = recipe.task in PRETRAIN_TASKS
+    if (command == "pretrain") != wants_pretrain:
+        other = "pretrain" if wants_pretrain else "finetune"
+        raise SftError(f"task: '{recipe.task}' runs with `sft {other}`, not `sft {command}`")
+    run_dir = Path(recipe.output.dir)
+    check_output_dir(run_dir, overwrite, resume is not None)
+    resume_from = find_resume_point(run_dir, resume or None) if resume is not None else None
+    accelerator = make_accelerator(recipe.engine)
+    set_seed(recipe.engine.seed)
+    task = build_task(recipe)
+    task.setup(train=True)
+    if accelerator.is_main_process:
+        if resume_from is None:
+            clear_previous_run(run_dir)
+        write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
+    trainer = Trainer(task, accelerator, recipe.schedule, recipe.optim, recipe.engine, recipe.output, recipe.loss, run_dir, resume_command)
+    trainer.setup(resume_from)
+    if accelerator.is_main_process:
+        p = trainer.params
+        log.info("parameters: %s trainable of %s (%.2f%%)", f"{p['trainable_params']:,}", f"{p['total_params']:,}", p["trainable_pct"])
+    summary = trainer.fit()
+    best = run_dir / "best-model"
+    if recipe.output.keep_best and best.is_dir():
+        if accelerator.is_main_process:
+            with atomic_directory(run_dir / "model") as tmp:
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
+        summary["model_from_step"] = summary["best_step"]
+    else:
+        trainer.save_model(run_dir / "model")
+        summary["model_from_step"] = summary["steps"]
+    if task.eval_set is not None and trainer.state.history:
+        summary["eval"] = next((h for h in trainer.state.history if h["step"] == summary["model_from_step"]), trainer.state.history[-1])
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "summary.json", summary)
+        print_table(f"{recipe.name}: training summary", {k: v for k, v in summary.items() if k != "eval"})
+    accelerator.end_training()
+    return summary
+
+
+def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str, Any]:
+    """`sft eval`: the task's metrics for a trained model on data.eval; writes eval.json."""
+    run_dir = Path(recipe.output.dir)
+    directory = Path(model_dir) if model_dir else run_dir / "model"
+    if not (directory / "config.json").exists():
+        raise SftError(f"--model: no trained model in {directory} — run `sft finetune` first or pass --model DIR")
+    if not recipe.data.eval:
+        raise SftError("data.eval: required by `sft eval` — set it to a held-out file")
+    accelerator = make_accelerator(recipe.engine)
+    set_seed(recipe.engine.seed)
+    task = build_task(recipe)
+    task.setup(model_dir=str(directory), train=False)
+    model = accelerator.prepare_model(task.model, evaluation_mode=True)
+    metrics = evaluate(task, model, accelerator, recipe.eval.batch_size)
+    metrics["model"] = str(directory)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "eval.json", metrics)
+        task.report(metrics, run_dir)
+        print_table(f"{recipe.name}: eval on {recipe.data.eval}", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if "per_class" in metrics:
+            print_per_class(metrics["per_class"])
+    return metrics

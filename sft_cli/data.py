@@ -1,0 +1,135 @@
+"""Load examples from local files, saved datasets or hub names; batch them by length.
+
+Everything here is task-agnostic: tasks map raw rows to model features, this module finds the rows,
+caches the mapping, and orders examples into batches deterministically (so resume can skip exactly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import datasets
+import numpy as np
+
+from sft_cli.errors import SftError
+
+log = logging.getLogger("sft")
+
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _check_utf8(path: Path, key: str) -> None:
+    """Fail early, naming the file, when a text file is not UTF-8."""
+    with open(path, "rb") as f:
+        chunk = f.read(1 << 20)
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if len(chunk) - err.start > 4:  # not a multibyte character cut at the chunk end
+            raise SftError(f"{key}: {path} is not UTF-8 text (byte {err.start}) — re-save it as UTF-8") from None
+
+
+def load_table(location: str, key: str) -> datasets.Dataset:
+    """Load one split from a file, a `save_to_disk` directory, an image folder, or a hub name."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                raise SftError(f"{key}: {path} holds several splits ({', '.join(table)}); point at one")
+        elif any(child.is_dir() for child in path.iterdir()):
+            table = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        else:
+            raise SftError(f"{key}: {path} is neither a saved dataset nor an image folder")
+    elif path.suffix.lower() in EXTENSIONS:
+        if not path.is_file():
+            raise SftError(f"{key}: file not found: {path}")
+        if EXTENSIONS[path.suffix.lower()] in ("json", "csv", "text"):
+            _check_utf8(path, key)
+        table = _load_file(path, key)
+    elif path.suffix or os.sep in location or path.exists():
+        known = ", ".join(EXTENSIONS)
+        raise SftError(f"{key}: {location} — not found or unsupported format; use one of {known}, or a directory")
+    else:
+        table = _load_hub(location, key)
+    if len(table) == 0:
+        raise SftError(f"{key}: {location} has no examples")
+    return table
+
+
+def _load_file(path: Path, key: str) -> datasets.Dataset:
+    """Read a local data file, turning parser failures into one-line errors."""
+    builder = EXTENSIONS[path.suffix.lower()]
+    if path.stat().st_size == 0:
+        raise SftError(f"{key}: {path} is empty")
+    if builder == "text":
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return datasets.Dataset.from_dict({"text": [line for line in lines if line]})
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types for malformed files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SftError(f"{key}: could not read {path} as {builder}: {first}") from None
+
+
+def _load_hub(name: str, key: str) -> datasets.Dataset:
+    """A dataset from the Hugging Face hub (or its local cache when offline)."""
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception:
+        offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if _offline() else ""
+        raise SftError(f"{key}: '{name}' is not a local file or directory, nor a reachable hub dataset{offline}") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def require_columns(table: datasets.Dataset, columns: Sequence[str], key: str, source: str) -> None:
+    """Fail, listing what exists, when a needed column is missing."""
+    for column in columns:
+        if column not in table.column_names:
+            have = ", ".join(table.column_names)
+            raise SftError(f"{key}='{column}': no such column in {source} (columns: {have})")
+
+
+def fingerprint(*parts: object) -> str:
+    """A short stable hash of anything JSON can express; keys the tokenization cache."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_map(table: datasets.Dataset, fn: Callable[[dict], dict], key: str, remove: bool = True) -> datasets.Dataset:
+    """`datasets.map` in batches with a cache fingerprint that names data + tokenizer + settings."""
+    return table.map(
+        fn,
+        batched=True,
+        remove_columns=table.column_names if remove else None,
+        new_fingerprint=fingerprint(table._fingerprint, key),
+        desc="tokenizing",
+    )
+
+
+def epoch_batches(
+    lengths: Sequence[int] | None, num_examples: int, batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
+    """The batches of one epoch: a shuffled order, optionally grouped by length in mega-batches.
+
+    Grouping sorts each run of 50 batches by length so padding is small while the batch order stays
+    random; the result depends only on (seed, epoch), which is what lets resume skip exactly.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_examples)
+    if group_by_length and lengths is not None:
+        lengths_arr = np.asarray(lengths)
+        mega = batch_size * 50
+        chunks = [order[i : i + mega] for i in range(0, num_examples, mega)]
+        order = np.concatenate([c[np.argsort(-lengths_arr[c], kind="stable")] for c in chunks])
+        batches = [order[i : i + batch_size].tolist() for i in range(0, num_examples, batch_size)]
+        perm = rng.permutation(len(batches))
+        return [batches[i] for i in perm]
+    return [order[i : i + batch_size].tolist() for i in range(0, num_examples, batch_size)]

@@ -1,0 +1,600 @@
+"""One training loop for pretrain and finetune, on Accelerate.
+
+Reads top to bottom: setup, then epochs of accumulation windows (forward, backward, step), with
+evaluation, early stopping and checkpoints at their boundaries. The loop never asks which task it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+
+from sft_cli import losses
+from sft_cli.backbone import count_parameters, unwrap
+from sft_cli.checkpoint import (
+    atomic_directory,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from sft_cli.data import epoch_batches
+from sft_cli.errors import SftError
+from sft_cli.metrics import MetricLog
+from sft_cli.progress import TrainProgress
+from sft_cli.recipe import EngineConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig
+from sft_cli.tasks.base import Batch, Task
+
+log = logging.getLogger("sft")
+
+
+class Interrupted(Exception):
+    """Raised after a signal: a checkpoint was saved; carries the exit code (130 or 143)."""
+
+    def __init__(self, code: int, checkpoint: Path):
+        super().__init__(f"interrupted; checkpoint saved at {checkpoint}")
+        self.code = code
+        self.checkpoint = checkpoint
+
+
+def make_accelerator(config: EngineConfig) -> Accelerator:
+    """An Accelerator for the requested device and precision (auto: CUDA, then MPS, then CPU)."""
+    cpu = config.device == "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SftError("engine.device: cuda was asked for but no CUDA device is visible — use auto or cpu")
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise SftError("engine.device: mps was asked for but is not available — use auto or cpu")
+    on_gpu = not cpu and torch.cuda.is_available()
+    precision = resolve_precision(config.precision, on_gpu)
+    if precision == "fp16" and not on_gpu:
+        raise SftError("engine.precision: fp16 needs a CUDA GPU — use bf16 or fp32 on this device")
+    kwargs: dict[str, Any] = {}
+    if config.distributed.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**config.distributed.fsdp)
+    return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """`auto` is bf16 where the hardware computes it natively, else fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        return precision
+    if on_gpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 matmuls beat fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD; no weight decay on biases and norm weights; optional layer-wise LR decay."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    depth = _layer_depths(model) if config.layer_lr_decay else {}
+    max_depth = max(depth.values(), default=0)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "norm" in name.lower() or "bias" in name
+        decay = 0.0 if no_decay else config.weight_decay
+        lr = config.lr * (config.layer_lr_decay ** (max_depth - depth.get(name, max_depth)) if config.layer_lr_decay else 1.0)
+        groups.setdefault((decay, lr), []).append(param)
+    if not groups:
+        raise SftError("freeze: the policy leaves no trainable parameter")
+    params = [{"params": p, "weight_decay": d, "lr": lr} for (d, lr), p in groups.items()]
+    fused = {"foreach": True}
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, **fused)
+    cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, **fused)
+
+
+def _layer_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Depth of each parameter for layer-wise LR decay: embeddings 0, block i -> i+1, head the top."""
+    from sft_cli.backbone import block_lists, embedding_parameter_names
+
+    names = [n for n, _ in model.named_parameters()]
+    lists = block_lists(model)
+    depths = {}
+    embeddings = embedding_parameter_names(model)
+    top = len(lists[0][1]) + 1 if lists else 1
+    for name in names:
+        depths[name] = top
+        if name in embeddings:
+            depths[name] = 0
+        for list_name, _ in lists:
+            if name.startswith(list_name + "."):
+                depths[name] = int(name[len(list_name) + 1 :].split(".")[0]) + 1
+    return depths
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int, steps_per_epoch: int
+) -> Any:
+    """LR schedule with warmup as a ratio (< 1) or a number of steps (>= 1)."""
+    warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total_steps))
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.gamma, patience=0)
+    step_size = config.step_size or max(steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if config.scheduler == "step":
+            return config.gamma ** ((step - warmup) // step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def estimate_flops_per_token(model: torch.nn.Module) -> float:
+    """~6 FLOPs per non-embedding parameter per trained token (2 forward + 4 backward)."""
+    from sft_cli.backbone import embedding_parameter_names
+
+    embeddings = embedding_parameter_names(unwrap(model))
+    params = sum(p.numel() for n, p in unwrap(model).named_parameters() if n not in embeddings)
+    return 6.0 * params
+
+
+@dataclass
+class TrainState:
+    """Everything that says where training is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    window_in_epoch: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    bad_evals: int = 0
+    skipped_nonfinite: int = 0
+    last_loss: Optional[float] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains `task.model` on `task.train_set` with the recipe's schedule, optimizer and engine."""
+
+    def __init__(
+        self,
+        task: Task,
+        accelerator: Accelerator,
+        schedule: ScheduleConfig,
+        optim: OptimConfig,
+        engine: EngineConfig,
+        output: OutputConfig,
+        loss: LossConfig,
+        run_dir: Path,
+        resume_command: str = "",
+    ):
+        self.task, self.accelerator = task, accelerator
+        self.schedule, self.optim_config, self.engine, self.output = schedule, optim, engine, output
+        self.weights = {"sup": loss.supervised, "lm": loss.lm}
+        self.run_dir = run_dir
+        self.resume_command = resume_command
+        self.log = MetricLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.state = TrainState()
+        self._signal: Optional[int] = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self, resume_from: Optional[Path]) -> None:
+        """Seed, size the schedule, build optimizer and scheduler, place on device, maybe resume."""
+        set_seed(self.engine.seed)
+        world = self.accelerator.num_processes
+        num_batches = math.ceil(len(self.task.train_set) / self.schedule.batch_size)
+        self.windows_per_epoch = max(1, math.ceil(math.ceil(num_batches / world) / self.schedule.grad_accum))
+        epochs_steps = math.ceil(self.schedule.epochs * self.windows_per_epoch)
+        self.total_steps = min(self.schedule.max_steps or epochs_steps, epochs_steps or self.schedule.max_steps)
+        if self.schedule.max_steps and not self.schedule.epochs:
+            self.total_steps = self.schedule.max_steps
+        model = self.task.model
+        if self.engine.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        self.params = count_parameters(model)
+        self.optimizer = build_optimizer(model, self.optim_config)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if self.engine.compile:
+            self.model = torch.compile(self.model)
+        self.flops_per_token = estimate_flops_per_token(self.model)
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Load model weights and trainer state so the run continues as if never stopped."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
+        unwrap(self.model).load_state_dict(weights, strict=False)
+        saved = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        self.state = TrainState(**saved["train_state"])
+        self.log.truncate_after(self.state.step)
+        log.info("resumed from %s at step %d", checkpoint, self.state.step)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Run to the end of the schedule (or an early stop); returns the summary."""
+        self._install_signal_handlers()
+        self.progress = TrainProgress(self.total_steps, enabled=self.accelerator.is_main_process)
+        self.progress.start(self.state.step)
+        self.eval_every = 0 if self.schedule.eval_every == "epoch" else int(self.schedule.eval_every)
+        self.meter = _Meter()
+        stop = False
+        try:
+            while not stop and self.state.step < self.total_steps:
+                for window in self._windows(self.state.epoch, self.state.window_in_epoch):
+                    stop = self._step(window)
+                    if stop or self.state.step >= self.total_steps:
+                        break
+                if self.state.window_in_epoch >= self.windows_per_epoch:  # a whole epoch is done
+                    self.state.epoch += 1
+                    self.state.window_in_epoch = 0
+                    if not self.eval_every and not stop:
+                        stop = self._paused(self._evaluate_and_track)
+                    self._paused(self.save_checkpoint)
+            if self.task.eval_set is not None and self._last_eval_step() != self.state.step:
+                self._paused(self._evaluate_and_track)
+        finally:
+            self.state.train_seconds += self.meter.lap()
+            self.progress.stop()
+            self._restore_signal_handlers()
+        return self.summary()
+
+    def _step(self, window: list[Batch]) -> bool:
+        """One optimizer step plus whatever falls due after it; True means stop early."""
+        loss, parts, tokens = self._train_window(window)
+        self.state.step += 1
+        self.state.window_in_epoch += 1
+        self.state.tokens += tokens
+        self.meter.add(loss, parts, tokens)
+        if loss is None:
+            self.state.skipped_nonfinite += 1
+        if self.state.step % self.schedule.log_every == 0 or self.state.step == self.total_steps:
+            elapsed = self.meter.lap()
+            self.state.train_seconds += elapsed
+            self.progress.update(self.state.step, self._log_train(elapsed))
+        stop = False
+        if self.eval_every and self.state.step % self.eval_every == 0:
+            stop = self._paused(self._evaluate_and_track)
+        if self.output.save_every and self.state.step % self.output.save_every == 0:
+            self._paused(self.save_checkpoint)
+        if self._signal is not None:
+            raise self._interrupt()
+        return stop
+
+    def _paused(self, action: Callable[[], Any]) -> Any:
+        """Run eval or saving without counting it as training time."""
+        self.state.train_seconds += self.meter.lap()
+        try:
+            return action()
+        finally:
+            self.meter.restart()
+
+    def _last_eval_step(self) -> Optional[int]:
+        return self.state.history[-1]["step"] if self.state.history else None
+
+    def _windows(self, epoch: int, skip: int):
+        """This process's accumulation windows for an epoch, skipping those already done."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batches = epoch_batches(
+            self.task.lengths("train"),
+            len(self.task.train_set),
+            self.schedule.batch_size,
+            self.engine.seed,
+            epoch,
+            self.schedule.group_by_length,
+        )
+        per_rank = math.ceil(len(batches) / world)
+        batches = (batches * 2)[: per_rank * world]  # pad by wrapping so every rank steps together
+        mine = batches[rank::world]
+        accum = self.schedule.grad_accum
+        windows = [mine[i : i + accum] for i in range(0, len(mine), accum)][skip:]
+        loader = DataLoader(
+            self.task.train_set,
+            batch_sampler=[b for w in windows for b in w],
+            collate_fn=lambda rows: self.task.collate(rows, train=True),
+            num_workers=self.engine.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",
+        )
+        iterator = iter(loader)
+        for window in windows:
+            yield [next(iterator) for _ in window]
+
+    def _train_window(self, window: list[Batch]) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor], int]:
+        """Forward/backward over one accumulation window, then one optimizer step."""
+        device = self.accelerator.device
+        window = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in window]
+        counts: dict[str, torch.Tensor] = {}
+        for batch in window:
+            for name, count in self.task.counts(batch).items():
+                counts[name] = counts.get(name, 0) + count.to(device)
+        world = self.accelerator.num_processes
+        if world > 1:  # every rank normalizes by the global item count; DDP then averages gradients
+            counts = {k: self.accelerator.reduce(v.float(), reduction="sum") for k, v in counts.items()}
+        total_loss = torch.zeros((), device=device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        tokens = 0
+        self.model.train()
+        for index, batch in enumerate(window):
+            sync = index == len(window) - 1
+            with self.accelerator.no_sync(self.model) if not sync else _nullcontext():
+                with self.accelerator.autocast():
+                    terms = self.task.loss_terms(self.model, batch)
+                loss, parts = losses.mix(terms, counts, self.weights, scale=world)
+                self.accelerator.backward(loss)
+            total_loss += loss.detach() / world
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v / world
+            tokens += self.task.tokens(batch)
+        if not self._finite(total_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, {}, tokens * world
+        if self.schedule.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.schedule.max_grad_norm)
+        self.optimizer.step()
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, {k: v for k, v in parts_sum.items()}, tokens * world
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Check the loss; stop (or skip, when allowed) on NaN/inf, naming the step."""
+        if bool(torch.isfinite(loss)):
+            return True
+        if self.engine.skip_nonfinite:
+            log.warning("non-finite loss at step %d: batch skipped", self.state.step + 1)
+            return False
+        raise SftError(
+            f"loss became {loss.item()} at step {self.state.step + 1} — lower optim.lr, check the data, or set "
+            "engine.skip_nonfinite: true; the last checkpoint is intact"
+        )
+
+    def _log_train(self, elapsed: float) -> dict[str, Any]:
+        """Write a train record (the only place the loop syncs the loss to the host)."""
+        record: dict[str, Any] = {"step": self.state.step, "epoch": round(self._epoch_float(), 4)}
+        record.update(self.meter.means())
+        if "loss" in record:
+            self.state.last_loss = record["loss"]
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["tokens_per_s"] = self.meter.tokens / max(elapsed, 1e-9)
+        if self.state.skipped_nonfinite:
+            record["skipped_nonfinite"] = self.state.skipped_nonfinite
+        self.meter.reset()
+        self.log.write(record)
+        return record
+
+    def _epoch_float(self) -> float:
+        return self.state.epoch + self.state.window_in_epoch / self.windows_per_epoch
+
+    # -- evaluation, best model, early stopping ------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Task metrics on the eval split, sharded over processes and gathered exactly once each."""
+        if self.task.eval_set is None:
+            return {}
+        return evaluate(self.task, self.model, self.accelerator, self.schedule.batch_size)
+
+    def _evaluate_and_track(self) -> bool:
+        """Evaluate, log, keep the best model, feed plateau/early stopping; True means stop."""
+        metrics = self.evaluate()
+        if not metrics:
+            return False
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        record = {"step": self.state.step, "epoch": round(self._epoch_float(), 4), **{f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in scalars.items()}}
+        self.log.write(record)
+        self.state.history.append(record)
+        es = self.schedule.early_stopping
+        name = es.metric if es else self.task.main_metric
+        mode = es.mode if es else self.task.main_mode
+        value = record.get(name, record.get(f"eval_{name}"))
+        if value is None:
+            raise SftError(f"schedule.early_stopping.metric: '{name}' is not logged; choose one of {', '.join(k for k in record if k.startswith('eval_'))}")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value if mode == "min" else -value)
+        improved = self.state.best_metric is None or (value < self.state.best_metric if mode == "min" else value > self.state.best_metric)
+        if improved:
+            self.state.best_metric, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
+            if self.output.keep_best:
+                self.save_model(self.run_dir / "best-model")
+        else:
+            self.state.bad_evals += 1
+        return bool(es and self.state.bad_evals >= es.patience)
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save_model(self, directory: Path) -> None:
+        """Atomically write a loadable model (rank 0 only)."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_directory(directory) as tmp:
+                self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """Model weights + optimizer/scheduler/scaler/RNG/progress, atomically; keeps `output.keep`."""
+        from safetensors.torch import save_file
+
+        directory = self.run_dir / "checkpoints"
+        self.accelerator.wait_for_everyone()
+        state_dict = unwrap(self.accelerator.unwrap_model(self.model)).state_dict()
+        path = directory / f"step-{self.state.step:08d}"
+        if self.accelerator.is_main_process:
+            trainer_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                "rng": rng_state(),
+                "train_state": self.state.__dict__.copy(),
+            }
+
+            def write_model(target: Path) -> None:
+                target.mkdir(parents=True)
+                tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+                save_file(_untie(tensors), str(target / "weights.safetensors"))
+
+            path = save_checkpoint(directory, self.state.step, trainer_state, write_model, self.output.keep)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json records about the training run."""
+        seconds = max(self.state.train_seconds, 1e-9)
+        tokens_per_s = self.state.tokens / seconds
+        flops = self.flops_per_token * self.state.tokens
+        return {
+            "train_seconds": round(self.state.train_seconds, 3),
+            "train_tokens": int(self.state.tokens),
+            "tokens_per_s": round(tokens_per_s, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+            **self.params,
+            "final_train_loss": self.state.last_loss,
+            "steps": self.state.step,
+            "epochs": round(self._epoch_float(), 4),
+            "best_step": self.state.best_step,
+            "best_metric": self.state.best_metric,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+            "train_flops": flops,
+            "flops_per_token": self.flops_per_token,
+            "device": str(self.accelerator.device),
+            "precision": self.accelerator.mixed_precision,
+            "num_processes": self.accelerator.num_processes,
+        }
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _interrupt(self) -> Interrupted:
+        path = self.save_checkpoint()
+        code = 130 if self._signal == signal.SIGINT else 143
+        return Interrupted(code, path)
+
+
+def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch_size: int) -> dict[str, Any]:
+    """Run `task.evaluate` over this process's shard of the eval split (no padding duplicates)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    indices = list(range(len(task.eval_set)))[rank::world]
+    lengths = task.lengths("eval")
+    if lengths is not None:  # sorted by length: least padding, and order does not matter for metrics
+        indices.sort(key=lambda i: -lengths[i])
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    loader = DataLoader(task.eval_set, batch_sampler=batches, collate_fn=lambda rows: task.collate(rows, train=False))
+    device = accelerator.device
+
+    def on_device(batch: Batch) -> Batch:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def gather(items: list) -> list:
+        return gather_object(items) if world > 1 else items
+
+    model.eval()
+    with torch.inference_mode(), accelerator.autocast():
+        return task.evaluate(model, (on_device(b) for b in loader), gather)
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied weights); clone the duplicates."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.setdefault(pointer, name)
+    return out
+
+
+class _Meter:
+    """Sums losses on the device between log lines (no host sync per step) and times training."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss: Optional[torch.Tensor] = None
+        self.parts: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.tokens = 0
+
+    def add(self, loss: Optional[torch.Tensor], parts: dict[str, torch.Tensor], tokens: int) -> None:
+        self.tokens += tokens
+        if loss is None:
+            return
+        self.loss = loss if self.loss is None else self.loss + loss
+        for name, value in parts.items():
+            self.parts[name] = self.parts.get(name, 0) + value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        if not self.steps or self.loss is None:
+            return {}
+        out = {"loss": float(self.loss) / self.steps}
+        out.update({f"loss_{k}": float(v) / self.steps for k, v in self.parts.items()})
+        return out
+
+    def lap(self) -> float:
+        """Seconds since the last lap/restart."""
+        now = time.perf_counter()
+        elapsed, self.started = now - self.started, now
+        return elapsed
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+Callback = Callable[[dict[str, Any]], None]

@@ -1,0 +1,81 @@
+"""Metric computation (scikit-learn, sacrebleu, rouge-score) and the run's JSONL metric log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    present = [i for i in labels if support[i] > 0] or labels
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "per_class": {
+            names[i]: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i in labels
+        },
+        "labels": list(names),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "num_examples": int(len(y_true)),
+    }
+
+
+def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Exact match, corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    exact = float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)])) if references else 0.0
+    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score if references else 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"exact_match": exact, "bleu": float(bleu), "rouge_l": float(np.mean(rouge)) if rouge else 0.0}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged model still gives a JSON number."""
+    return float(math.exp(min(loss, 50.0)))
+
+
+class MetricLog:
+    """Appends one JSON object per line to metrics.jsonl; the source of truth for reports."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append a record (flushed at once so a killed run keeps its log)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint's step (they will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

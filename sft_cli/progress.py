@@ -1,0 +1,75 @@
+"""rich progress bar for training and the tables printed at the end of a command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+class TrainProgress:
+    """step/total, loss, lr, tokens/s and ETA; silent on non-main processes."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.enabled = enabled
+        self.total = total
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled or not sys.stderr.isatty(),
+        )
+        self.task_id = None
+
+    def start(self, completed: int) -> None:
+        if self.enabled:
+            self.progress.start()
+            self.task_id = self.progress.add_task("train", total=self.total, completed=completed, loss="-", lr="-", tps="-")
+
+    def update(self, step: int, record: Mapping[str, Any]) -> None:
+        if self.task_id is None:
+            return
+        fields = {
+            "loss": f"{record['loss']:.4f}" if "loss" in record else "-",
+            "lr": f"{record['lr']:.2e}",
+            "tps": f"{record['tokens_per_s']:,.0f}",
+        }
+        self.progress.update(self.task_id, completed=step, **fields)
+        if self.progress.disable:  # not a terminal (CI, pipes): one plain line per log record
+            console.print(f"step {step}/{self.total}  loss {fields['loss']}  lr {fields['lr']}  {fields['tps']} tok/s", highlight=False)
+
+    def stop(self) -> None:
+        if self.task_id is not None:
+            self.progress.stop()
+
+
+def print_table(title: str, values: Mapping[str, Any]) -> None:
+    """A two-column table of scalar results."""
+    table = Table(title=title, show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        if isinstance(value, float):
+            value = f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.3e}"
+        if isinstance(value, (int, float, str)) or value is None:
+            table.add_row(key, str(value))
+    stdout.print(table)
+
+
+def print_per_class(per_class: Mapping[str, Mapping[str, float]]) -> None:
+    """Per-class precision/recall/F1/support."""
+    table = Table(title="per class")
+    for column in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, row in per_class.items():
+        table.add_row(label, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    stdout.print(table)

@@ -1,0 +1,69 @@
+"""The small interface every task implements; the engine only ever talks to this."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from sft_cli.recipe import Recipe
+
+Batch = dict[str, torch.Tensor]
+# A loss term as (sum over the items of this micro-batch, number of items): the engine divides by the
+# item count of the whole accumulation window, so accumulation never changes the loss.
+LossTerms = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class Task(ABC):
+    """Builds a model and its data for one kind of problem, and knows its loss and metrics."""
+
+    #: metric that selects the best model when the recipe does not name one, and its direction
+    main_metric: str = "eval_loss"
+    main_mode: str = "min"
+    #: the class that reloads `model/` (for users and tests)
+    auto_class: Any = None
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.model: nn.Module
+        self.train_set: Any = None
+        self.eval_set: Any = None
+
+    @abstractmethod
+    def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
+        """Load data and build `self.model` (from `model_dir` when evaluating a trained model)."""
+
+    def lengths(self, split: str) -> Optional[list[int]]:
+        """Example lengths used for length-grouped batching (None: no grouping)."""
+        return None
+
+    @abstractmethod
+    def collate(self, rows: list[dict], train: bool) -> Batch:
+        """Turn dataset rows into a batch of CPU tensors."""
+
+    @abstractmethod
+    def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """How many loss items each term has in this batch (known before the forward pass)."""
+
+    @abstractmethod
+    def loss_terms(self, model: nn.Module, batch: Batch) -> LossTerms:
+        """Summed losses per term (`sup`, optionally `lm`) for one micro-batch."""
+
+    def tokens(self, batch: Batch) -> int:
+        """Non-padding tokens in a batch (for throughput)."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(next(iter(batch.values())).shape[0])
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], gather: Any) -> dict[str, Any]:
+        """Metrics on held-out batches; `gather` collects tensors across processes."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write a `from_pretrained`-loadable model (+ tokenizer/processor) into `directory`."""
+
+    def report(self, metrics: dict[str, Any], directory: Path) -> None:
+        """Extra artefacts after `sft eval` (plots); nothing by default."""

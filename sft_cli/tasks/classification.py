@@ -1,0 +1,133 @@
+"""Text classification: a sequence-classification head on a pretrained (or fresh) backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from sft_cli import backbone as bb
+from sft_cli.data import cached_map, load_table, require_columns
+from sft_cli.errors import SftError
+from sft_cli.losses import summed_cross_entropy
+from sft_cli.metrics import classification_metrics
+from sft_cli.tasks.base import Batch, LossTerms, Task
+from sft_cli.tasks.lm_aux import AuxiliaryLM
+from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, text_batch
+
+
+def label_names(values: list[Any]) -> list[str]:
+    """Sorted distinct label names (numerically when every label is a number)."""
+    distinct = {str(v) for v in values if v is not None}
+    try:
+        return sorted(distinct, key=float)
+    except ValueError:
+        return sorted(distinct)
+
+
+class ClassificationTask(Task):
+    """Sequence classification with accuracy / macro-F1 / confusion matrix."""
+
+    main_metric = "eval_loss"
+    main_mode = "min"
+    auto_class = AutoModelForSequenceClassification
+
+    def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
+        data, spec = self.recipe.data, self.recipe.backbone
+        fields = [data.text_field, data.label_field]
+        if train:
+            self.train_set = load_table(data.train, "data.train")
+            require_columns(self.train_set, fields, "data.text_field/label_field", f"data.train ({data.train})")
+            names = label_names(self.train_set[data.label_field])
+            if len(names) < 2:
+                raise SftError(f"data.train: only one label ({names[0] if names else 'none'}) in {data.train} — classification needs at least two")
+            resolved = bb.resolve(spec)
+            self.tokenizer = backbone_tokenizer(resolved, spec)
+            self.model = bb.load_model(
+                self.auto_class, resolved, spec,
+                num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+            )
+        else:
+            self.tokenizer = load_tokenizer(model_dir, spec)
+            self.model = self.auto_class.from_pretrained(model_dir)
+            names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.names = names
+        self.label2id = {n: i for i, n in enumerate(names)}
+        self.aux = AuxiliaryLM.maybe(self.recipe, self.model, self.tokenizer) if train else None
+        if train:
+            self.model = bb.apply_freeze(self.model, self.recipe.freeze)
+        if self.aux is not None:
+            self.model = self.aux.attach(self.model)
+        if self.train_set is not None:
+            self.train_set = self._tokenize(self.train_set, "data.train")
+        if data.eval:
+            eval_raw = load_table(data.eval, "data.eval")
+            require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
+            unseen = sorted({str(v) for v in eval_raw[data.label_field]} - set(self.label2id))
+            if unseen:
+                raise SftError(f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})")
+            self.eval_set = self._tokenize(eval_raw, "data.eval")
+
+    def _tokenize(self, table: Any, key: str) -> Any:
+        data = self.recipe.data
+        tokenizer, label2id = self.tokenizer, self.label2id
+
+        def encode(rows: dict[str, list]) -> dict[str, list]:
+            texts = ["" if t is None else str(t) for t in rows[data.text_field]]
+            enc = tokenizer(texts, truncation=True, max_length=data.max_length)
+            return {
+                "input_ids": enc["input_ids"],
+                "label": [label2id.get(str(v), -100) for v in rows[data.label_field]],
+                "length": [len(ids) for ids in enc["input_ids"]],
+            }
+
+        cache_key = ("classification", data.text_field, data.label_field, data.max_length, tokenizer.name_or_path, len(tokenizer), sorted(label2id.items()))
+        return cached_map(table, encode, str(cache_key))
+
+    def lengths(self, split: str) -> Optional[list[int]]:
+        table = self.train_set if split == "train" else self.eval_set
+        return table["length"] if table is not None else None
+
+    def collate(self, rows: list[dict], train: bool) -> Batch:
+        batch = text_batch(rows, self.tokenizer.pad_token_id or 0)
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        if train and self.aux is not None:
+            batch.update(self.aux.make_inputs(batch))
+        return batch
+
+    def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        counts = {"sup": torch.tensor(batch["labels"].shape[0])}
+        if "lm_labels" in batch:
+            counts["lm"] = (batch["lm_labels"] != -100).sum()
+        return counts
+
+    def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        terms = {"sup": (summed_cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(batch["labels"].shape[0]))}
+        if self.aux is not None and "lm_labels" in batch:
+            terms["lm"] = self.aux.loss(model, batch)
+        return terms
+
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any) -> dict[str, Any]:
+        preds, labels, loss_sum = [], [], 0.0
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum += float(summed_cross_entropy(logits, batch["labels"]))
+            preds += logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+        preds, labels, losses = gather(preds), gather(labels), gather([loss_sum])
+        metrics = classification_metrics(labels, preds, self.names)
+        metrics["eval_loss"] = sum(losses) / max(len(labels), 1)
+        return metrics
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        model = getattr(model, "main", model)
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+    def report(self, metrics: dict[str, Any], directory: Path) -> None:
+        from sft_cli.plots import confusion_matrix_png
+
+        confusion_matrix_png(metrics["confusion_matrix"], metrics["labels"], directory / "confusion_matrix.png")

@@ -1,0 +1,121 @@
+"""Language-modelling pieces shared by pretraining and the auxiliary LM loss of the loss mix.
+
+`objective auto` picks masked LM for encoder architectures and next-token LM for decoders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from sft_cli.errors import SftError
+from sft_cli.losses import shift_for_next_token, summed_cross_entropy
+from sft_cli.recipe import Recipe
+
+MLM_PROBABILITY = 0.15
+
+
+def pick_objective(requested: str, config: PretrainedConfig) -> str:
+    """`mlm` for encoders, `clm` for decoders, unless the recipe says which."""
+    if requested != "auto":
+        return requested
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    return "mlm" if encoder else "clm"
+
+
+def lm_class(objective: str) -> Any:
+    """The transformers auto class for an objective."""
+    return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+
+
+def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, mask_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: 15% of real tokens are predicted; of those 80% -> [MASK], 10% random, 10% kept."""
+    labels = input_ids.clone()
+    probability = torch.full(labels.shape, MLM_PROBABILITY)
+    probability.masked_fill_(special_mask.bool(), 0.0)
+    chosen = torch.bernoulli(probability).bool()
+    labels[~chosen] = -100
+    inputs = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(labels.shape, 0.8)).bool() & chosen
+    inputs[to_mask] = mask_id
+    to_random = torch.bernoulli(torch.full(labels.shape, 0.5)).bool() & chosen & ~to_mask
+    inputs[to_random] = torch.randint(vocab_size, labels.shape)[to_random]
+    return inputs, labels
+
+
+def special_tokens_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """True at padding and at the tokenizer's special tokens (never masked)."""
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in set(tokenizer.all_special_ids):
+        special |= input_ids == token_id
+    return special | (attention_mask == 0)
+
+
+def lm_inputs(objective: str, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Inputs and labels for one LM pass over a batch of texts (masked or next-token)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if objective == "mlm":
+        if tokenizer.mask_token_id is None:
+            raise SftError("objective: mlm needs a tokenizer with a mask token — use objective: clm")
+        inputs, labels = mask_tokens(ids, special_tokens_mask(ids, mask, tokenizer), tokenizer.mask_token_id, len(tokenizer))
+        return {"lm_input_ids": inputs, "lm_attention_mask": mask, "lm_labels": labels}
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_labels": shift_for_next_token(labels)}
+
+
+class WithAuxiliaryLM(nn.Module):
+    """A task model plus an LM head sharing its backbone; one forward entry point (DDP-safe)."""
+
+    def __init__(self, main: nn.Module, lm: nn.Module):
+        super().__init__()
+        self.main = main
+        self.lm = lm
+
+    def forward(self, aux: bool = False, **inputs: Any) -> Any:
+        return self.lm(**inputs) if aux else self.main(**inputs)
+
+
+def share_backbone(main: nn.Module, lm: nn.Module) -> nn.Module:
+    """Point the LM model's base at the task model's base (same parameters), then retie embeddings."""
+    prefix = main.base_model_prefix
+    if not hasattr(lm, prefix) or not hasattr(main, prefix):
+        raise SftError(f"loss.lm: cannot attach an LM head to a {main.config.model_type} backbone")
+    setattr(lm, prefix, getattr(main, prefix))
+    if getattr(lm.config, "tie_word_embeddings", False) and lm.get_output_embeddings() is not None:
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
+    return lm
+
+
+class AuxiliaryLM:
+    """λ × LM loss on the same input texts, for tasks whose main loss is supervised."""
+
+    def __init__(self, objective: str, tokenizer: Any):
+        self.objective = objective
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def maybe(cls, recipe: Recipe, model: nn.Module, tokenizer: Any) -> Optional["AuxiliaryLM"]:
+        """None unless `loss.lm > 0`; otherwise wraps the task model so it also has an LM head."""
+        if recipe.loss.lm <= 0:
+            return None
+        return cls(pick_objective(recipe.objective, model.config), tokenizer)
+
+    def attach(self, main: nn.Module) -> WithAuxiliaryLM:
+        """Build the LM head model for `main`'s config and share the backbone."""
+        try:
+            lm = lm_class(self.objective).from_config(main.config)
+        except ValueError:
+            raise SftError(f"loss.lm: {main.config.model_type} has no {self.objective} head — set objective or loss.lm: 0") from None
+        return WithAuxiliaryLM(main, share_backbone(main, lm))
+
+    def make_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return lm_inputs(self.objective, batch, self.tokenizer)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(aux=True, input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]).logits
+        labels = batch["lm_labels"]
+        return summed_cross_entropy(logits, labels), (labels != -100).sum()

@@ -1,0 +1,60 @@
+"""Pieces shared by the text tasks: tokenizer loading and padding collation."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from sft_cli.backbone import ResolvedBackbone
+from sft_cli.errors import SftError
+from sft_cli.recipe import BackboneConfig
+
+PAD_MULTIPLE = 8  # tensor-core / vector friendly shapes at almost no padding cost
+
+
+def load_tokenizer(location: str, spec: BackboneConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer that ships with a model directory, alias or hub id."""
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise SftError(f"backbone.name: no usable tokenizer in {location}: {str(err).splitlines()[0]}") from None
+
+
+def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreTrainedTokenizerBase:
+    """The backbone's tokenizer; a `from_scratch` model is resized to its vocabulary."""
+    if not backbone.location:
+        raise SftError("backbone: an `arch`-only model needs a tokenizer — set backbone.name or tokenizer.train: true")
+    tokenizer = load_tokenizer(backbone.location, spec)
+    if spec.from_scratch and hasattr(backbone.config, "vocab_size"):
+        backbone.config.vocab_size = len(tokenizer)
+    return tokenizer
+
+
+def pad_multiple(length: int, multiple: int = PAD_MULTIPLE) -> int:
+    """Round a length up to a multiple."""
+    return ((length + multiple - 1) // multiple) * multiple
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int] = None, side: str = "right"
+) -> torch.Tensor:
+    """A [batch, length] LongTensor of right- (or left-) padded sequences."""
+    length = length or pad_multiple(max(len(s) for s in sequences))
+    out = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = list(seq)[:length]
+        if side == "right":
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        elif seq:
+            out[row, -len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def text_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids + attention_mask for rows holding `input_ids`, padded to the longest (multiple of 8)."""
+    ids = [r["input_ids"] for r in rows]
+    input_ids = pad_sequences(ids, pad_id)
+    mask = pad_sequences([[1] * len(s) for s in ids], 0, input_ids.shape[1])
+    return {"input_ids": input_ids, "attention_mask": mask}
