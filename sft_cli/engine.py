@@ -196,6 +196,8 @@ class Trainer:
         self.weights = {"sup": loss.supervised, "lm": loss.lm}
         self.run_dir = run_dir
         self.resume_command = resume_command
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
         self.state = TrainState()
         self._signal: Optional[int] = None

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-init configs, small deterministic data, recipe helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = REPO / "data" / "stdlib-topics"
+
+# A 2-layer, 64-wide BERT built from MiniLM's config and tokenizer: trains in seconds.
+TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def keyword_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Sentences whose label is decided by one keyword: learnable by a tiny model in a few steps."""
+    rng = random.Random(seed)
+    filler = "the a report about this that with from our their system data value file".split()
+    cues = {"positive": ["excellent", "wonderful", "great"], "negative": ["terrible", "awful", "broken"]}
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.choices(filler, k=rng.randint(3, 12))
+        words.insert(rng.randint(0, len(words)), rng.choice(cues[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def recipe_values(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A tiny classification recipe (random-init 2-layer BERT) as a dict; sections override."""
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", keyword_rows(256, 0))
+    test = write_jsonl(tmp_path / "data" / "test.jsonl", keyword_rows(64, 1))
+    values: dict[str, Any] = {
+        "name": "tiny",
+        "task": "classification",
+        "backbone": {"name": "minilm-l6", "from_scratch": True, "config": dict(TINY_BERT)},
+        "data": {"train": str(train), "eval": str(test), "max_length": 32},
+        "optim": {"lr": 2e-3},
+        "schedule": {"epochs": 6, "batch_size": 16, "warmup": 0.0, "log_every": 4},
+        "engine": {"device": "cpu", "precision": "fp32", "seed": 0},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return values
+
+
+def write_recipe(path: Path, values: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path):
+    """Factory: tiny_recipe(**sections) -> path of a recipe YAML for a tiny random-init model."""
+
+    def make(name: str = "recipe.yaml", **sections: Any) -> Path:
+        return write_recipe(tmp_path / name, recipe_values(tmp_path, **sections))
+
+    return make
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
