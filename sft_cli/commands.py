@@ -82,6 +82,9 @@ def train(recipe: Recipe, command: str, resume: Optional[str] = None, overwrite:
     else:
         trainer.save_model(run_dir / "model")
         summary["model_from_step"] = summary["steps"]
+    history = trainer.state.history
+    if history and history[0]["step"] == 0:
+        summary["initial_eval"] = history[0]
     if task.eval_set is not None and trainer.state.history:
         summary["eval"] = next((h for h in trainer.state.history if h["step"] == summary["model_from_step"]), trainer.state.history[-1])
     if accelerator.is_main_process:
@@ -108,8 +111,8 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
     metrics["model"] = str(directory)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        task.report(metrics, run_dir)  # plots, predictions.jsonl (moved out of the metrics)
         write_json_atomic(run_dir / "eval.json", metrics)
-        task.report(metrics, run_dir)
         print_table(f"{recipe.name}: eval on {recipe.data.eval}", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if "per_class" in metrics:
             print_per_class(metrics["per_class"])

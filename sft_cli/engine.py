@@ -193,7 +193,7 @@ class Trainer:
     ):
         self.task, self.accelerator = task, accelerator
         self.schedule, self.optim_config, self.engine, self.output = schedule, optim, engine, output
-        self.weights = {"sup": loss.supervised, "lm": loss.lm}
+        self.weights = {"sup": loss.supervised, "lm": loss.lm, **task.loss_weights()}
         self.run_dir = run_dir
         self.resume_command = resume_command
         if accelerator.is_main_process:
@@ -253,6 +253,8 @@ class Trainer:
         self.eval_every = 0 if self.schedule.eval_every == "epoch" else int(self.schedule.eval_every)
         self.meter = _Meter()
         stop = False
+        if self.task.eval_at_start and self.state.step == 0 and self.task.eval_set is not None:
+            self._paused(self._evaluate_and_track)
         try:
             while not stop and self.state.step < self.total_steps:
                 for window in self._windows(self.state.epoch, self.state.window_in_epoch):
@@ -405,7 +407,7 @@ class Trainer:
         """Task metrics on the eval split, sharded over processes and gathered exactly once each."""
         if self.task.eval_set is None:
             return {}
-        return evaluate(self.task, self.model, self.accelerator, self.schedule.batch_size)
+        return evaluate(self.task, self.model, self.accelerator, self.schedule.batch_size, final=False)
 
     def _evaluate_and_track(self) -> bool:
         """Evaluate, log, keep the best model, feed plateau/early stopping; True means stop."""
@@ -519,7 +521,7 @@ class Trainer:
         return Interrupted(code, path)
 
 
-def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch_size: int) -> dict[str, Any]:
+def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch_size: int, final: bool = True) -> dict[str, Any]:
     """Run `task.evaluate` over this process's shard of the eval split (no padding duplicates)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     indices = list(range(len(task.eval_set)))[rank::world]
@@ -538,7 +540,7 @@ def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch
 
     model.eval()
     with torch.inference_mode(), accelerator.autocast():
-        return task.evaluate(model, (on_device(b) for b in loader), gather)
+        return task.evaluate(model, (on_device(b) for b in loader), gather, final)
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,8 @@ class Task(ABC):
     main_mode: str = "min"
     #: the class that reloads `model/` (for users and tests)
     auto_class: Any = None
+    #: evaluate once before the first step (e.g. the untrained perplexity)
+    eval_at_start: bool = False
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -52,14 +54,21 @@ class Task(ABC):
     def loss_terms(self, model: nn.Module, batch: Batch) -> LossTerms:
         """Summed losses per term (`sup`, optionally `lm`) for one micro-batch."""
 
+    def loss_weights(self) -> dict[str, float]:
+        """Fixed weights that override the recipe's loss mix (e.g. pretraining's LM term is the loss)."""
+        return {}
+
     def tokens(self, batch: Batch) -> int:
         """Non-padding tokens in a batch (for throughput)."""
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None else int(next(iter(batch.values())).shape[0])
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch], gather: Any) -> dict[str, Any]:
-        """Metrics on held-out batches; `gather` collects tensors across processes."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
+        """Metrics on held-out batches; `gather` collects lists across processes.
+
+        `final` is False for evaluations during training, where slow metrics (generation) may be skipped.
+        """
 
     @abstractmethod
     def save(self, model: nn.Module, directory: Path) -> None:

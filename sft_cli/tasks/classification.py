@@ -110,7 +110,7 @@ class ClassificationTask(Task):
             terms["lm"] = self.aux.loss(model, batch)
         return terms
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
         preds, labels, loss_sum = [], [], 0.0
         for batch in batches:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -58,3 +58,30 @@ def text_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
     input_ids = pad_sequences(ids, pad_id)
     mask = pad_sequences([[1] * len(s) for s in ids], 0, input_ids.shape[1])
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on `texts` (the `tokenizers` library), with EOS, pad and mask."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give the tokenizer a pad token distinct from EOS (so EOS stays a learned target); True if added."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return True

@@ -1,0 +1,138 @@
+"""Pretraining: next-token (decoders) or masked (encoders) language modelling on packed raw text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from transformers import AutoConfig
+
+from sft_cli import backbone as bb
+from sft_cli.data import cached_map, load_table, require_columns
+from sft_cli.errors import SftError
+from sft_cli.metrics import perplexity
+from sft_cli.tasks.base import Batch, LossTerms, Task
+from sft_cli.tasks.lm_aux import lm_class, lm_inputs, pick_objective
+from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, train_bpe_tokenizer
+
+
+def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
+    """(model, tokenizer, objective) for a recipe: pretrained, or fresh weights with an optional new tokenizer."""
+    spec = recipe.backbone
+    resolved = bb.resolve(spec)
+    if recipe.tokenizer.train:
+        texts = load_table(recipe.data.train, "data.train")
+        require_columns(texts, [recipe.data.text_field], "data.text_field", f"data.train ({recipe.data.train})")
+        tokenizer = train_bpe_tokenizer((str(t) for t in texts[recipe.data.text_field] if t), recipe.tokenizer.vocab_size)
+        if not spec.from_scratch:
+            raise SftError("tokenizer.train: a new tokenizer needs fresh embeddings — set backbone.from_scratch: true")
+    else:
+        tokenizer = backbone_tokenizer(resolved, spec)
+    config = resolved.config
+    objective = pick_objective(objective_hint, config)
+    if spec.from_scratch:
+        _fit_config_to_tokenizer(config, tokenizer, recipe.data.max_length)
+    model = bb.load_model(lm_class(objective), resolved, spec)
+    return model, tokenizer, objective
+
+
+def _fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> None:
+    """Vocabulary size, special-token ids and context length of a fresh model follow its tokenizer."""
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    for name in ("n_positions", "max_position_embeddings"):
+        if hasattr(config, name) and getattr(config, name) < max_length:
+            setattr(config, name, max_length)
+
+
+def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: str, key: str) -> Any:
+    """Tokenize once, join documents with EOS (SEP for encoders), cut into full blocks of `block` tokens."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if separator is None:
+        raise SftError("backbone: the tokenizer has neither an EOS nor a SEP token to separate documents")
+
+    def encode(rows: dict[str, list]) -> dict[str, list]:
+        stream: list[int] = []
+        for text in rows[field]:
+            if text:
+                stream += tokenizer(str(text), add_special_tokens=False)["input_ids"] + [separator]
+        usable = (len(stream) // block) * block or len(stream)
+        return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
+
+    fingerprint = str(("pack", field, block, objective, tokenizer.name_or_path, len(tokenizer), tokenizer.init_kwargs.get("vocab_file")))
+    return cached_map(table, encode, fingerprint)
+
+
+class LanguageModelingTask(Task):
+    """`sft pretrain`: loss and perplexity of a causal or masked LM."""
+
+    main_metric = "eval_loss"
+    main_mode = "min"
+    eval_at_start = True
+
+    def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
+        recipe, data = self.recipe, self.recipe.data
+        if train:
+            self.model, self.tokenizer, self.objective = build_lm(recipe, recipe.objective)
+            self.model = bb.apply_freeze(self.model, recipe.freeze)
+        else:
+            config = AutoConfig.from_pretrained(model_dir)
+            self.objective = pick_objective(recipe.objective, config)
+            self.tokenizer = load_tokenizer(model_dir, recipe.backbone)
+            self.model = lm_class(self.objective).from_pretrained(model_dir)
+        self.auto_class = lm_class(self.objective)
+        if train:
+            self.train_set = self._blocks(data.train, "data.train")
+        if data.eval:
+            self.eval_set = self._blocks(data.eval, "data.eval")
+
+    def _blocks(self, location: str, key: str) -> Any:
+        table = load_table(location, key)
+        require_columns(table, [self.recipe.data.text_field], "data.text_field", f"{key} ({location})")
+        blocks = pack_texts(table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, self.objective, key)
+        if len(blocks) == 0:
+            raise SftError(f"{key}: {location} has no text to train on")
+        return blocks
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"lm": 1.0}
+
+    def collate(self, rows: list[dict], train: bool) -> Batch:
+        from sft_cli.tasks.text import text_batch
+
+        batch = text_batch(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        if train:
+            return lm_inputs(self.objective, batch, self.tokenizer)
+        with torch.random.fork_rng():  # the same masks at every evaluation
+            torch.manual_seed(0)
+            return lm_inputs(self.objective, batch, self.tokenizer)
+
+    def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"lm": (batch["lm_labels"] != -100).sum()}
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch["lm_attention_mask"].sum())
+
+    def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
+        from sft_cli.losses import summed_cross_entropy
+
+        logits = model(input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]).logits
+        return {"lm": (summed_cross_entropy(logits, batch["lm_labels"]), (batch["lm_labels"] != -100).sum())}
+
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
+        total, count = 0.0, 0
+        for batch in batches:
+            summed, n = self.loss_terms(model, batch)["lm"]
+            total += float(summed)
+            count += int(n)
+        totals = gather([(total, count)])
+        loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
+        return {"eval_loss": loss, "perplexity": perplexity(loss), "num_tokens": sum(n for _, n in totals), "objective": self.objective}
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
