@@ -3,7 +3,7 @@
 - data/python-docs/{train,eval}.txt: one paragraph per line, from the language reference shipped as
   pydoc_data.topics and from the docstrings of ~100 stdlib modules (unlabeled pretraining text).
 - data/docstring-names/{train,test}.jsonl: prompt = the first sentence of a public function's or
-  method's docstring, response = its qualified name (e.g. "textwrap.dedent"), for generative SFT.
+  method's docstring, response = the module that defines it (e.g. "textwrap"), for generative SFT.
 Deterministic for a given CPython version; run on 3.11.7.
 """
 
@@ -68,7 +68,7 @@ def main(root: Path) -> None:
             corpus += paragraphs(doc)
             sentence = first_sentence(doc)
             if sentence and inspect.isroutine(obj):
-                pairs.setdefault(sentence, set()).add(qualified)
+                pairs.setdefault(sentence, set()).add(module_name)
     corpus = list(dict.fromkeys(corpus))
     random.Random(0).shuffle(corpus)
     cut = int(len(corpus) * 0.95)

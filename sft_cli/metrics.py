@@ -39,11 +39,12 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Exact match, corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
-    import sacrebleu
     from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
 
     exact = float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)])) if references else 0.0
-    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score if references else 0.0
+    # effective_order: short answers (a name, a label) have no 4-grams; standard BLEU would give 0 for all.
+    bleu = BLEU(effective_order=True).corpus_score(list(predictions), [list(references)]).score if references else 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return {"exact_match": exact, "bleu": float(bleu), "rouge_l": float(np.mean(rouge)) if rouge else 0.0}
