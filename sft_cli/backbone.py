@@ -240,3 +240,40 @@ def unwrap(model: nn.Module) -> nn.Module:
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
     """The compute dtype for a precision name."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def is_adapter(model: nn.Module) -> bool:
+    """True for a PEFT-wrapped model."""
+    return hasattr(model, "peft_config")
+
+
+def save_pretrained(model: nn.Module, directory: Path, merge_lora: bool) -> None:
+    """Write `model` so `from_pretrained` loads it: merged weights, or a LoRA adapter + the task config."""
+    import copy
+
+    if is_adapter(model):
+        if merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        else:
+            model.save_pretrained(directory)  # adapter_config.json names the base model
+            model.get_base_model().config.save_pretrained(directory)  # labels, sizes: what eval rebuilds
+            return
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def load_trained(auto_class: Any, directory: str) -> nn.Module:
+    """Load a model saved by `save_pretrained` (a full model, or a LoRA adapter over its base)."""
+    path = Path(directory)
+    if not (path / "adapter_config.json").exists():
+        return auto_class.from_pretrained(directory)
+    import json
+
+    from peft import PeftModel
+
+    base_location = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = AutoConfig.from_pretrained(directory)
+    if base_location and Path(base_location).is_dir():
+        base = auto_class.from_pretrained(base_location, config=config, ignore_mismatched_sizes=True)
+    else:
+        base = auto_class.from_config(config)
+    return PeftModel.from_pretrained(base, directory)

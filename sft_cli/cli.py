@@ -103,7 +103,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def finetune(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[List[str]] = OVERRIDES,
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, is_flag=False, flag_value="latest"),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, metavar="[PATH]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
 ) -> None:
     """Supervised fine-tuning (classification, image classification, prompt->response generation)."""
@@ -114,7 +114,7 @@ def finetune(
 def pretrain(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[List[str]] = OVERRIDES,
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, is_flag=False, flag_value="latest"),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, metavar="[PATH]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
 ) -> None:
     """Unsupervised language modelling (next-token or masked) on raw text, from scratch or continued."""
@@ -136,6 +136,20 @@ def evaluate(
     _run(commands.evaluate_model, parsed, str(model) if model else None)
 
 
+def optional_resume_value(args: list[str]) -> list[str]:
+    """Let `--resume` stand alone (newest checkpoint) or take a PATH, as click options cannot."""
+    out = []
+    for index, arg in enumerate(args):
+        if arg != "--resume":
+            out.append(arg)
+            continue
+        following = args[index + 1] if index + 1 < len(args) else None
+        is_path = following is not None and not following.startswith("-") and "=" not in following
+        is_path = is_path and not following.endswith((".yaml", ".yml"))
+        out.append("--resume" if is_path else "--resume=latest")
+    return out
+
+
 def run() -> None:
     """Console-script entry point."""
-    app()
+    app(args=optional_resume_value(sys.argv[1:]), prog_name="sft")

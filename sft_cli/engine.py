@@ -232,7 +232,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
-        unwrap(self.model).load_state_dict(weights, strict=False)
+        unwrap(self.model).load_state_dict(weights, strict=True)
         saved = load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -330,6 +330,7 @@ class Trainer:
             collate_fn=lambda rows: self.task.collate(rows, train=True),
             num_workers=self.engine.num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
+            generator=torch.Generator(),  # else each new iterator draws its seed from the global RNG, breaking exact resume
         )
         iterator = iter(loader)
         for window in windows:
@@ -529,7 +530,9 @@ def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch
     if lengths is not None:  # sorted by length: least padding, and order does not matter for metrics
         indices.sort(key=lambda i: -lengths[i])
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = DataLoader(task.eval_set, batch_sampler=batches, collate_fn=lambda rows: task.collate(rows, train=False))
+    loader = DataLoader(
+        task.eval_set, batch_sampler=batches, collate_fn=lambda rows: task.collate(rows, train=False), generator=torch.Generator()
+    )
     device = accelerator.device
 
     def on_device(batch: Batch) -> Batch:

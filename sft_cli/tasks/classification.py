@@ -51,7 +51,7 @@ class ClassificationTask(Task):
             )
         else:
             self.tokenizer = load_tokenizer(model_dir, spec)
-            self.model = self.auto_class.from_pretrained(model_dir)
+            self.model = bb.load_trained(self.auto_class, model_dir)
             names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.names = names
         self.label2id = {n: i for i, n in enumerate(names)}
@@ -124,7 +124,7 @@ class ClassificationTask(Task):
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         model = getattr(model, "main", model)
-        model.save_pretrained(directory, safe_serialization=True)
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
         self.tokenizer.save_pretrained(directory)
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:

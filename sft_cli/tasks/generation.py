@@ -81,7 +81,7 @@ class GenerationTask(Task):
         else:
             self.tokenizer = load_tokenizer(model_dir, spec)
             ensure_pad_token(self.tokenizer)
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir)
+            self.model = bb.load_trained(AutoModelForCausalLM, model_dir)
         if self.tokenizer.eos_token_id is None:
             raise SftError("backbone: generation needs a tokenizer with an EOS token so the model learns to stop")
         if train:
@@ -281,7 +281,7 @@ class GenerationTask(Task):
         return gather(results)
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
         self.tokenizer.save_pretrained(directory)
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:

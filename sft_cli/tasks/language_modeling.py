@@ -83,7 +83,7 @@ class LanguageModelingTask(Task):
             config = AutoConfig.from_pretrained(model_dir)
             self.objective = pick_objective(recipe.objective, config)
             self.tokenizer = load_tokenizer(model_dir, recipe.backbone)
-            self.model = lm_class(self.objective).from_pretrained(model_dir)
+            self.model = bb.load_trained(lm_class(self.objective), model_dir)
         self.auto_class = lm_class(self.objective)
         if train:
             self.train_set = self._blocks(data.train, "data.train")
@@ -134,5 +134,5 @@ class LanguageModelingTask(Task):
         return {"eval_loss": loss, "perplexity": perplexity(loss), "num_tokens": sum(n for _, n in totals), "objective": self.objective}
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
         self.tokenizer.save_pretrained(directory)

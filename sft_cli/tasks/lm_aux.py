@@ -93,16 +93,26 @@ def share_backbone(main: nn.Module, lm: nn.Module) -> nn.Module:
 class AuxiliaryLM:
     """λ × LM loss on the same input texts, for tasks whose main loss is supervised."""
 
-    def __init__(self, objective: str, tokenizer: Any):
+    def __init__(self, objective: str, tokenizer: Any, unlabeled: Any = None):
         self.objective = objective
         self.tokenizer = tokenizer
+        self.unlabeled = unlabeled  # packed blocks of data.unlabeled, or None: the labeled texts themselves
 
     @classmethod
     def maybe(cls, recipe: Recipe, model: nn.Module, tokenizer: Any) -> Optional["AuxiliaryLM"]:
         """None unless `loss.lm > 0`; otherwise wraps the task model so it also has an LM head."""
         if recipe.loss.lm <= 0:
             return None
-        return cls(pick_objective(recipe.objective, model.config), tokenizer)
+        objective = pick_objective(recipe.objective, model.config)
+        unlabeled = None
+        if recipe.data.unlabeled:
+            from sft_cli.data import load_table, require_columns
+            from sft_cli.tasks.language_modeling import pack_texts
+
+            table = load_table(recipe.data.unlabeled, "data.unlabeled")
+            require_columns(table, [recipe.data.text_field], "data.text_field", "data.unlabeled")
+            unlabeled = pack_texts(table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled")
+        return cls(objective, tokenizer, unlabeled)
 
     def attach(self, main: nn.Module) -> WithAuxiliaryLM:
         """Build the LM head model for `main`'s config and share the backbone."""
@@ -113,6 +123,12 @@ class AuxiliaryLM:
         return WithAuxiliaryLM(main, share_backbone(main, lm))
 
     def make_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LM inputs from the batch's own texts, or from as many blocks drawn from data.unlabeled."""
+        if self.unlabeled is not None:
+            from sft_cli.tasks.text import text_batch
+
+            picks = torch.randint(len(self.unlabeled), (batch["input_ids"].shape[0],)).tolist()
+            batch = text_batch([self.unlabeled[i] for i in picks], self.tokenizer.pad_token_id or 0)
         return lm_inputs(self.objective, batch, self.tokenizer)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,3 +67,10 @@ def test_mlm_pretraining_of_a_tiny_bert_lowers_loss_and_reloads(tiny_recipe, tmp
     assert AutoModelForMaskedLM.from_pretrained(model_dir).config.model_type == "bert"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["initial_eval"]["eval_perplexity"] > summary["eval"]["eval_perplexity"]
+
+
+def test_unlabeled_corpus_feeds_the_lm_term(tiny_recipe, tmp_path):
+    corpus = tmp_path / "unlabeled.txt"
+    corpus.write_text("\n".join(f"an unlabeled line about {w} and files" for w in ["sockets", "paths", "numbers"] * 30) + "\n")
+    records = train_records(run(tiny_recipe(loss={"lm": 0.05}, data={"unlabeled": str(corpus), "train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "test.jsonl"), "max_length": 32}, schedule={"epochs": 2, "batch_size": 16, "warmup": 0.0, "log_every": 2})))
+    assert "loss_lm" in records[0] and records[-1]["loss_lm"] < records[0]["loss_lm"]
