@@ -30,7 +30,7 @@ def test_lambda_zero_is_exactly_the_supervised_run(tiny_recipe, tmp_path):
 
 def test_lambda_positive_logs_both_terms_and_both_fall(tiny_recipe, tmp_path):
     # A small λ: on a from-scratch 2-layer encoder a large MLM term swamps the shared weights at first.
-    records = train_records(run(tiny_recipe(loss={"lm": 0.05}, schedule={"epochs": 10, "batch_size": 16, "warmup": 0.0, "log_every": 4, "max_grad_norm": None})))
+    records = train_records(run(tiny_recipe(loss={"lm": 0.05}, schedule={"epochs": 20, "batch_size": 16, "warmup": 0.0, "log_every": 4, "max_grad_norm": None})))
     first, last = records[0], records[-1]
     assert {"loss", "loss_sup", "loss_lm"} <= set(first)
     assert last["loss_lm"] < first["loss_lm"] and last["loss_sup"] < first["loss_sup"]
