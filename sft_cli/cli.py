@@ -56,7 +56,7 @@ def _run(action, *args, **kwargs):
     except SftError as err:
         if state["debug"]:
             raise
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write("error: " + " ".join(str(err).split()) + "\n")
         raise typer.Exit(err.exit_code) from None
     except Interrupted as stop:
         sys.stderr.write(f"interrupted: checkpoint saved at {stop.checkpoint}\n")

@@ -82,8 +82,6 @@ class GenerationTask(Task):
             self.tokenizer = load_tokenizer(model_dir, spec)
             ensure_pad_token(self.tokenizer)
             self.model = bb.load_trained(AutoModelForCausalLM, model_dir)
-        if self.tokenizer.eos_token_id is None:
-            raise SftError("backbone: generation needs a tokenizer with an EOS token so the model learns to stop")
         if train:
             self.train_set = self._encode(load_table(data.train, "data.train"), "data.train", pack=data.packing)
             if data.packing:
@@ -99,6 +97,9 @@ class GenerationTask(Task):
         data, tokenizer = self.recipe.data, self.tokenizer
         require_columns(table, [data.prompt_field, data.response_field], "data.prompt_field/response_field", f"{key}")
         template, max_length, eos = data.template, data.max_length, tokenizer.eos_token_id
+        render_prompt(str(table[0][data.prompt_field]), template, tokenizer)  # a bad template fails here, once
+        if eos is None:
+            raise SftError("backbone: generation needs a tokenizer with an EOS token so the model learns to stop")
 
         def encode(rows: dict[str, list]) -> dict[str, list]:
             prompts = [render_prompt(str(p), template, tokenizer) for p in rows[data.prompt_field]]

@@ -1,0 +1,223 @@
+"""Every mistake gets one line on stderr, exit code 2, no traceback, and nothing in output.dir changes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import keyword_rows, recipe_values, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+def base(tmp: Path, **sections) -> dict:
+    return recipe_values(tmp, **sections)
+
+
+def recipe_file(tmp: Path, values: dict) -> str:
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def with_data(tmp: Path, **data) -> dict:
+    values = base(tmp)
+    values["data"] = {**values["data"], **data}
+    return values
+
+
+def case_missing_recipe(tmp):
+    return ["finetune", str(tmp / "nope.yaml")], "recipe file not found"
+
+
+def case_yaml_syntax(tmp):
+    (tmp / "bad.yaml").write_text("task: classification\ndata: {train: x\n")
+    return ["finetune", str(tmp / "bad.yaml")], "line"
+
+
+def case_top_level_list(tmp):
+    (tmp / "list.yaml").write_text("- a\n- b\n")
+    return ["finetune", str(tmp / "list.yaml")], "must be a mapping"
+
+
+def case_unknown_key(tmp):
+    values = base(tmp)
+    values["optim"]["lrr"] = 1
+    return ["finetune", recipe_file(tmp, values)], "did you mean 'optim.lr'"
+
+
+def case_wrong_type(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "schedule.batch_size=lots"], "'schedule.batch_size' expects int"
+
+
+def case_lr_zero(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "optim.lr=0"], "optim.lr"
+
+
+def case_batch_size_zero(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "schedule.batch_size=0"], "schedule.batch_size"
+
+
+def case_max_length_zero(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "data.max_length=0"], "data.max_length"
+
+
+def case_negative_epochs(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "schedule.epochs=-1"], "schedule.epochs"
+
+
+def case_warmup_ratio_mixup(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "schedule.warmup=1.5"], "schedule.warmup"
+
+
+def case_unknown_task(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "task=regression"], "'task' must be one of"
+
+
+def case_unknown_policy(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "freeze.policy=head_only"], "did you mean 'head-only'"
+
+
+def case_unknown_optimizer(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "optim.name=adamm"], "'optim.name' must be one of"
+
+
+def case_unknown_scheduler(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "schedule.scheduler=cosin"], "did you mean 'cosine'"
+
+
+def case_data_file_missing(tmp):
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(tmp / "missing.jsonl")))], "file not found"
+
+
+def case_unsupported_extension(tmp):
+    (tmp / "train.xlsx").write_text("x")
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(tmp / "train.xlsx")))], "unsupported format"
+
+
+def case_empty_dataset(tmp):
+    (tmp / "empty.jsonl").write_text("")
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(tmp / "empty.jsonl")))], "empty"
+
+
+def case_missing_text_column(tmp):
+    return ["finetune", recipe_file(tmp, with_data(tmp, text_field="sentence"))], "columns: text, label"
+
+
+def case_missing_label_column(tmp):
+    return ["finetune", recipe_file(tmp, with_data(tmp, label_field="category"))], "columns: text, label"
+
+
+def case_unseen_eval_label(tmp):
+    rows = keyword_rows(8, 3) + [{"text": "something new", "label": "neutral"}]
+    return ["finetune", recipe_file(tmp, with_data(tmp, eval=str(write_jsonl(tmp / "ev.jsonl", rows))))], "never seen in training"
+
+
+def case_single_class(tmp):
+    rows = [{"text": f"line {i}", "label": "only"} for i in range(10)]
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(write_jsonl(tmp / "one.jsonl", rows))))], "only one label"
+
+
+def case_non_utf8(tmp):
+    (tmp / "latin.csv").write_bytes("text,label\ncaf\xe9 ol\xe9,a\nna\xefve,b\n".encode("latin-1") * 20)
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(tmp / "latin.csv")))], "not UTF-8"
+
+
+def case_unknown_backbone(tmp):
+    values = base(tmp)
+    values["backbone"] = {"name": "someone/not-a-model", "from_scratch": False}
+    return ["finetune", recipe_file(tmp, values)], "HF_HUB_OFFLINE"
+
+
+def case_backbone_without_weights(tmp):
+    folder = tmp / "empty-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    values = base(tmp)
+    values["backbone"] = {"name": str(folder), "from_scratch": False}
+    return ["finetune", recipe_file(tmp, values)], "no weights"
+
+
+def case_freeze_pattern_matches_nothing(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "freeze.policy=patterns", "freeze.trainable=[nothing_like_this]"], "matches no parameter"
+
+
+def case_resume_without_checkpoint(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "--resume"], "no checkpoint"
+
+
+def case_finished_run(tmp):
+    (tmp / "run" / "summary.json").write_text("{}")
+    return ["finetune", recipe_file(tmp, base(tmp))], "--overwrite"
+
+
+def case_output_not_writable(tmp):
+    (tmp / "a-file").write_text("")
+    return ["finetune", recipe_file(tmp, base(tmp)), f"output.dir={tmp / 'a-file' / 'run'}"], "cannot write"
+
+
+def case_override_syntax(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "optim.lr"], "expected key=value"
+
+
+def case_wrong_command_for_task(tmp):
+    return ["pretrain", recipe_file(tmp, base(tmp))], "sft finetune"
+
+
+def case_eval_without_model(tmp):
+    return ["eval", recipe_file(tmp, base(tmp))], "no trained model"
+
+
+def case_missing_prompt_column(tmp):
+    values = base(tmp, task="generation")
+    return ["finetune", recipe_file(tmp, values)], "columns: text, label"
+
+
+def case_fp16_on_cpu(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "engine.precision=fp16"], "fp16 needs a CUDA GPU"
+
+
+def case_bad_template(tmp):
+    values = base(tmp, task="generation")
+    rows = [{"prompt": "p", "response": "r"}] * 4
+    values["data"] = {"train": str(write_jsonl(tmp / "g.jsonl", rows)), "template": "{question} =>"}
+    return ["finetune", recipe_file(tmp, values)], "data.template"
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_gets_one_clear_line(tmp_path, name):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run_dir / "notes.txt").write_text("mine")
+    args, expected = CASES[name](tmp_path)
+    before = snapshot(run_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert snapshot(run_dir) == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args, _ = case_lr_zero(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "sft_cli", "--debug", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" in done.stderr
