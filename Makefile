@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,21 @@ install: $(VENV)/.installed  ## Create .venv and install sft with everything it 
 demo: install  ## Fine-tune the embedded MiniLM on the quickstart data, then evaluate it
 	$(SFT) finetune recipes/quickstart.yaml --overwrite
 	$(SFT) eval recipes/quickstart.yaml
+
+digits: install  ## Write scikit-learn's digits as an image folder (data/digits, 80/20 split)
+	test -d data/digits/test || $(PY) scripts/make_digits.py data/digits
+
+demo-digits: digits  ## Train a small ResNet from scratch on the digits images, then evaluate it
+	$(SFT) finetune recipes/digits/resnet.yaml --overwrite
+	$(SFT) eval recipes/digits/resnet.yaml
+
+demo-gpt: install  ## Pretrain the tiny GPT-2, then SFT it (and the from-scratch control), evaluating both
+	$(SFT) pretrain recipes/tiny-gpt/pretrain.yaml --overwrite
+	$(SFT) eval recipes/tiny-gpt/pretrain.yaml
+	$(SFT) finetune recipes/tiny-gpt/sft.yaml --overwrite
+	$(SFT) eval recipes/tiny-gpt/sft.yaml
+	$(SFT) finetune recipes/tiny-gpt/sft.yaml backbone.from_scratch=true output.dir=runs/tiny-gpt-sft-scratch --overwrite
+	$(SFT) eval recipes/tiny-gpt/sft.yaml backbone.from_scratch=true output.dir=runs/tiny-gpt-sft-scratch
 
 test: install  ## Run the whole test suite (unit + integration)
 	$(PY) -m pytest -q

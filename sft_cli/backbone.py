@@ -119,11 +119,20 @@ def _base_prefix(model: nn.Module) -> str:
     return prefix if prefix and hasattr(model, prefix) else ""
 
 
+def _embeddings(model: nn.Module, which: str) -> Optional[nn.Module]:
+    """get_input_embeddings / get_output_embeddings, or None for models without them (CNNs)."""
+    getter = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        return getter() if getter else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def head_parameter_names(model: nn.Module) -> set[str]:
     """Parameters outside the base model (the task head), plus the output embeddings if any."""
     prefix = _base_prefix(model)
     names = {n for n, _ in model.named_parameters() if not prefix or not n.startswith(prefix + ".")}
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = _embeddings(model, "output")
     if output is not None:
         ids = {id(p) for p in output.parameters()}
         names |= {n for n, p in model.named_parameters() if id(p) in ids}
@@ -145,7 +154,7 @@ def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 def embedding_parameter_names(model: nn.Module) -> set[str]:
     """Parameters of input embeddings (token, position, type, patch, stem)."""
     names = set()
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    inputs = _embeddings(model, "input")
     ids = {id(p) for p in inputs.parameters()} if inputs is not None else set()
     for name, param in model.named_parameters():
         if id(param) in ids or re.search(r"(^|\.)(embeddings?|embedder|wte|wpe|embed_tokens)\.", name):

@@ -103,8 +103,12 @@ class ClassificationTask(Task):
             counts["lm"] = (batch["lm_labels"] != -100).sum()
         return counts
 
+    def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Class scores for a batch (the one place that knows the model's inputs)."""
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.logits(model, batch)
         terms = {"sup": (summed_cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(batch["labels"].shape[0]))}
         if self.aux is not None and "lm_labels" in batch:
             terms["lm"] = self.aux.loss(model, batch)
@@ -113,7 +117,7 @@ class ClassificationTask(Task):
     def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
         preds, labels, loss_sum = [], [], 0.0
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.logits(model, batch)
             loss_sum += float(summed_cross_entropy(logits, batch["labels"]))
             preds += logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
