@@ -76,6 +76,28 @@ def _resume_value(resume: Optional[str]) -> Optional[str]:
     return "" if resume in ("", "latest", "auto") else resume
 
 
+NPROC = typer.Option(1, "--nproc", min=1, help="Processes to launch (data parallel, through torchrun).")
+
+
+def _launch(nproc: int) -> None:
+    """Re-run this command under torchrun with N processes (unless already inside a launcher)."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    import subprocess
+
+    args, skip = [], False
+    for arg in optional_resume_value(sys.argv[1:]):
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "sft_cli", *args]
+    raise typer.Exit(subprocess.call(command))
+
+
 def _train(command: str, recipe: Path, overrides: Optional[List[str]], resume: Optional[str], overwrite: bool) -> None:
     from sft_cli import commands
 
@@ -105,8 +127,10 @@ def finetune(
     overrides: Optional[List[str]] = OVERRIDES,
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, metavar="[PATH]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
+    nproc: int = NPROC,
 ) -> None:
     """Supervised fine-tuning (classification, image classification, prompt->response generation)."""
+    _launch(nproc)
     _train("finetune", recipe, overrides, resume, overwrite)
 
 
@@ -116,8 +140,10 @@ def pretrain(
     overrides: Optional[List[str]] = OVERRIDES,
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, metavar="[PATH]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
+    nproc: int = NPROC,
 ) -> None:
     """Unsupervised language modelling (next-token or masked) on raw text, from scratch or continued."""
+    _launch(nproc)
     _train("pretrain", recipe, overrides, resume, overwrite)
 
 
@@ -126,10 +152,12 @@ def evaluate(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[List[str]] = OVERRIDES,
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: output.dir/model)."),
+    nproc: int = NPROC,
 ) -> None:
     """Evaluate a trained model on data.eval; writes eval.json into output.dir."""
     from sft_cli import commands
 
+    _launch(nproc)
     _quiet_libraries()
     _setup_logging()
     parsed = _run(_load, recipe, overrides)

@@ -62,7 +62,8 @@ def train(recipe: Recipe, command: str, resume: Optional[str] = None, overwrite:
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
-    task.setup(train=True)
+    with accelerator.main_process_first():  # rank 0 fills the tokenization cache, the others read it
+        task.setup(train=True)
     if accelerator.is_main_process:
         if resume_from is None:
             clear_previous_run(run_dir)
@@ -105,7 +106,8 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
-    task.setup(model_dir=str(directory), train=False)
+    with accelerator.main_process_first():
+        task.setup(model_dir=str(directory), train=False)
     model = accelerator.prepare_model(task.model, evaluation_mode=True)
     metrics = evaluate(task, model, accelerator, recipe.eval.batch_size)
     metrics["model"] = str(directory)

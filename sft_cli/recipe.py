@@ -170,6 +170,8 @@ class EngineConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     num_workers: int = 0
+    attention: str = "auto"  # auto: eager on CPU (faster for short sequences), sdpa on GPU; or eager | sdpa
+    peak_tflops: Optional[float] = None  # for MFU in summary.json; None: measured with a short matmul
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -373,6 +375,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.schedule.scheduler, SCHEDULERS, "schedule.scheduler", source)
     _check_choice(recipe.engine.precision, PRECISIONS, "engine.precision", source)
     _check_choice(recipe.engine.device, DEVICES, "engine.device", source)
+    _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     sched, optim = recipe.schedule, recipe.optim
     _check(optim.lr > 0, source, f"'optim.lr' must be > 0; got {optim.lr}")

@@ -46,7 +46,7 @@ class ClassificationTask(Task):
             resolved = bb.resolve(spec)
             self.tokenizer = backbone_tokenizer(resolved, spec)
             self.model = bb.load_model(
-                self.auto_class, resolved, spec,
+                self.auto_class, resolved, spec, bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
                 num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
             )
         else:

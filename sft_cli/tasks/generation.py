@@ -73,7 +73,8 @@ class GenerationTask(Task):
                 from sft_cli.tasks.language_modeling import _fit_config_to_tokenizer
 
                 _fit_config_to_tokenizer(resolved.config, self.tokenizer, data.max_length)
-            self.model = bb.load_model(AutoModelForCausalLM, resolved, spec)
+            attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
+            self.model = bb.load_model(AutoModelForCausalLM, resolved, spec, attention)
             if added or self.model.get_input_embeddings().num_embeddings < len(self.tokenizer):
                 self.model.resize_token_embeddings(len(self.tokenizer))
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

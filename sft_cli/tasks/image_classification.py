@@ -50,7 +50,7 @@ class ImageClassificationTask(ClassificationTask):
             if spec.from_scratch and hasattr(resolved.config, "num_channels"):
                 resolved.config.num_channels = self.preprocess["channels"]
             self.model = bb.load_model(
-                self.auto_class, resolved, spec,
+                self.auto_class, resolved, spec, bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
                 num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
             )
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)

@@ -33,7 +33,8 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     objective = pick_objective(objective_hint, config)
     if spec.from_scratch:
         _fit_config_to_tokenizer(config, tokenizer, recipe.data.max_length)
-    model = bb.load_model(lm_class(objective), resolved, spec)
+    attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
+    model = bb.load_model(lm_class(objective), resolved, spec, attention)
     return model, tokenizer, objective
 
 

@@ -1,0 +1,71 @@
+"""Two processes on CPU (gloo) through the real CLI: same losses as one process, one set of outputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_BERT, keyword_rows, read_jsonl, recipe_values, write_jsonl, write_recipe
+
+pytestmark = pytest.mark.integration
+NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TOLERANCE = 1e-4  # gloo all-reduce sums in another order than one process does
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    write_jsonl(tmp / "data" / "test.jsonl", keyword_rows(33, 1))  # odd: a sampler would pad a duplicate
+    out = {}
+    for name, nproc, batch in (("one", 1, 16), ("two", 2, 8)):
+        values = recipe_values(
+            tmp,
+            backbone={"name": "minilm-l6", "from_scratch": True, "config": NO_DROPOUT},
+            schedule={"epochs": 2, "batch_size": batch, "warmup": 0.0, "log_every": 1, "group_by_length": False},
+            output={"dir": str(tmp / name), "save_every": 5},
+        )
+        values["data"]["eval"] = str(tmp / "data" / "test.jsonl")
+        recipe = write_recipe(tmp / f"{name}.yaml", values)
+        run("finetune", str(recipe), "--nproc", str(nproc))
+        run("eval", str(recipe), "--nproc", str(nproc))
+        out[name] = tmp / name
+    return out
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    one = [r["loss"] for r in read_jsonl(runs["one"] / "metrics.jsonl") if "loss" in r]
+    two = [r["loss"] for r in read_jsonl(runs["two"] / "metrics.jsonl") if "loss" in r]
+    assert len(one) == len(two) == 32
+    assert two == pytest.approx(one, abs=TOLERANCE)
+    s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in ("one", "two"))
+    assert s2["num_processes"] == 2 and s2["train_tokens"] == s1["train_tokens"]
+
+
+def test_one_set_of_outputs(runs):
+    names = sorted(p.name for p in runs["two"].iterdir())
+    assert names == sorted(p.name for p in runs["one"].iterdir())
+    assert len(read_jsonl(runs["two"] / "metrics.jsonl")) == len(read_jsonl(runs["one"] / "metrics.jsonl"))
+
+
+def test_eval_over_two_ranks_counts_every_example_once(runs):
+    metrics = json.loads((runs["two"] / "eval.json").read_text())
+    assert metrics["num_examples"] == 33
+    assert sum(map(sum, metrics["confusion_matrix"])) == 33
+    single = json.loads((runs["one"] / "eval.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(single["accuracy"], abs=1 / 33 + 1e-9)
+
+
+def test_resume_under_two_processes(runs, tmp_path):
+    recipe = runs["two"].parent / "two.yaml"
+    done = run("finetune", str(recipe), "schedule.epochs=3", "--resume", "--nproc", "2")
+    assert "Traceback" not in done.stderr
+    summary = json.loads((runs["two"] / "summary.json").read_text())
+    assert summary["steps"] == 48
