@@ -23,7 +23,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    write_jsonl(tmp / "data" / "test.jsonl", keyword_rows(33, 1))  # odd: a sampler would pad a duplicate
+    odd = write_jsonl(tmp / "odd.jsonl", keyword_rows(33, 1))  # odd: a sampler would pad a duplicate
     out = {}
     for name, nproc, batch in (("one", 1, 16), ("two", 2, 8)):
         values = recipe_values(
@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
             schedule={"epochs": 2, "batch_size": batch, "warmup": 0.0, "log_every": 1, "group_by_length": False},
             output={"dir": str(tmp / name), "save_every": 5},
         )
-        values["data"]["eval"] = str(tmp / "data" / "test.jsonl")
+        values["data"]["eval"] = str(odd)
         recipe = write_recipe(tmp / f"{name}.yaml", values)
         run("finetune", str(recipe), "--nproc", str(nproc))
         run("eval", str(recipe), "--nproc", str(nproc))
