@@ -45,9 +45,18 @@ def sft_classification(name: str) -> dict:
                 "name": name,
                 "task": "classification",
                 "backbone": {"name": "minilm-l6"},
-                "data": {"train": str(TOPICS / "train.jsonl"), "eval": str(TOPICS / "test.jsonl"), "max_length": COMMON["max_length"]},
+                "data": {
+                    "train": str(TOPICS / "train.jsonl"),
+                    "eval": str(TOPICS / "test.jsonl"),
+                    "max_length": COMMON["max_length"],
+                },
                 "optim": {"lr": COMMON["lr"], "weight_decay": COMMON["weight_decay"]},
-                "schedule": {"epochs": COMMON["epochs"], "batch_size": COMMON["batch_size"], "warmup": COMMON["warmup"], "log_every": 50},
+                "schedule": {
+                    "epochs": COMMON["epochs"],
+                    "batch_size": COMMON["batch_size"],
+                    "warmup": COMMON["warmup"],
+                    "log_every": 50,
+                },
                 "engine": {"seed": COMMON["seed"], "precision": "fp32" if name.endswith("fp32") else "auto"},
                 "output": {"dir": str(WORK / name), "keep_best": False},
             }
@@ -71,7 +80,13 @@ def trainer_classification(name: str) -> dict:
     import torch
     from datasets import load_dataset
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from sft_cli.backbone import embedded_aliases
 
@@ -108,7 +123,9 @@ def trainer_classification(name: str) -> dict:
         bf16=best,
         train_sampling_strategy="group_by_length" if best else "random",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer)
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -140,11 +157,20 @@ def sft_generation(name: str) -> dict:
                 "name": name,
                 "task": "generation",
                 "backbone": {"name": str(WORK / "gen-base"), "from_scratch": True},
-                "data": {"train": str(NAMES / "train.jsonl"), "eval": str(NAMES / "test.jsonl"), "template": "{prompt} =>",
-                         "max_length": GEN["max_length"], "packing": name.endswith("packed")},
+                "data": {
+                    "train": str(NAMES / "train.jsonl"),
+                    "eval": str(NAMES / "test.jsonl"),
+                    "template": "{prompt} =>",
+                    "max_length": GEN["max_length"],
+                    "packing": name.endswith("packed"),
+                },
                 "optim": {"lr": GEN["lr"], "weight_decay": GEN["weight_decay"]},
-                "schedule": {"epochs": GEN["epochs"], "batch_size": GEN["batch_size"] // (4 if name.endswith("packed") else 1),
-                             "warmup": GEN["warmup"], "log_every": 50},
+                "schedule": {
+                    "epochs": GEN["epochs"],
+                    "batch_size": GEN["batch_size"] // (4 if name.endswith("packed") else 1),
+                    "warmup": GEN["warmup"],
+                    "log_every": 50,
+                },
                 "engine": {"seed": GEN["seed"]},
                 "eval": {"max_new_tokens": 12},
                 "output": {"dir": str(WORK / name), "keep_best": False},
@@ -154,14 +180,26 @@ def sft_generation(name: str) -> dict:
     recipe = load_recipe(recipe_path)
     summary = commands.train(recipe, "finetune", overwrite=True)
     metrics = commands.evaluate_model(recipe)
-    return {"tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["train_seconds"], "train_tokens": summary["train_tokens"],
-            "eval_loss": metrics["eval_loss"], "exact_match": metrics["exact_match"], "mfu": summary.get("mfu")}
+    return {
+        "tokens_per_s": summary["tokens_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "train_tokens": summary["train_tokens"],
+        "eval_loss": metrics["eval_loss"],
+        "exact_match": metrics["exact_match"],
+        "mfu": summary.get("mfu"),
+    }
 
 
 def trainer_generation(name: str) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(WORK / "gen-base")
     raw = load_dataset("json", data_files={"train": str(NAMES / "train.jsonl"), "test": str(NAMES / "test.jsonl")})
@@ -176,18 +214,33 @@ def trainer_generation(name: str) -> dict:
     torch.manual_seed(GEN["seed"])
     model = AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.from_pretrained(WORK / "gen-base"))
     args = TrainingArguments(
-        output_dir=str(WORK / name), per_device_train_batch_size=GEN["batch_size"], num_train_epochs=GEN["epochs"],
-        learning_rate=GEN["lr"], weight_decay=GEN["weight_decay"], warmup_steps=GEN["warmup"], seed=GEN["seed"],
-        logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        output_dir=str(WORK / name),
+        per_device_train_batch_size=GEN["batch_size"],
+        num_train_epochs=GEN["epochs"],
+        learning_rate=GEN["lr"],
+        weight_decay=GEN["weight_decay"],
+        warmup_steps=GEN["warmup"],
+        seed=GEN["seed"],
+        logging_steps=50,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"], data_collator=collator)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"], data_collator=collator
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     tokens = sum(data["train"]["length"]) * GEN["epochs"]
-    return {"tokens_per_s": tokens / seconds, "train_seconds": seconds, "train_tokens": tokens,
-            "eval_loss_all_tokens": trainer.evaluate()["eval_loss"]}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "train_seconds": seconds,
+        "train_tokens": tokens,
+        "eval_loss_all_tokens": trainer.evaluate()["eval_loss"],
+    }
 
 
 def make_generation_base() -> None:
@@ -202,8 +255,14 @@ def make_generation_base() -> None:
         return
     texts = load_table(str(REPO / "data" / "python-docs" / "train.txt"), "bench")["text"]
     tokenizer = train_bpe_tokenizer(texts, 4000)
-    config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_GPT)
+    config = AutoConfig.for_model(
+        "gpt2",
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_GPT,
+    )
     base.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(base)
     config.save_pretrained(base)
@@ -251,7 +310,12 @@ def main() -> None:
         if args.only and not any(name.startswith(p) for p in args.only.split(",")):
             continue
         print(f"running {name} ...", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", name],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode or not line:
             print(done.stderr[-3000:])
@@ -281,9 +345,12 @@ def write_report(results: dict) -> None:
     cls = {k: v for k, v in results.items() if k.startswith("cls/")}
     if cls:
         default, best = cls.get("cls/trainer-default"), cls.get("cls/trainer-best")
-        lines += ["## Text classification (packaged MiniLM, data/stdlib-topics, 2 epochs)", "",
-                  "| run | tokens/s | × Trainer default | × Trainer best | wall s | peak RSS MB | RSS × default | accuracy | macro-F1 | MFU |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Text classification (packaged MiniLM, data/stdlib-topics, 2 epochs)",
+            "",
+            "| run | tokens/s | × Trainer default | × Trainer best | wall s | peak RSS MB | RSS × default | accuracy | macro-F1 | MFU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in cls.items():
             lines.append(
                 f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / default['tokens_per_s']:.2f} | "
@@ -296,9 +363,12 @@ def write_report(results: dict) -> None:
     if gen:
         ref = gen.get("gen/trainer-clm-collator")
         padded = gen.get("gen/sft-padded")
-        lines += ["## Generative SFT (4-layer GPT-2 from scratch, data/docstring-names, 2 epochs)", "",
-                  "| run | tokens/s | × Trainer | × sft padded | wall s | peak RSS MB | eval loss (response tokens) | exact match |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Generative SFT (4-layer GPT-2 from scratch, data/docstring-names, 2 epochs)",
+            "",
+            "| run | tokens/s | × Trainer | × sft padded | wall s | peak RSS MB | eval loss (response tokens) | exact match |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in gen.items():
             loss = r.get("eval_loss")
             lines.append(
@@ -306,8 +376,11 @@ def write_report(results: dict) -> None:
                 f"{r['tokens_per_s'] / padded['tokens_per_s']:.2f} | {r['train_seconds']:.1f} | {r['peak_rss_mb']:,.0f} | "
                 f"{'' if loss is None else format(loss, '.4f')} | {'' if 'exact_match' not in r else format(r['exact_match'], '.3f')} |"
             )
-        lines += ["", "The Trainer's causal-LM collator trains on prompt and response tokens alike (its eval loss covers all "
-                  f"tokens: {ref.get('eval_loss_all_tokens', float('nan')):.4f}); sft trains on response tokens only."]
+        lines += [
+            "",
+            "The Trainer's causal-LM collator trains on prompt and response tokens alike (its eval loss covers all "
+            f"tokens: {ref.get('eval_loss_all_tokens', float('nan')):.4f}); sft trains on response tokens only.",
+        ]
     text = "\n".join(lines) + "\n"
     print(text)
     (REPO / "benchmarks" / "RESULTS.md").write_text(text)

@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 
 AREAS = {
-    "text": "string re textwrap difflib unicodedata html html.parser codecs locale gettext shlex "
-    "fnmatch stringprep",
+    "text": "string re textwrap difflib unicodedata html html.parser codecs locale gettext shlex fnmatch stringprep",
     "math": "math cmath statistics decimal fractions random numbers operator bisect heapq",
-    "files": "os os.path pathlib shutil glob tempfile io zipfile tarfile gzip bz2 lzma filecmp stat "
-    "fileinput",
+    "files": "os os.path pathlib shutil glob tempfile io zipfile tarfile gzip bz2 lzma filecmp stat fileinput",
     "network": "socket ssl http.client http.server http.cookies http.cookiejar urllib.request "
     "urllib.parse smtplib ftplib poplib imaplib xmlrpc.client socketserver ipaddress mailbox "
     "email.message email.utils",

@@ -31,7 +31,11 @@ def paragraphs(text: str) -> list[str]:
     out = []
     for block in re.split(r"\n\s*\n", text):
         lines = block.splitlines()
-        if not lines or lines[0].startswith((" ", "\t", ">>>", "*", "=", "-")) or set(lines[-1].strip()) <= set("*=-~^"):
+        if (
+            not lines
+            or lines[0].startswith((" ", "\t", ">>>", "*", "=", "-"))
+            or set(lines[-1].strip()) <= set("*=-~^")
+        ):
             continue
         para = " ".join(line.strip() for line in lines)
         if len(para) >= 40 and para[0].isalpha():
@@ -61,7 +65,7 @@ def main(root: Path) -> None:
     for module_name in modules:
         module = importlib.import_module(module_name)
         corpus += paragraphs(module.__doc__ or "")
-        for qualified, obj in public_objects(module_name):
+        for _qualified, obj in public_objects(module_name):
             doc = inspect.getdoc(obj) if inspect.isroutine(obj) or inspect.isclass(obj) else None
             if not isinstance(doc, str):
                 continue

@@ -18,7 +18,12 @@ from sft_cli.recipe import BackboneConfig, FreezeConfig
 
 log = logging.getLogger("sft")
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def embedded_aliases() -> dict[str, Path]:
@@ -53,7 +58,9 @@ def resolve(spec: BackboneConfig) -> ResolvedBackbone:
         try:
             config = AutoConfig.for_model(spec.arch, **overrides)
         except (ValueError, KeyError):
-            raise SftError(f"backbone.arch: unknown architecture '{spec.arch}' (e.g. gpt2, llama, bert, resnet)") from None
+            raise SftError(
+                f"backbone.arch: unknown architecture '{spec.arch}' (e.g. gpt2, llama, bert, resnet)"
+            ) from None
         return ResolvedBackbone(location="", config=config, is_local=True)
     aliases = embedded_aliases()
     name = spec.name
@@ -61,8 +68,14 @@ def resolve(spec: BackboneConfig) -> ResolvedBackbone:
     if location.is_dir():
         if not (location / "config.json").exists():
             raise SftError(f"backbone.name: {location} has no config.json — point at a saved model directory")
-        if not spec.from_scratch and not any((location / f).exists() for f in WEIGHT_FILES) and not (location / "adapter_config.json").exists():
-            raise SftError(f"backbone.name: {location} has a config but no weights (model.safetensors) — use from_scratch: true or a full checkpoint")
+        if (
+            not spec.from_scratch
+            and not any((location / f).exists() for f in WEIGHT_FILES)
+            and not (location / "adapter_config.json").exists()
+        ):
+            raise SftError(
+                f"backbone.name: {location} has a config but no weights (model.safetensors) — use from_scratch: true or a full checkpoint"
+            )
         config = _load_config(str(location), spec, overrides)
         return ResolvedBackbone(location=str(location), config=config, is_local=True)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -118,7 +131,9 @@ def load_model(
             attn_implementation=attention,
         )
     except ValueError as err:
-        raise SftError(f"backbone.name: {backbone.location} cannot serve this task: {str(err).splitlines()[0]}") from None
+        raise SftError(
+            f"backbone.name: {backbone.location} cannot serve this task: {str(err).splitlines()[0]}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +238,13 @@ def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str]) -> nn.Mo
     model_type = getattr(model.config, "model_type", "")
     targets = policy.lora.target_modules or DEFAULTS.get(model_type)
     if not targets:
-        targets = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(r"q|query|attn", n.split(".")[-1])})
+        targets = sorted(
+            {
+                n.split(".")[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and re.search(r"q|query|attn", n.split(".")[-1])
+            }
+        )
     if not targets:
         raise SftError(f"freeze.lora.target_modules: no default for '{model_type}'; list the linear layers to adapt")
     prefix = _base_prefix(model)
@@ -245,7 +266,11 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Trainable vs total parameter counts (and the percentage)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable_params": trainable, "total_params": total, "trainable_pct": round(100 * trainable / max(total, 1), 4)}
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": round(100 * trainable / max(total, 1), 4),
+    }
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -94,7 +94,16 @@ def _launch(nproc: int) -> None:
             skip = True
             continue
         args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "sft_cli", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "sft_cli",
+        *args,
+    ]
     raise typer.Exit(subprocess.call(command))
 
 
@@ -118,7 +127,6 @@ def _train(command: str, recipe: Path, overrides: Optional[List[str]], resume: O
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
     """sft: pretrain, fine-tune and evaluate transformer models from YAML recipes."""
     state["debug"] = debug
-
 
 
 @app.command()
@@ -162,6 +170,79 @@ def evaluate(
     _setup_logging()
     parsed = _run(_load, recipe, overrides)
     _run(commands.evaluate_model, parsed, str(model) if model else None)
+
+
+@app.command("plan")
+def plan_command(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Show what a run would do before any compute: recipe, parameters, data, examples, cost."""
+    from sft_cli.plan import plan
+
+    _quiet_libraries()
+    _setup_logging()
+    parsed = _run(_load, recipe, overrides)
+    _run(plan, parsed)
+
+
+@app.command("sweep")
+def sweep_command(
+    recipe: Path = typer.Argument(..., help="The recipe YAML, with a `sweep:` search space."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    trials: int = typer.Option(10, "--trials", min=1, help="Total trials (an interrupted sweep resumes)."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | grid"),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", help="Eval metric to optimize (default: early_stopping.metric or eval_loss)."
+    ),
+    direction: Optional[str] = typer.Option(None, "--direction", help="minimize | maximize"),
+) -> None:
+    """Hyperparameter search (Optuna): each trial a normal run in output.dir/trial-NNN."""
+    from sft_cli.sweep import sweep
+
+    _quiet_libraries()
+    _setup_logging()
+    parsed = _run(_load, recipe, overrides)
+    _run(sweep, parsed, lambda extra: _load(recipe, list(overrides or []) + extra), trials, sampler, metric, direction)
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run directories (output.dir of a run)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: RUN_DIR/report.png)."),
+) -> None:
+    """Redraw a run's report.png (loss, LR, task metric, confusion matrix); several runs are overlaid."""
+    from sft_cli.plots import report_png
+
+    missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+    if missing:
+        _run(_fail, f"RUN_DIR: no metrics.jsonl in {', '.join(missing)} — pass the output.dir of a run")
+    target = output or (run_dirs[0] / "report.png" if len(run_dirs) == 1 else Path("report.png"))
+    report_png(run_dirs, target)
+    typer.echo(str(target))
+
+
+@app.command()
+def init(
+    task: str = typer.Argument(..., help="classification | image-classification | generation | language-modeling"),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Where to write the recipe (default: recipes/<task>.yaml)."
+    ),
+) -> None:
+    """Write a commented starter recipe for a task."""
+    from sft_cli.starter import starter_recipe
+
+    target = output or Path("recipes") / f"{task}.yaml"
+    if target.exists():
+        _run(_fail, f"--output: {target} exists — choose another path")
+    text = _run(starter_recipe, task, str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    typer.echo(str(target))
+
+
+def _fail(message: str) -> None:
+    raise SftError(message)
 
 
 def optional_resume_value(args: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
 from sft_cli.engine import Trainer, evaluate, make_accelerator
 from sft_cli.errors import SftError
+from sft_cli.plots import report_png
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml
 from sft_cli.tasks import build_task
@@ -24,20 +25,33 @@ from sft_cli.tasks import build_task
 log = logging.getLogger("sft")
 
 PRETRAIN_TASKS = ("language-modeling",)
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "eval.json", "model", "best-model", "checkpoints")
+RUN_FILES = (
+    "recipe.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "eval.json",
+    "model",
+    "best-model",
+    "checkpoints",
+    "report.png",
+)
 
 
 def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber a finished run, and fail early when the directory cannot be written."""
     if (run_dir / "summary.json").exists() and not overwrite and not resume:
-        raise SftError(f"output.dir: {run_dir} already holds a finished run — pass --overwrite, or set output.dir=<new dir>")
+        raise SftError(
+            f"output.dir: {run_dir} already holds a finished run — pass --overwrite, or set output.dir=<new dir>"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise SftError(f"output.dir: cannot write to {run_dir} ({err.strerror or err}) — choose a writable directory") from None
+        raise SftError(
+            f"output.dir: cannot write to {run_dir} ({err.strerror or err}) — choose a writable directory"
+        ) from None
 
 
 def clear_previous_run(run_dir: Path) -> None:
@@ -50,7 +64,9 @@ def clear_previous_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def train(recipe: Recipe, command: str, resume: Optional[str] = None, overwrite: bool = False, resume_command: str = "") -> dict[str, Any]:
+def train(
+    recipe: Recipe, command: str, resume: Optional[str] = None, overwrite: bool = False, resume_command: str = ""
+) -> dict[str, Any]:
     """`sft pretrain` / `sft finetune`: train, keep the best (or last) model in model/, write summary.json."""
     wants_pretrain = recipe.task in PRETRAIN_TASKS
     if (command == "pretrain") != wants_pretrain:
@@ -68,11 +84,26 @@ def train(recipe: Recipe, command: str, resume: Optional[str] = None, overwrite:
         if resume_from is None:
             clear_previous_run(run_dir)
         write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
-    trainer = Trainer(task, accelerator, recipe.schedule, recipe.optim, recipe.engine, recipe.output, recipe.loss, run_dir, resume_command)
+    trainer = Trainer(
+        task,
+        accelerator,
+        recipe.schedule,
+        recipe.optim,
+        recipe.engine,
+        recipe.output,
+        recipe.loss,
+        run_dir,
+        resume_command,
+    )
     trainer.setup(resume_from)
     if accelerator.is_main_process:
         p = trainer.params
-        log.info("parameters: %s trainable of %s (%.2f%%)", f"{p['trainable_params']:,}", f"{p['total_params']:,}", p["trainable_pct"])
+        log.info(
+            "parameters: %s trainable of %s (%.2f%%)",
+            f"{p['trainable_params']:,}",
+            f"{p['total_params']:,}",
+            p["trainable_pct"],
+        )
     summary = trainer.fit()
     best = run_dir / "best-model"
     if recipe.output.keep_best and best.is_dir():
@@ -87,9 +118,12 @@ def train(recipe: Recipe, command: str, resume: Optional[str] = None, overwrite:
     if history and history[0]["step"] == 0:
         summary["initial_eval"] = history[0]
     if task.eval_set is not None and trainer.state.history:
-        summary["eval"] = next((h for h in trainer.state.history if h["step"] == summary["model_from_step"]), trainer.state.history[-1])
+        summary["eval"] = next(
+            (h for h in trainer.state.history if h["step"] == summary["model_from_step"]), trainer.state.history[-1]
+        )
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "summary.json", summary)
+        report_png([run_dir], run_dir / "report.png")
         print_table(f"{recipe.name}: training summary", {k: v for k, v in summary.items() if k != "eval"})
     accelerator.end_training()
     return summary
@@ -115,7 +149,12 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
         run_dir.mkdir(parents=True, exist_ok=True)
         task.report(metrics, run_dir)  # plots, predictions.jsonl (moved out of the metrics)
         write_json_atomic(run_dir / "eval.json", metrics)
-        print_table(f"{recipe.name}: eval on {recipe.data.eval}", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if (run_dir / "metrics.jsonl").exists():
+            report_png([run_dir], run_dir / "report.png")
+        print_table(
+            f"{recipe.name}: eval on {recipe.data.eval}",
+            {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        )
         if "per_class" in metrics:
             print_per_class(metrics["per_class"])
     return metrics

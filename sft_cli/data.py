@@ -83,7 +83,9 @@ def _load_hub(name: str, key: str) -> datasets.Dataset:
         return datasets.load_dataset(name, split="train")
     except Exception:
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if _offline() else ""
-        raise SftError(f"{key}: '{name}' is not a local file or directory, nor a reachable hub dataset{offline}") from None
+        raise SftError(
+            f"{key}: '{name}' is not a local file or directory, nor a reachable hub dataset{offline}"
+        ) from None
 
 
 def _offline() -> bool:

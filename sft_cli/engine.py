@@ -95,7 +95,9 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
             continue
         no_decay = param.ndim < 2 or "norm" in name.lower() or "bias" in name
         decay = 0.0 if no_decay else config.weight_decay
-        lr = config.lr * (config.layer_lr_decay ** (max_depth - depth.get(name, max_depth)) if config.layer_lr_decay else 1.0)
+        lr = config.lr * (
+            config.layer_lr_decay ** (max_depth - depth.get(name, max_depth)) if config.layer_lr_decay else 1.0
+        )
         groups.setdefault((decay, lr), []).append(param)
     if not groups:
         raise SftError("freeze: the policy leaves no trainable parameter")
@@ -217,7 +219,9 @@ class Trainer:
         self.resume_command = resume_command
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = MetricLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.log = MetricLog(
+            run_dir / "metrics.jsonl", enabled=accelerator.is_main_process, tensorboard=output.tensorboard
+        )
         self.state = TrainState()
         self._signal: Optional[int] = None
 
@@ -441,7 +445,11 @@ class Trainer:
         if not metrics:
             return False
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        record = {"step": self.state.step, "epoch": round(self._epoch_float(), 4), **{f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in scalars.items()}}
+        record = {
+            "step": self.state.step,
+            "epoch": round(self._epoch_float(), 4),
+            **{f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in scalars.items()},
+        }
         self.log.write(record)
         self.state.history.append(record)
         es = self.schedule.early_stopping
@@ -449,10 +457,14 @@ class Trainer:
         mode = es.mode if es else self.task.main_mode
         value = record.get(name, record.get(f"eval_{name}"))
         if value is None:
-            raise SftError(f"schedule.early_stopping.metric: '{name}' is not logged; choose one of {', '.join(k for k in record if k.startswith('eval_'))}")
+            raise SftError(
+                f"schedule.early_stopping.metric: '{name}' is not logged; choose one of {', '.join(k for k in record if k.startswith('eval_'))}"
+            )
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(value if mode == "min" else -value)
-        improved = self.state.best_metric is None or (value < self.state.best_metric if mode == "min" else value > self.state.best_metric)
+        improved = self.state.best_metric is None or (
+            value < self.state.best_metric if mode == "min" else value > self.state.best_metric
+        )
         if improved:
             self.state.best_metric, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
             if self.output.keep_best:
@@ -503,7 +515,11 @@ class Trainer:
         tokens_per_s = self.state.tokens / seconds
         flops = self.flops_per_token * self.state.tokens
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-        peak = self.engine.peak_tflops * 1e12 if self.engine.peak_tflops else measure_peak_flops(self.accelerator.device, dtype)
+        peak = (
+            self.engine.peak_tflops * 1e12
+            if self.engine.peak_tflops
+            else measure_peak_flops(self.accelerator.device, dtype)
+        )
         return {
             "train_seconds": round(self.state.train_seconds, 3),
             "train_tokens": int(self.state.tokens),
@@ -551,7 +567,9 @@ class Trainer:
         return Interrupted(code, path)
 
 
-def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch_size: int, final: bool = True) -> dict[str, Any]:
+def evaluate(
+    task: Task, model: torch.nn.Module, accelerator: Accelerator, batch_size: int, final: bool = True
+) -> dict[str, Any]:
     """Run `task.evaluate` over this process's shard of the eval split (no padding duplicates)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     indices = list(range(len(task.eval_set)))[rank::world]
@@ -560,7 +578,10 @@ def evaluate(task: Task, model: torch.nn.Module, accelerator: Accelerator, batch
         indices.sort(key=lambda i: -lengths[i])
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     loader = DataLoader(
-        task.eval_set, batch_sampler=batches, collate_fn=lambda rows: task.collate(rows, train=False), generator=torch.Generator()
+        task.eval_set,
+        batch_sampler=batches,
+        collate_fn=lambda rows: task.collate(rows, train=False),
+        generator=torch.Generator(),
     )
     device = accelerator.device
 

@@ -15,9 +15,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: 
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     labels = list(range(len(names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = [i for i in labels if support[i] > 0] or labels
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -58,16 +56,30 @@ def perplexity(loss: float) -> float:
 class MetricLog:
     """Appends one JSON object per line to metrics.jsonl; the source of truth for reports."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, tensorboard: bool = False):
         self.path = path
         self.enabled = enabled
+        self.tensorboard = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from sft_cli.errors import SftError
+
+                raise SftError("output.tensorboard: install it first (pip install 'sft[tensorboard]')") from None
+            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append a record (flushed at once so a killed run keeps its log)."""
+        """Append a record (flushed at once so a killed run keeps its log); mirror scalars to TensorBoard."""
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record.get("step", 0))
+            self.tensorboard.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records written after the checkpoint's step (they will be redone)."""

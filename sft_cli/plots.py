@@ -35,10 +35,61 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str],
     _save(fig, path)
 
 
-def _save(fig: "plt.Figure", path: Path) -> None:
+def _save(fig: plt.Figure, path: Path) -> None:
     """Save a figure atomically (render into a temp dir, then rename)."""
     with atomic_directory(path.parent / f".{path.stem}-render") as tmp:
         fig.savefig(tmp / path.name, dpi=110)
     plt.close(fig)
     (path.parent / f".{path.stem}-render" / path.name).replace(path)
     (path.parent / f".{path.stem}-render").rmdir()
+
+
+METRIC_PREFERENCE = ("eval_accuracy", "eval_macro_f1", "eval_exact_match", "eval_perplexity")
+
+
+def report_png(run_dirs: Sequence[Path], path: Path) -> Path:
+    """Loss curves, LR schedule, the task metric over time (and the confusion matrix of one run)."""
+    import json
+
+    from sft_cli.metrics import read_log
+
+    logs = {Path(d): read_log(Path(d) / "metrics.jsonl") for d in run_dirs if (Path(d) / "metrics.jsonl").exists()}
+    single = len(logs) == 1
+    eval_json = Path(run_dirs[0]) / "eval.json"
+    matrix = json.loads(eval_json.read_text()) if single and eval_json.exists() else None
+    panels = 4 if matrix and "confusion_matrix" in matrix else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    for run, records in logs.items():
+        label = run.name
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_loss" in r]
+        line = axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{label} train")[0]
+        if evals:
+            axes[0].plot(
+                [r["step"] for r in evals],
+                [r["eval_loss"] for r in evals],
+                "o--",
+                color=line.get_color(),
+                label=f"{label} eval",
+            )
+        axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], label=label)
+        metric = next((m for m in METRIC_PREFERENCE if any(m in r for r in evals)), None)
+        if metric:
+            points = [r for r in evals if metric in r]
+            axes[2].plot([r["step"] for r in points], [r[metric] for r in points], "o-", label=f"{label} {metric}")
+    for ax, title in zip(axes, ("loss", "learning rate", "task metric (eval)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if panels == 4:
+        counts = matrix["confusion_matrix"]
+        axes[3].imshow(counts, cmap="Blues")
+        labels = matrix.get("labels", [str(i) for i in range(len(counts))])
+        axes[3].set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+        axes[3].set_yticks(range(len(labels)), labels, fontsize=7)
+        axes[3].set_title(f"confusion matrix (acc {matrix['accuracy']:.3f})")
+    fig.tight_layout()
+    _save(fig, path)
+    return path

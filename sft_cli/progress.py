@@ -33,7 +33,9 @@ class TrainProgress:
     def start(self, completed: int) -> None:
         if self.enabled:
             self.progress.start()
-            self.task_id = self.progress.add_task("train", total=self.total, completed=completed, loss="-", lr="-", tps="-")
+            self.task_id = self.progress.add_task(
+                "train", total=self.total, completed=completed, loss="-", lr="-", tps="-"
+            )
 
     def update(self, step: int, record: Mapping[str, Any]) -> None:
         if self.task_id is None:
@@ -45,7 +47,10 @@ class TrainProgress:
         }
         self.progress.update(self.task_id, completed=step, **fields)
         if self.progress.disable:  # not a terminal (CI, pipes): one plain line per log record
-            console.print(f"step {step}/{self.total}  loss {fields['loss']}  lr {fields['lr']}  {fields['tps']} tok/s", highlight=False)
+            console.print(
+                f"step {step}/{self.total}  loss {fields['loss']}  lr {fields['lr']}  {fields['tps']} tok/s",
+                highlight=False,
+            )
 
     def stop(self) -> None:
         if self.task_id is not None:

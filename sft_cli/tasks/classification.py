@@ -42,12 +42,19 @@ class ClassificationTask(Task):
             require_columns(self.train_set, fields, "data.text_field/label_field", f"data.train ({data.train})")
             names = label_names(self.train_set[data.label_field])
             if len(names) < 2:
-                raise SftError(f"data.train: only one label ({names[0] if names else 'none'}) in {data.train} — classification needs at least two")
+                raise SftError(
+                    f"data.train: only one label ({names[0] if names else 'none'}) in {data.train} — classification needs at least two"
+                )
             resolved = bb.resolve(spec)
             self.tokenizer = backbone_tokenizer(resolved, spec)
             self.model = bb.load_model(
-                self.auto_class, resolved, spec, bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
-                num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                self.auto_class,
+                resolved,
+                spec,
+                bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
+                num_labels=len(names),
+                id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)},
             )
         else:
             self.tokenizer = load_tokenizer(model_dir, spec)
@@ -67,7 +74,9 @@ class ClassificationTask(Task):
             require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
             unseen = sorted({str(v) for v in eval_raw[data.label_field]} - set(self.label2id))
             if unseen:
-                raise SftError(f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})")
+                raise SftError(
+                    f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})"
+                )
             self.eval_set = self._tokenize(eval_raw, "data.eval")
 
     def _tokenize(self, table: Any, key: str) -> Any:
@@ -83,7 +92,15 @@ class ClassificationTask(Task):
                 "length": [len(ids) for ids in enc["input_ids"]],
             }
 
-        cache_key = ("classification", data.text_field, data.label_field, data.max_length, tokenizer.name_or_path, len(tokenizer), sorted(label2id.items()))
+        cache_key = (
+            "classification",
+            data.text_field,
+            data.label_field,
+            data.max_length,
+            tokenizer.name_or_path,
+            len(tokenizer),
+            sorted(label2id.items()),
+        )
         return cached_map(table, encode, str(cache_key))
 
     def lengths(self, split: str) -> Optional[list[int]]:
@@ -109,12 +126,16 @@ class ClassificationTask(Task):
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         logits = self.logits(model, batch)
-        terms = {"sup": (summed_cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(batch["labels"].shape[0]))}
+        terms = {
+            "sup": (summed_cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(batch["labels"].shape[0]))
+        }
         if self.aux is not None and "lm_labels" in batch:
             terms["lm"] = self.aux.loss(model, batch)
         return terms
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
+    def evaluate(
+        self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
+    ) -> dict[str, Any]:
         preds, labels, loss_sum = [], [], 0.0
         for batch in batches:
             logits = self.logits(model, batch)

@@ -25,8 +25,12 @@ def render_prompt(prompt: str, template: Optional[str], tokenizer: Any) -> str:
     """The text the model sees before the response: a format string, or the tokenizer's chat template."""
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise SftError("data.template: 'chat' needs a tokenizer with a chat template — use a format string like '{prompt} =>'")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            raise SftError(
+                "data.template: 'chat' needs a tokenizer with a chat template — use a format string like '{prompt} =>'"
+            )
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     try:
         return (template or DEFAULT_TEMPLATE).format(prompt=prompt)
     except (KeyError, IndexError, ValueError) as err:
@@ -53,7 +57,9 @@ def packed_attention(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=segments.device))
     allowed = same & causal & (segments[:, :, None] >= 0)
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)  # padding rows attend to themselves
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
 
 
 class GenerationTask(Task):
@@ -116,25 +122,32 @@ class GenerationTask(Task):
                 out["length"].append(len(prompt) + len(response))
             return out
 
-        fingerprint = str(("generation", data.prompt_field, data.response_field, template, max_length, tokenizer.name_or_path, len(tokenizer)))
+        fingerprint = str(
+            (
+                "generation",
+                data.prompt_field,
+                data.response_field,
+                template,
+                max_length,
+                tokenizer.name_or_path,
+                len(tokenizer),
+            )
+        )
         encoded = cached_map(table, encode, fingerprint)
         if not pack:
             return encoded
         groups = pack_examples(encoded["length"], max_length)
         rows = [encoded[g] for g in groups]  # column-wise dict per group
-        return _PackedRows(
-            [
-                {"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]}
-                for r in rows
-            ]
-        )
+        return _PackedRows([{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rows])
 
     def _unlabeled(self) -> Any:
         if not self.recipe.data.unlabeled:
             raise SftError("loss.lm: generation takes its LM loss from data.unlabeled — set it to a text corpus")
         table = load_table(self.recipe.data.unlabeled, "data.unlabeled")
         require_columns(table, [self.recipe.data.text_field], "data.text_field", "data.unlabeled")
-        return pack_texts(table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, "clm", "data.unlabeled")
+        return pack_texts(
+            table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, "clm", "data.unlabeled"
+        )
 
     def lengths(self, split: str) -> Optional[list[int]]:
         table = self.train_set if split == "train" else self.eval_set
@@ -160,7 +173,9 @@ class GenerationTask(Task):
                 positions.append(pos)
         else:
             sequences = [r["input_ids"] for r in rows]
-            weights = [[prompt_weight] * r["prompt_length"] + [1.0] * (len(r["input_ids"]) - r["prompt_length"]) for r in rows]
+            weights = [
+                [prompt_weight] * r["prompt_length"] + [1.0] * (len(r["input_ids"]) - r["prompt_length"]) for r in rows
+            ]
             segments = [[0] * len(s) for s in sequences]
             positions = [list(range(len(s))) for s in sequences]
         input_ids = pad_sequences(sequences, pad)
@@ -186,7 +201,13 @@ class GenerationTask(Task):
             blocks = [self.unlabeled[i]["input_ids"] for i in picks]
             lm_ids = pad_sequences(blocks, pad)
             lm_mask = pad_sequences([[1] * len(b) for b in blocks], 0, lm_ids.shape[1])
-            batch.update({"lm_input_ids": lm_ids, "lm_attention_mask": lm_mask, "lm_labels": shift_for_next_token(lm_ids.masked_fill(lm_mask == 0, -100))})
+            batch.update(
+                {
+                    "lm_input_ids": lm_ids,
+                    "lm_attention_mask": lm_mask,
+                    "lm_labels": shift_for_next_token(lm_ids.masked_fill(lm_mask == 0, -100)),
+                }
+            )
         return batch
 
     def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -199,7 +220,9 @@ class GenerationTask(Task):
         if self.recipe.data.packing and int(batch["segment_ids"].max()) > 0:
             mask = packed_attention(batch["segment_ids"], _compute_dtype(model, batch["input_ids"].device))
             return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         weights = batch["label_weights"].masked_fill(batch["labels"] == -100, 0)
@@ -225,17 +248,25 @@ class GenerationTask(Task):
         try:
             with torch.no_grad():
                 alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], dim=1)
-                packed = model(input_ids=torch.cat([a, b], 1), attention_mask=packed_attention(segments, torch.float32), position_ids=positions).logits
+                packed = model(
+                    input_ids=torch.cat([a, b], 1),
+                    attention_mask=packed_attention(segments, torch.float32),
+                    position_ids=positions,
+                ).logits
             ok = torch.allclose(alone, packed, atol=1e-4, rtol=1e-3)
         except Exception:  # a model that rejects 4-D masks or position_ids
             ok = False
         model.train(was_training)
         if not ok:
-            raise SftError(f"data.packing: {model.config.model_type} does not support isolated packed examples here — set data.packing: false")
+            raise SftError(
+                f"data.packing: {model.config.model_type} does not support isolated packed examples here — set data.packing: false"
+            )
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
+    def evaluate(
+        self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
+    ) -> dict[str, Any]:
         total, count = 0.0, 0.0
         for batch in batches:
             summed, n = self.loss_terms(model, {k: v for k, v in batch.items() if not k.startswith("lm_")})["sup"]
@@ -246,7 +277,9 @@ class GenerationTask(Task):
         metrics: dict[str, Any] = {"eval_loss": loss, "perplexity": perplexity(loss)}
         if final:
             predictions = self.generate_all(bb.unwrap(model), gather)
-            metrics.update(generation_metrics([p["prediction"] for p in predictions], [p["reference"] for p in predictions]))
+            metrics.update(
+                generation_metrics([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
+            )
             metrics["num_examples"] = len(predictions)
             metrics["predictions"] = predictions
         return metrics
@@ -279,7 +312,14 @@ class GenerationTask(Task):
             for row, generated in zip(chunk, output[:, input_ids.shape[1] :].tolist()):
                 stopped = tokenizer.eos_token_id in generated
                 text = tokenizer.decode(generated, skip_special_tokens=True)
-                results.append({"prompt": str(row[data.prompt_field]), "reference": str(row[data.response_field]), "prediction": text.strip(), "stopped": stopped})
+                results.append(
+                    {
+                        "prompt": str(row[data.prompt_field]),
+                        "reference": str(row[data.response_field]),
+                        "prediction": text.strip(),
+                        "stopped": stopped,
+                    }
+                )
         return gather(results)
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:

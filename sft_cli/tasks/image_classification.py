@@ -50,8 +50,13 @@ class ImageClassificationTask(ClassificationTask):
             if spec.from_scratch and hasattr(resolved.config, "num_channels"):
                 resolved.config.num_channels = self.preprocess["channels"]
             self.model = bb.load_model(
-                self.auto_class, resolved, spec, bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
-                num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                self.auto_class,
+                resolved,
+                spec,
+                bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
+                num_labels=len(names),
+                id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)},
             )
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)
         else:
@@ -64,7 +69,9 @@ class ImageClassificationTask(ClassificationTask):
             require_columns(self.eval_set, fields, "data.image_field/label_field", f"data.eval ({data.eval})")
             unseen = sorted({str(v) for v in self.eval_set[data.label_field]} - set(self.label2id))
             if unseen:
-                raise SftError(f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})")
+                raise SftError(
+                    f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})"
+                )
 
     def _table(self, location: str, key: str) -> Any:
         """Rows with a decodable image column; relative image paths resolve against the data file."""
@@ -72,17 +79,26 @@ class ImageClassificationTask(ClassificationTask):
 
         table = load_table(location, key)
         field = self.recipe.data.image_field
-        if field == "image" and field not in table.column_names and "label" in table.column_names and len(table.column_names) == 2:
+        if (
+            field == "image"
+            and field not in table.column_names
+            and "label" in table.column_names
+            and len(table.column_names) == 2
+        ):
             field = next(c for c in table.column_names if c != "label")
         if field in table.column_names and not isinstance(table.features[field], datasets.Image):
             root = Path(location).parent
-            table = table.map(lambda row: {field: str(root / row[field]) if not Path(row[field]).is_absolute() else row[field]})
+            table = table.map(
+                lambda row: {field: str(root / row[field]) if not Path(row[field]).is_absolute() else row[field]}
+            )
             table = table.cast_column(field, datasets.Image())
         label_feature = table.features.get(self.recipe.data.label_field)
         if isinstance(label_feature, datasets.ClassLabel):  # image folders: keep class names, not indices
             names = label_feature.names
             table = table.map(lambda row: {"label_name": names[row[self.recipe.data.label_field]]})
-            table = table.remove_columns(self.recipe.data.label_field).rename_column("label_name", self.recipe.data.label_field)
+            table = table.remove_columns(self.recipe.data.label_field).rename_column(
+                "label_name", self.recipe.data.label_field
+            )
         return table
 
     def _preprocess_settings(self, location: str) -> dict[str, Any]:

@@ -24,7 +24,9 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     if recipe.tokenizer.train:
         texts = load_table(recipe.data.train, "data.train")
         require_columns(texts, [recipe.data.text_field], "data.text_field", f"data.train ({recipe.data.train})")
-        tokenizer = train_bpe_tokenizer((str(t) for t in texts[recipe.data.text_field] if t), recipe.tokenizer.vocab_size)
+        tokenizer = train_bpe_tokenizer(
+            (str(t) for t in texts[recipe.data.text_field] if t), recipe.tokenizer.vocab_size
+        )
         if not spec.from_scratch:
             raise SftError("tokenizer.train: a new tokenizer needs fresh embeddings — set backbone.from_scratch: true")
     else:
@@ -64,7 +66,17 @@ def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: st
         usable = (len(stream) // block) * block or len(stream)
         return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
 
-    fingerprint = str(("pack", field, block, objective, tokenizer.name_or_path, len(tokenizer), tokenizer.init_kwargs.get("vocab_file")))
+    fingerprint = str(
+        (
+            "pack",
+            field,
+            block,
+            objective,
+            tokenizer.name_or_path,
+            len(tokenizer),
+            tokenizer.init_kwargs.get("vocab_file"),
+        )
+    )
     return cached_map(table, encode, fingerprint)
 
 
@@ -94,7 +106,9 @@ class LanguageModelingTask(Task):
     def _blocks(self, location: str, key: str) -> Any:
         table = load_table(location, key)
         require_columns(table, [self.recipe.data.text_field], "data.text_field", f"{key} ({location})")
-        blocks = pack_texts(table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, self.objective, key)
+        blocks = pack_texts(
+            table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, self.objective, key
+        )
         if len(blocks) == 0:
             raise SftError(f"{key}: {location} has no text to train on")
         return blocks
@@ -124,7 +138,9 @@ class LanguageModelingTask(Task):
         logits = model(input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]).logits
         return {"lm": (summed_cross_entropy(logits, batch["lm_labels"]), (batch["lm_labels"] != -100).sum())}
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True) -> dict[str, Any]:
+    def evaluate(
+        self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
+    ) -> dict[str, Any]:
         total, count = 0.0, 0
         for batch in batches:
             summed, n = self.loss_terms(model, batch)["lm"]
@@ -132,7 +148,12 @@ class LanguageModelingTask(Task):
             count += int(n)
         totals = gather([(total, count)])
         loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
-        return {"eval_loss": loss, "perplexity": perplexity(loss), "num_tokens": sum(n for _, n in totals), "objective": self.objective}
+        return {
+            "eval_loss": loss,
+            "perplexity": perplexity(loss),
+            "num_tokens": sum(n for _, n in totals),
+            "objective": self.objective,
+        }
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         bb.save_pretrained(model, directory, self.recipe.output.merge_lora)

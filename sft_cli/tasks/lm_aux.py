@@ -32,7 +32,9 @@ def lm_class(objective: str) -> Any:
     return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
 
 
-def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, mask_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor, special_mask: torch.Tensor, mask_id: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: 15% of real tokens are predicted; of those 80% -> [MASK], 10% random, 10% kept."""
     labels = input_ids.clone()
     probability = torch.full(labels.shape, MLM_PROBABILITY)
@@ -61,7 +63,9 @@ def lm_inputs(objective: str, batch: dict[str, torch.Tensor], tokenizer: Any) ->
     if objective == "mlm":
         if tokenizer.mask_token_id is None:
             raise SftError("objective: mlm needs a tokenizer with a mask token — use objective: clm")
-        inputs, labels = mask_tokens(ids, special_tokens_mask(ids, mask, tokenizer), tokenizer.mask_token_id, len(tokenizer))
+        inputs, labels = mask_tokens(
+            ids, special_tokens_mask(ids, mask, tokenizer), tokenizer.mask_token_id, len(tokenizer)
+        )
         return {"lm_input_ids": inputs, "lm_attention_mask": mask, "lm_labels": labels}
     labels = ids.masked_fill(mask == 0, -100)
     return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_labels": shift_for_next_token(labels)}
@@ -99,7 +103,7 @@ class AuxiliaryLM:
         self.unlabeled = unlabeled  # packed blocks of data.unlabeled, or None: the labeled texts themselves
 
     @classmethod
-    def maybe(cls, recipe: Recipe, model: nn.Module, tokenizer: Any) -> Optional["AuxiliaryLM"]:
+    def maybe(cls, recipe: Recipe, model: nn.Module, tokenizer: Any) -> Optional[AuxiliaryLM]:
         """None unless `loss.lm > 0`; otherwise wraps the task model so it also has an LM head."""
         if recipe.loss.lm <= 0:
             return None
@@ -111,7 +115,9 @@ class AuxiliaryLM:
 
             table = load_table(recipe.data.unlabeled, "data.unlabeled")
             require_columns(table, [recipe.data.text_field], "data.text_field", "data.unlabeled")
-            unlabeled = pack_texts(table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled")
+            unlabeled = pack_texts(
+                table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled"
+            )
         return cls(objective, tokenizer, unlabeled)
 
     def attach(self, main: nn.Module) -> WithAuxiliaryLM:
@@ -119,7 +125,9 @@ class AuxiliaryLM:
         try:
             lm = lm_class(self.objective).from_config(main.config)
         except ValueError:
-            raise SftError(f"loss.lm: {main.config.model_type} has no {self.objective} head — set objective or loss.lm: 0") from None
+            raise SftError(
+                f"loss.lm: {main.config.model_type} has no {self.objective} head — set objective or loss.lm: 0"
+            ) from None
         return WithAuxiliaryLM(main, share_backbone(main, lm))
 
     def make_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -114,12 +114,18 @@ def case_missing_label_column(tmp):
 
 def case_unseen_eval_label(tmp):
     rows = keyword_rows(8, 3) + [{"text": "something new", "label": "neutral"}]
-    return ["finetune", recipe_file(tmp, with_data(tmp, eval=str(write_jsonl(tmp / "ev.jsonl", rows))))], "never seen in training"
+    return [
+        "finetune",
+        recipe_file(tmp, with_data(tmp, eval=str(write_jsonl(tmp / "ev.jsonl", rows)))),
+    ], "never seen in training"
 
 
 def case_single_class(tmp):
     rows = [{"text": f"line {i}", "label": "only"} for i in range(10)]
-    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(write_jsonl(tmp / "one.jsonl", rows))))], "only one label"
+    return [
+        "finetune",
+        recipe_file(tmp, with_data(tmp, train=str(write_jsonl(tmp / "one.jsonl", rows)))),
+    ], "only one label"
 
 
 def case_non_utf8(tmp):
@@ -143,7 +149,12 @@ def case_backbone_without_weights(tmp):
 
 
 def case_freeze_pattern_matches_nothing(tmp):
-    return ["finetune", recipe_file(tmp, base(tmp)), "freeze.policy=patterns", "freeze.trainable=[nothing_like_this]"], "matches no parameter"
+    return [
+        "finetune",
+        recipe_file(tmp, base(tmp)),
+        "freeze.policy=patterns",
+        "freeze.trainable=[nothing_like_this]",
+    ], "matches no parameter"
 
 
 def case_resume_without_checkpoint(tmp):
@@ -208,7 +219,9 @@ def test_bad_input_gets_one_clear_line(tmp_path, name):
     args, expected = CASES[name](tmp_path)
     before = snapshot(run_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -219,5 +232,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, name):
 
 def test_debug_shows_the_traceback(tmp_path):
     args, _ = case_lr_zero(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "sft_cli", "--debug", *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "sft_cli", "--debug", *args], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode != 0 and "Traceback" in done.stderr

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 def sft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sft_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sft_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +50,25 @@ def trained_run(tmp_path_factory):
 def test_run_directory_contract(trained_run):
     tmp, _ = trained_run
     run = tmp / "run"
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "eval.json", "model/config.json", "confusion_matrix.png"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "eval.json",
+        "model/config.json",
+        "confusion_matrix.png",
+    ):
         assert (run / name).exists(), name
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("train_seconds", "train_tokens", "tokens_per_s", "peak_rss_mb", "trainable_params", "total_params", "final_train_loss"):
+    for key in (
+        "train_seconds",
+        "train_tokens",
+        "tokens_per_s",
+        "peak_rss_mb",
+        "trainable_params",
+        "total_params",
+        "final_train_loss",
+    ):
         assert summary[key] is not None, key
     assert summary["trainable_params"] == summary["total_params"] > 20_000_000
     assert yaml.safe_load((run / "recipe.yaml").read_text())["engine"]["seed"] == 7  # the override is recorded

@@ -43,12 +43,18 @@ def trained_weights(tmp: Path) -> dict[str, torch.Tensor]:
     "overrides, trainable",
     [
         (["freeze.policy=head-only"], lambda n: n.startswith("classifier")),
-        (["freeze.policy=last-n", "freeze.last_n=2"], lambda n: n.startswith("classifier") or ".layer.4." in n or ".layer.5." in n),
+        (
+            ["freeze.policy=last-n", "freeze.last_n=2"],
+            lambda n: n.startswith("classifier") or ".layer.4." in n or ".layer.5." in n,
+        ),
         (
             ["freeze.policy=patterns", "freeze.trainable=[classifier,attention]", "freeze.frozen=[LayerNorm]"],
             lambda n: n.startswith("classifier") or ("attention" in n and "LayerNorm" not in n),
         ),
-        (["freeze.policy=last-n", "freeze.last_n=1", "freeze.embeddings=false"], lambda n: n.startswith("classifier") or ".layer.5." in n or "embeddings" in n),
+        (
+            ["freeze.policy=last-n", "freeze.last_n=1", "freeze.embeddings=false"],
+            lambda n: n.startswith("classifier") or ".layer.5." in n or "embeddings" in n,
+        ),
     ],
     ids=["head-only", "last-n", "patterns", "last-n+embeddings"],
 )

@@ -50,8 +50,15 @@ def image_run(tmp_path_factory):
             {
                 "task": "image-classification",
                 "backbone": {"arch": "resnet", "from_scratch": True, "config": TINY_RESNET},
-                "data": {"train": str(train), "eval": str(test), "image_field": "path", "image_size": 16,
-                         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "augment": {"random_crop_padding": 2, "horizontal_flip": True}},
+                "data": {
+                    "train": str(train),
+                    "eval": str(test),
+                    "image_field": "path",
+                    "image_size": 16,
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.5, 0.5, 0.5],
+                    "augment": {"random_crop_padding": 2, "horizontal_flip": True},
+                },
                 "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
                 "schedule": {"epochs": 8, "batch_size": 8, "warmup": 0.0},
                 "engine": {"precision": "fp32"},
@@ -60,7 +67,9 @@ def image_run(tmp_path_factory):
         )
     )
     for command in ("finetune", "eval"):
-        done = subprocess.run([sys.executable, "-m", "sft_cli", command, str(recipe)], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "sft_cli", command, str(recipe)], capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     return tmp, recipe
 

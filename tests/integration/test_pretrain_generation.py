@@ -17,7 +17,9 @@ TINY_GPT = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 128}
 
 
 def sft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "sft_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "sft_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -57,8 +57,16 @@ def test_plateau_reduces_lr_when_the_metric_stalls(tmp_path):
     run = finetune(
         tmp_path,
         "plateau",
-        schedule={"epochs": 1, "batch_size": 16, "log_every": 1, "warmup": 0.0, "scheduler": "plateau", "gamma": 0.5, "eval_every": "4",
-                  "early_stopping": {"metric": "eval_loss", "mode": "max", "patience": 100}},
+        schedule={
+            "epochs": 1,
+            "batch_size": 16,
+            "log_every": 1,
+            "warmup": 0.0,
+            "scheduler": "plateau",
+            "gamma": 0.5,
+            "eval_every": "4",
+            "early_stopping": {"metric": "eval_loss", "mode": "max", "patience": 100},
+        },
     )
     rates = lrs(run)
     assert rates[0] == 2e-3 and rates[-1] < 2e-3 / 2
@@ -67,7 +75,9 @@ def test_plateau_reduces_lr_when_the_metric_stalls(tmp_path):
 def test_optimizers_all_train(tmp_path):
     for name in ("sgd", "adam", "adamw"):
         optim = {"name": name, "lr": 0.05 if name == "sgd" else 2e-3, "momentum": 0.9, "nesterov": name == "sgd"}
-        run = finetune(tmp_path, name, optim=optim, schedule={"epochs": 6, "batch_size": 16, "warmup": 0.0, "log_every": 8})
+        run = finetune(
+            tmp_path, name, optim=optim, schedule={"epochs": 6, "batch_size": 16, "warmup": 0.0, "log_every": 8}
+        )
         losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
         assert losses[-1] < losses[0], name
 
@@ -78,13 +88,22 @@ def test_early_stopping_keeps_the_best_model(tmp_path):
     run = finetune(
         tmp_path,
         "early",
-        schedule={"epochs": 6, "batch_size": 16, "warmup": 0.0, "eval_every": "2", "early_stopping": {"metric": "eval_loss", "mode": "max", "patience": 2}},
+        schedule={
+            "epochs": 6,
+            "batch_size": 16,
+            "warmup": 0.0,
+            "eval_every": "2",
+            "early_stopping": {"metric": "eval_loss", "mode": "max", "patience": 2},
+        },
     )
     summary = json.loads((run / "summary.json").read_text())
     # patience 2 x eval_every 2: training stops two evaluations after the best one, long before 96 steps
     assert summary["steps"] == summary["best_step"] + 4 < 96
     assert summary["model_from_step"] == summary["best_step"]
-    final, best = load_file(str(run / "model" / "model.safetensors")), load_file(str(run / "best-model" / "model.safetensors"))
+    final, best = (
+        load_file(str(run / "model" / "model.safetensors")),
+        load_file(str(run / "best-model" / "model.safetensors")),
+    )
     assert all(final[k].equal(best[k]) for k in final)
 
 
@@ -103,7 +122,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     schedule = {"epochs": 20, "batch_size": 16, "warmup": 0.1, "log_every": 1, "scheduler": "cosine"}
     output = {"save_every": 7, "keep": 2}
     whole = finetune(tmp_path, "whole", schedule=schedule, output={**output, "dir": str(tmp_path / "whole")})
-    recipe = write_recipe(tmp_path / "killed.yaml", recipe_values(tmp_path, schedule=schedule, output={**output, "dir": str(tmp_path / "killed")}))
+    recipe = write_recipe(
+        tmp_path / "killed.yaml",
+        recipe_values(tmp_path, schedule=schedule, output={**output, "dir": str(tmp_path / "killed")}),
+    )
     process = cli("finetune", str(recipe), wait=False)
     _wait_for_checkpoint(tmp_path / "killed", process, 21)
     process.send_signal(signal.SIGKILL)
@@ -126,7 +148,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_ctrl_c_checkpoints_and_prints_the_resume_command(tmp_path):
     recipe = write_recipe(
         tmp_path / "int.yaml",
-        recipe_values(tmp_path, schedule={"epochs": 200, "batch_size": 16, "warmup": 0.0}, output={"save_every": 5, "dir": str(tmp_path / "int")}),
+        recipe_values(
+            tmp_path,
+            schedule={"epochs": 200, "batch_size": 16, "warmup": 0.0},
+            output={"save_every": 5, "dir": str(tmp_path / "int")},
+        ),
     )
     process = cli("finetune", str(recipe), wait=False)
     _wait_for_checkpoint(tmp_path / "int", process, 5)

@@ -22,7 +22,14 @@ def build_trainer(path: Path) -> Trainer:
     task = build_task(recipe)
     task.setup(train=True)
     trainer = Trainer(
-        task, accelerator, recipe.schedule, recipe.optim, recipe.engine, recipe.output, recipe.loss, Path(recipe.output.dir)
+        task,
+        accelerator,
+        recipe.schedule,
+        recipe.optim,
+        recipe.engine,
+        recipe.output,
+        recipe.loss,
+        Path(recipe.output.dir),
     )
     trainer.setup(None)
     return trainer
@@ -54,7 +61,11 @@ def test_same_seed_gives_identical_losses(tiny_recipe, tmp_path):
 
 def test_other_seed_gives_other_losses(tiny_recipe, tmp_path):
     first = train_losses(tiny_recipe("a.yaml", output={"dir": str(tmp_path / "a")}))
-    other = train_losses(tiny_recipe("b.yaml", output={"dir": str(tmp_path / "b")}, engine={"device": "cpu", "precision": "fp32", "seed": 1}))
+    other = train_losses(
+        tiny_recipe(
+            "b.yaml", output={"dir": str(tmp_path / "b")}, engine={"device": "cpu", "precision": "fp32", "seed": 1}
+        )
+    )
     assert first != other
 
 
@@ -62,10 +73,20 @@ def test_accumulation_matches_a_larger_batch(tiny_recipe, tmp_path):
     common = {"epochs": 1, "warmup": 0.0, "log_every": 1, "group_by_length": False}
     backbone = {"name": "minilm-l6", "from_scratch": True, "config": NO_DROPOUT}
     big = train_losses(
-        tiny_recipe("big.yaml", backbone=backbone, schedule={**common, "batch_size": 8, "grad_accum": 1}, output={"dir": str(tmp_path / "big")})
+        tiny_recipe(
+            "big.yaml",
+            backbone=backbone,
+            schedule={**common, "batch_size": 8, "grad_accum": 1},
+            output={"dir": str(tmp_path / "big")},
+        )
     )
     small = train_losses(
-        tiny_recipe("small.yaml", backbone=backbone, schedule={**common, "batch_size": 4, "grad_accum": 2}, output={"dir": str(tmp_path / "small")})
+        tiny_recipe(
+            "small.yaml",
+            backbone=backbone,
+            schedule={**common, "batch_size": 4, "grad_accum": 2},
+            output={"dir": str(tmp_path / "small")},
+        )
     )
     assert len(big) == len(small) == 32
     assert small == pytest.approx(big, abs=1e-5)

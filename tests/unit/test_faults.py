@@ -43,7 +43,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_reci
 
 
 def test_skip_nonfinite_skips_and_counts(tiny_recipe):
-    trainer = build_trainer(tiny_recipe(engine={"device": "cpu", "precision": "fp32", "seed": 0, "skip_nonfinite": True}))
+    trainer = build_trainer(
+        tiny_recipe(engine={"device": "cpu", "precision": "fp32", "seed": 0, "skip_nonfinite": True})
+    )
     poison(trainer, at_call=3)
     summary = trainer.fit()
     assert summary["skipped_nonfinite"] == 1 and summary["steps"] == 96
@@ -86,8 +88,14 @@ def test_trust_remote_code_is_off_by_default():
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8))
-keys = st.sampled_from(["task", "optim", "lr", "schedule", "batch_size", "data", "train", "freeze", "policy", "x", "${a}", "name"])
-documents = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=4)), max_leaves=12)
+keys = st.sampled_from(
+    ["task", "optim", "lr", "schedule", "batch_size", "data", "train", "freeze", "policy", "x", "${a}", "name"]
+)
+documents = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=4)),
+    max_leaves=12,
+)
 override_text = st.text(alphabet=st.sampled_from(list("abdeilmnoprst._=[]{}${}:0123456789-")), max_size=20)
 
 

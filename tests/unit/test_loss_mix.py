@@ -30,7 +30,14 @@ def test_lambda_zero_is_exactly_the_supervised_run(tiny_recipe, tmp_path):
 
 def test_lambda_positive_logs_both_terms_and_both_fall(tiny_recipe, tmp_path):
     # A small λ: on a from-scratch 2-layer encoder a large MLM term swamps the shared weights at first.
-    records = train_records(run(tiny_recipe(loss={"lm": 0.05}, schedule={"epochs": 20, "batch_size": 16, "warmup": 0.0, "log_every": 4, "max_grad_norm": None})))
+    records = train_records(
+        run(
+            tiny_recipe(
+                loss={"lm": 0.05},
+                schedule={"epochs": 20, "batch_size": 16, "warmup": 0.0, "log_every": 4, "max_grad_norm": None},
+            )
+        )
+    )
     first, last = records[0], records[-1]
     assert {"loss", "loss_sup", "loss_lm"} <= set(first)
     assert last["loss_lm"] < first["loss_lm"] and last["loss_sup"] < first["loss_sup"]
@@ -54,7 +61,10 @@ def test_mlm_pretraining_of_a_tiny_bert_lowers_loss_and_reloads(tiny_recipe, tmp
     from transformers import AutoModelForMaskedLM
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"the {w} reads a file and writes the {w} to a socket" for w in ["report", "value", "data"] * 40) + "\n")
+    corpus.write_text(
+        "\n".join(f"the {w} reads a file and writes the {w} to a socket" for w in ["report", "value", "data"] * 40)
+        + "\n"
+    )
     path = tiny_recipe(
         task="language-modeling",
         data={"train": str(corpus), "eval": str(corpus), "max_length": 32},
@@ -71,6 +81,21 @@ def test_mlm_pretraining_of_a_tiny_bert_lowers_loss_and_reloads(tiny_recipe, tmp
 
 def test_unlabeled_corpus_feeds_the_lm_term(tiny_recipe, tmp_path):
     corpus = tmp_path / "unlabeled.txt"
-    corpus.write_text("\n".join(f"an unlabeled line about {w} and files" for w in ["sockets", "paths", "numbers"] * 30) + "\n")
-    records = train_records(run(tiny_recipe(loss={"lm": 0.05}, data={"unlabeled": str(corpus), "train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "test.jsonl"), "max_length": 32}, schedule={"epochs": 2, "batch_size": 16, "warmup": 0.0, "log_every": 2})))
+    corpus.write_text(
+        "\n".join(f"an unlabeled line about {w} and files" for w in ["sockets", "paths", "numbers"] * 30) + "\n"
+    )
+    records = train_records(
+        run(
+            tiny_recipe(
+                loss={"lm": 0.05},
+                data={
+                    "unlabeled": str(corpus),
+                    "train": str(tmp_path / "data" / "train.jsonl"),
+                    "eval": str(tmp_path / "data" / "test.jsonl"),
+                    "max_length": 32,
+                },
+                schedule={"epochs": 2, "batch_size": 16, "warmup": 0.0, "log_every": 2},
+            )
+        )
+    )
     assert "loss_lm" in records[0] and records[-1]["loss_lm"] < records[0]["loss_lm"]

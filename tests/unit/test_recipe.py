@@ -21,7 +21,9 @@ def test_defaults_come_from_the_schema(tmp_path):
 
 def test_overrides_win_and_create_nested_keys(tmp_path):
     path = write(tmp_path, "data: {train: t.jsonl}\noptim: {lr: 1.0e-3}\n")
-    recipe = load_recipe(path, ["optim.lr=3e-5", "schedule.epochs=1", "backbone.config.num_hidden_layers=2", "output.dir=/tmp/x"])
+    recipe = load_recipe(
+        path, ["optim.lr=3e-5", "schedule.epochs=1", "backbone.config.num_hidden_layers=2", "output.dir=/tmp/x"]
+    )
     assert recipe.optim.lr == 3e-5
     assert recipe.schedule.epochs == 1
     assert recipe.backbone.config == {"num_hidden_layers": 2}
@@ -59,7 +61,9 @@ def test_missing_recipe_file(tmp_path):
 
 def test_interpolation_limited_to_recipe_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_TEST_DIR", "/tmp/from-env")
-    recipe = load_recipe(write(tmp_path, "name: x\ndata: {train: t}\noutput: {dir: '${oc.env:SFT_TEST_DIR}/${name}'}\n"))
+    recipe = load_recipe(
+        write(tmp_path, "name: x\ndata: {train: t}\noutput: {dir: '${oc.env:SFT_TEST_DIR}/${name}'}\n")
+    )
     assert recipe.output.dir == "/tmp/from-env/x"
     with pytest.raises(SftError, match="interpolations"):
         load_recipe(write(tmp_path, "data: {train: '${oc.create:x}'}\n"))

@@ -1,0 +1,100 @@
+"""`sft plan`: everything a run would do, before any compute — recipe, model size, data, examples, cost."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from sft_cli.backbone import count_parameters
+from sft_cli.engine import estimate_flops_per_token, measure_peak_flops, resolve_precision
+from sft_cli.progress import stdout
+from sft_cli.recipe import Recipe, to_yaml
+from sft_cli.tasks import build_task
+
+ASSUMED_MFU = 0.25  # what sft reaches on CPU for MiniLM-sized models (benchmarks/RESULTS.md)
+
+
+def plan(recipe: Recipe) -> dict[str, Any]:
+    """Build the task (no training), print the plan, and return its numbers."""
+    import torch
+
+    task = build_task(recipe)
+    task.setup(train=True)
+    params = count_parameters(task.model)
+    lengths = task.lengths("train")
+    num_rows = len(task.train_set)
+    packed = hasattr(task.train_set, "rows")
+    example_lengths = [len(e) for r in task.train_set.rows for e in r["input_ids"]] if packed else lengths
+    steps = math.ceil(math.ceil(num_rows / recipe.schedule.batch_size) / recipe.schedule.grad_accum)
+    on_gpu = recipe.engine.device in ("auto", "cuda") and torch.cuda.is_available()
+    precision = resolve_precision(recipe.engine.precision, on_gpu)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    tokens = int(sum(lengths)) if lengths is not None else num_rows
+    seconds = (
+        tokens
+        * estimate_flops_per_token(task.model)
+        / (measure_peak_flops(torch.device("cuda" if on_gpu else "cpu"), dtype) * ASSUMED_MFU)
+    )
+    trainable_bytes = params["trainable_params"] * (4 + 4 + 8)  # weights, grads, Adam moments
+    memory_mb = (params["total_params"] * 4 + trainable_bytes) / 2**20
+    info = {
+        **params,
+        "train_examples": len(example_lengths) if example_lengths is not None else num_rows,
+        **({"packed_rows": num_rows} if packed else {}),
+        "eval_examples": len(task.eval_set) if task.eval_set is not None else 0,
+        "steps_per_epoch": steps,
+        "total_steps": min(recipe.schedule.max_steps or 10**12, math.ceil(steps * recipe.schedule.epochs)),
+        "precision": precision,
+        "est_seconds_per_epoch": round(seconds, 1),
+        "est_memory_mb": round(memory_mb, 1),
+    }
+    if example_lengths is not None:
+        arr = np.asarray(example_lengths)
+        info.update({f"length_p{p}": int(np.percentile(arr, p)) for p in (50, 90, 99)})
+        info["length_max"] = int(arr.max())
+        info["truncated_examples"] = int((arr >= recipe.data.max_length).sum())
+    stdout.rule("recipe (resolved)")
+    stdout.print(to_yaml(recipe), highlight=False, markup=False)
+    table = Table(
+        title=f"plan: {recipe.name} ({recipe.task}, backbone {recipe.backbone.arch or recipe.backbone.name})",
+        show_header=False,
+    )
+    for key, value in info.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    stdout.print(table)
+    names = getattr(task, "names", None)
+    if names is not None and "label" in task.train_set.column_names:
+        counts = Counter(task.train_set["label"])
+        info["label_distribution"] = {names[i]: counts.get(i, 0) for i in range(len(names))}
+        stdout.print("labels: " + ", ".join(f"{k} {v}" for k, v in info["label_distribution"].items()), highlight=False)
+    stdout.rule("two examples as the model sees them")
+    for index in range(min(2, num_rows)):
+        stdout.print(render_example(task, task.train_set[index]), highlight=False)
+    return info
+
+
+def render_example(task: Any, row: dict) -> str:
+    """Decoded tokens; for generation the masked prompt and the trained response are marked apart."""
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is None or "input_ids" not in row:
+        return f"label={row.get(task.recipe.data.label_field)!r} (image)"
+    ids = row["input_ids"]
+    if isinstance(ids[0], list):  # a packed row: show its first example
+        ids, prompt_length = ids[0], row["prompt_length"][0]
+    else:
+        prompt_length = row.get("prompt_length")
+    if prompt_length is None:
+        label = f"  -> label {task.names[row['label']]}" if "label" in row and hasattr(task, "names") else ""
+        return tokenizer.decode(ids) + label
+    masked = (
+        "\\[prompt, masked: no loss] "
+        if task.recipe.loss.prompt == 0
+        else f"\\[prompt, weight {task.recipe.loss.prompt}] "
+    )
+    prompt = tokenizer.decode(ids[:prompt_length]).replace("[", "\\[")
+    response = tokenizer.decode(ids[prompt_length:]).replace("[", "\\[")
+    return f"[dim]{masked}{prompt}[/dim]  [bold green]\\[response, trained][/bold green] [bold]{response}[/bold]"
