@@ -47,15 +47,7 @@ class ClassificationTask(Task):
                 )
             resolved = bb.resolve(spec)
             self.tokenizer = backbone_tokenizer(resolved, spec)
-            self.model = bb.load_model(
-                self.auto_class,
-                resolved,
-                spec,
-                bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
-                num_labels=len(names),
-                id2label=dict(enumerate(names)),
-                label2id={n: i for i, n in enumerate(names)},
-            )
+            self.model = self.new_classifier(resolved, names)
         else:
             self.tokenizer = load_tokenizer(model_dir, spec)
             self.model = bb.load_trained(self.auto_class, model_dir)
@@ -78,6 +70,18 @@ class ClassificationTask(Task):
                     f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})"
                 )
             self.eval_set = self._tokenize(eval_raw, "data.eval")
+
+    def new_classifier(self, resolved: bb.ResolvedBackbone, names: list[str]) -> torch.nn.Module:
+        """The backbone with a fresh head for `names` (label names kept in id2label)."""
+        return bb.load_model(
+            self.auto_class,
+            resolved,
+            self.recipe.backbone,
+            bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+        )
 
     def _tokenize(self, table: Any, key: str) -> Any:
         data = self.recipe.data

@@ -49,15 +49,7 @@ class ImageClassificationTask(ClassificationTask):
             self.preprocess = self._preprocess_settings(resolved.location if not spec.from_scratch else "")
             if spec.from_scratch and hasattr(resolved.config, "num_channels"):
                 resolved.config.num_channels = self.preprocess["channels"]
-            self.model = bb.load_model(
-                self.auto_class,
-                resolved,
-                spec,
-                bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
-                num_labels=len(names),
-                id2label=dict(enumerate(names)),
-                label2id={n: i for i, n in enumerate(names)},
-            )
+            self.model = self.new_classifier(resolved, names)
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)
         else:
             self.model = bb.load_trained(self.auto_class, model_dir)
