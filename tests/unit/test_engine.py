@@ -90,3 +90,20 @@ def test_accumulation_matches_a_larger_batch(tiny_recipe, tmp_path):
     )
     assert len(big) == len(small) == 32
     assert small == pytest.approx(big, abs=1e-5)
+
+
+def test_layer_lr_decay_and_no_decay_groups(tiny_recipe):
+    from sft_cli.engine import build_optimizer
+    from sft_cli.recipe import OptimConfig
+
+    trainer = build_trainer(tiny_recipe())
+    optimizer = build_optimizer(trainer.model, OptimConfig(lr=1.0, weight_decay=0.1, layer_lr_decay=0.5))
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    params = dict(trainer.model.named_parameters())
+    assert group_of[id(params["classifier.weight"])]["lr"] == 1.0  # head: the top
+    assert group_of[id(params["bert.encoder.layer.1.output.dense.weight"])]["lr"] == 0.5
+    assert group_of[id(params["bert.encoder.layer.0.output.dense.weight"])]["lr"] == 0.25
+    assert group_of[id(params["bert.embeddings.word_embeddings.weight"])]["lr"] == 0.125
+    assert group_of[id(params["bert.encoder.layer.0.output.dense.bias"])]["weight_decay"] == 0.0
+    assert group_of[id(params["bert.encoder.layer.0.output.LayerNorm.weight"])]["weight_decay"] == 0.0
+    assert group_of[id(params["bert.encoder.layer.0.output.dense.weight"])]["weight_decay"] == 0.1
