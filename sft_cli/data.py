@@ -73,8 +73,28 @@ def _load_file(path: Path, key: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for malformed files
+        if path.suffix.lower() == ".jsonl":
+            _raise_on_bad_json_line(path, key)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SftError(f"{key}: could not read {path} as {builder}: {first}") from None
+
+
+def _raise_on_bad_json_line(path: Path, key: str) -> None:
+    """Name the first line of a .jsonl file that is not a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SftError(
+                    f"{key}: {path} line {number} is not valid JSON ({err.msg}) — fix or remove that line"
+                ) from None
+            if not isinstance(value, dict):
+                raise SftError(
+                    f'{key}: {path} line {number} is not a JSON object — each line must be {{"field": value, ...}}'
+                )
 
 
 def _load_hub(name: str, key: str) -> datasets.Dataset:

@@ -293,7 +293,7 @@ class Trainer:
             if self.meter.steps or self.meter.tokens:  # an early stop leaves a partial log window
                 elapsed = self.meter.lap()
                 self.state.train_seconds += elapsed
-                self.progress.update(self.state.step, self._log_train(elapsed))
+                self.progress.update(self.state.step, self._log_train())
             if self.task.eval_set is not None and self._last_eval_step() != self.state.step:
                 self._paused(self._evaluate_and_track)
         finally:
@@ -313,7 +313,7 @@ class Trainer:
         if self.state.step % self.schedule.log_every == 0 or self.state.step == self.total_steps:
             elapsed = self.meter.lap()
             self.state.train_seconds += elapsed
-            self.progress.update(self.state.step, self._log_train(elapsed))
+            self.progress.update(self.state.step, self._log_train())
         stop = False
         if self.eval_every and self.state.step % self.eval_every == 0:
             stop = self._paused(self._evaluate_and_track)
@@ -411,7 +411,7 @@ class Trainer:
             "engine.skip_nonfinite: true; the last checkpoint is intact"
         )
 
-    def _log_train(self, elapsed: float) -> dict[str, Any]:
+    def _log_train(self) -> dict[str, Any]:
         """Write a train record (the only place the loop syncs the loss to the host)."""
         record: dict[str, Any] = {"step": self.state.step, "epoch": round(self._epoch_float(), 4)}
         if self.accelerator.num_processes > 1:  # one collective per log line: every rank's share of loss and tokens
@@ -421,7 +421,7 @@ class Trainer:
         if "loss" in record:
             self.state.last_loss = record["loss"]
         record["lr"] = self.optimizer.param_groups[0]["lr"]
-        record["tokens_per_s"] = self.meter.tokens / max(elapsed, 1e-9)
+        record["tokens_per_s"] = self.meter.tokens / max(self.meter.seconds, 1e-9)
         if self.state.skipped_nonfinite:
             record["skipped_nonfinite"] = self.state.skipped_nonfinite
         self.meter.reset()
@@ -615,6 +615,7 @@ class _Meter:
         self.reset()
 
     def reset(self) -> None:
+        self.seconds = 0.0  # training time in this log window (eval and saving excluded)
         self.loss: Optional[torch.Tensor] = None
         self.parts: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -654,6 +655,7 @@ class _Meter:
         """Seconds since the last lap/restart."""
         now = time.perf_counter()
         elapsed, self.started = now - self.started, now
+        self.seconds += elapsed
         return elapsed
 
     def restart(self) -> None:

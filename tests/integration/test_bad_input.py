@@ -104,6 +104,11 @@ def case_empty_dataset(tmp):
     return ["finetune", recipe_file(tmp, with_data(tmp, train=str(tmp / "empty.jsonl")))], "empty"
 
 
+def case_malformed_jsonl(tmp):
+    (tmp / "broken.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(tmp / "broken.jsonl")))], "line 2 is not valid JSON"
+
+
 def case_missing_text_column(tmp):
     return ["finetune", recipe_file(tmp, with_data(tmp, text_field="sentence"))], "columns: text, label"
 
