@@ -32,47 +32,43 @@ def peak_rss_mb() -> float:
 # ---- classification -----------------------------------------------------------------------------
 
 
-def sft_classification(name: str) -> dict:
+def run_sft(name: str, values: dict, quality: tuple[str, ...]) -> dict:
+    """Write the recipe, train and evaluate through sft's own commands; throughput + the named metrics."""
+    import yaml
+
     from sft_cli import commands
     from sft_cli.recipe import load_recipe
 
     recipe_path = WORK / f"{name}.yaml"
-    import yaml
-
     recipe_path.write_text(
-        yaml.safe_dump(
-            {
-                "name": name,
-                "task": "classification",
-                "backbone": {"name": "minilm-l6"},
-                "data": {
-                    "train": str(TOPICS / "train.jsonl"),
-                    "eval": str(TOPICS / "test.jsonl"),
-                    "max_length": COMMON["max_length"],
-                },
-                "optim": {"lr": COMMON["lr"], "weight_decay": COMMON["weight_decay"]},
-                "schedule": {
-                    "epochs": COMMON["epochs"],
-                    "batch_size": COMMON["batch_size"],
-                    "warmup": COMMON["warmup"],
-                    "log_every": 50,
-                },
-                "engine": {"seed": COMMON["seed"], "precision": "fp32" if name.endswith("fp32") else "auto"},
-                "output": {"dir": str(WORK / name), "keep_best": False},
-            }
-        )
+        yaml.safe_dump({"name": name, **values, "output": {"dir": str(WORK / name), "keep_best": False}})
     )
     recipe = load_recipe(recipe_path)
     summary = commands.train(recipe, "finetune", overwrite=True)
     metrics = commands.evaluate_model(recipe)
-    return {
-        "tokens_per_s": summary["tokens_per_s"],
-        "train_seconds": summary["train_seconds"],
-        "train_tokens": summary["train_tokens"],
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "mfu": summary.get("mfu"),
+    result = {key: summary[key] for key in ("tokens_per_s", "train_seconds", "train_tokens")}
+    return {**result, **{key: metrics[key] for key in quality}, "mfu": summary.get("mfu")}
+
+
+def sft_classification(name: str) -> dict:
+    values = {
+        "task": "classification",
+        "backbone": {"name": "minilm-l6"},
+        "data": {
+            "train": str(TOPICS / "train.jsonl"),
+            "eval": str(TOPICS / "test.jsonl"),
+            "max_length": COMMON["max_length"],
+        },
+        "optim": {"lr": COMMON["lr"], "weight_decay": COMMON["weight_decay"]},
+        "schedule": {
+            "epochs": COMMON["epochs"],
+            "batch_size": COMMON["batch_size"],
+            "warmup": COMMON["warmup"],
+            "log_every": 50,
+        },
+        "engine": {"seed": COMMON["seed"], "precision": "fp32" if name.endswith("fp32") else "auto"},
     }
+    return run_sft(name, values, ("accuracy", "macro_f1"))
 
 
 def trainer_classification(name: str) -> dict:
@@ -145,50 +141,28 @@ def trainer_classification(name: str) -> dict:
 
 
 def sft_generation(name: str) -> dict:
-    import yaml
-
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
-
-    recipe_path = WORK / f"{name}.yaml"
-    recipe_path.write_text(
-        yaml.safe_dump(
-            {
-                "name": name,
-                "task": "generation",
-                "backbone": {"name": str(WORK / "gen-base"), "from_scratch": True},
-                "data": {
-                    "train": str(NAMES / "train.jsonl"),
-                    "eval": str(NAMES / "test.jsonl"),
-                    "template": "{prompt} =>",
-                    "max_length": GEN["max_length"],
-                    "packing": name.endswith("packed"),
-                },
-                "optim": {"lr": GEN["lr"], "weight_decay": GEN["weight_decay"]},
-                "schedule": {
-                    "epochs": GEN["epochs"],
-                    "group_by_length": not name.endswith("ungrouped"),
-                    "batch_size": GEN["batch_size"] // (4 if name.endswith("packed") else 1),
-                    "warmup": GEN["warmup"],
-                    "log_every": 50,
-                },
-                "engine": {"seed": GEN["seed"]},
-                "eval": {"max_new_tokens": 12},
-                "output": {"dir": str(WORK / name), "keep_best": False},
-            }
-        )
-    )
-    recipe = load_recipe(recipe_path)
-    summary = commands.train(recipe, "finetune", overwrite=True)
-    metrics = commands.evaluate_model(recipe)
-    return {
-        "tokens_per_s": summary["tokens_per_s"],
-        "train_seconds": summary["train_seconds"],
-        "train_tokens": summary["train_tokens"],
-        "eval_loss": metrics["eval_loss"],
-        "exact_match": metrics["exact_match"],
-        "mfu": summary.get("mfu"),
+    values = {
+        "task": "generation",
+        "backbone": {"name": str(WORK / "gen-base"), "from_scratch": True},
+        "data": {
+            "train": str(NAMES / "train.jsonl"),
+            "eval": str(NAMES / "test.jsonl"),
+            "template": "{prompt} =>",
+            "max_length": GEN["max_length"],
+            "packing": name.endswith("packed"),
+        },
+        "optim": {"lr": GEN["lr"], "weight_decay": GEN["weight_decay"]},
+        "schedule": {
+            "epochs": GEN["epochs"],
+            "group_by_length": not name.endswith("ungrouped"),
+            "batch_size": GEN["batch_size"] // (4 if name.endswith("packed") else 1),
+            "warmup": GEN["warmup"],
+            "log_every": 50,
+        },
+        "engine": {"seed": GEN["seed"]},
+        "eval": {"max_new_tokens": 12},
     }
+    return run_sft(name, values, ("eval_loss", "exact_match"))
 
 
 def trainer_generation(name: str) -> dict:

@@ -11,6 +11,7 @@ import math
 import resource
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -379,7 +380,7 @@ class Trainer:
         self.model.train()
         for index, batch in enumerate(window):
             sync = index == len(window) - 1
-            with self.accelerator.no_sync(self.model) if not sync else _nullcontext():
+            with self.accelerator.no_sync(self.model) if not sync else nullcontext():
                 with self.accelerator.autocast():
                     terms = self.task.loss_terms(self.model, batch)
                 loss, parts = losses.mix(terms, counts, self.weights, scale=world)
@@ -660,14 +661,3 @@ class _Meter:
 
     def restart(self) -> None:
         self.started = time.perf_counter()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
-
-
-Callback = Callable[[dict[str, Any]], None]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sft_cli.errors import SftError
@@ -422,4 +422,4 @@ def to_dict(recipe: Recipe) -> dict:
     return container
 
 
-__all__ = ["Recipe", "load_recipe", "validate", "to_yaml", "to_dict", "DictConfig"]
+__all__ = ["Recipe", "load_recipe", "validate", "to_yaml", "to_dict"]

@@ -5,36 +5,21 @@ from __future__ import annotations
 from sft_cli.errors import SftError
 from sft_cli.recipe import Recipe
 from sft_cli.tasks.base import Task
+from sft_cli.tasks.classification import ClassificationTask
+from sft_cli.tasks.generation import GenerationTask
+from sft_cli.tasks.image_classification import ImageClassificationTask
+from sft_cli.tasks.language_modeling import LanguageModelingTask
 
-
-def _registry() -> dict[str, type[Task]]:
-    from sft_cli.tasks.classification import ClassificationTask
-
-    registry: dict[str, type[Task]] = {"classification": ClassificationTask}
-    try:
-        from sft_cli.tasks.language_modeling import LanguageModelingTask
-
-        registry["language-modeling"] = LanguageModelingTask
-    except ImportError:
-        pass
-    try:
-        from sft_cli.tasks.generation import GenerationTask
-
-        registry["generation"] = GenerationTask
-    except ImportError:
-        pass
-    try:
-        from sft_cli.tasks.image_classification import ImageClassificationTask
-
-        registry["image-classification"] = ImageClassificationTask
-    except ImportError:
-        pass
-    return registry
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "image-classification": ImageClassificationTask,
+    "generation": GenerationTask,
+    "language-modeling": LanguageModelingTask,
+}
 
 
 def build_task(recipe: Recipe) -> Task:
     """The task object named by `recipe.task`."""
-    registry = _registry()
-    if recipe.task not in registry:
-        raise SftError(f"task: '{recipe.task}' is not supported yet (available: {', '.join(registry)})")
-    return registry[recipe.task](recipe)
+    if recipe.task not in TASKS:
+        raise SftError(f"task: '{recipe.task}' is not supported (available: {', '.join(TASKS)})")
+    return TASKS[recipe.task](recipe)
