@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from sft_cli.errors import SftError
-from sft_cli.recipe import BackboneConfig, FreezeConfig
+from sft_cli.schema import BackboneConfig, FreezeConfig
 
 log = logging.getLogger("sft")
 

@@ -123,3 +123,14 @@ def find_resume_point(run_dir: Path, explicit: Optional[str]) -> Path:
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """The optimizer/scheduler/RNG/progress state saved beside the checkpoint's model."""
     return torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+
+
+def untie_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied weights); clone the duplicates."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.setdefault(pointer, name)
+    return out

@@ -15,8 +15,10 @@ from typing import Any, Optional
 from accelerate.utils import set_seed
 
 from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
-from sft_cli.engine import Trainer, evaluate, make_accelerator
+from sft_cli.device import make_accelerator
+from sft_cli.engine import Trainer
 from sft_cli.errors import SftError
+from sft_cli.evaluation import evaluate
 from sft_cli.plots import report_png
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml

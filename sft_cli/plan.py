@@ -10,7 +10,7 @@ import numpy as np
 from rich.table import Table
 
 from sft_cli.backbone import count_parameters
-from sft_cli.engine import estimate_flops_per_token, measure_peak_flops, resolve_precision
+from sft_cli.device import estimate_flops_per_token, measure_peak_flops, resolve_precision
 from sft_cli.progress import stdout
 from sft_cli.recipe import Recipe, to_yaml
 from sft_cli.tasks import build_task

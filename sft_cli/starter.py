@@ -7,7 +7,7 @@ import dataclasses
 from omegaconf import OmegaConf
 
 from sft_cli.errors import SftError
-from sft_cli.recipe import TASKS, Recipe
+from sft_cli.schema import TASKS, Recipe
 
 STARTERS = {
     "classification": {

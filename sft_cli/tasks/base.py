@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from sft_cli.recipe import Recipe
+from sft_cli.schema import Recipe
 
 Batch = dict[str, torch.Tensor]
 # A loss term as (sum over the items of this micro-batch, number of items): the engine divides by the

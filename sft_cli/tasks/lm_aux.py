@@ -14,7 +14,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from sft_cli.errors import SftError
 from sft_cli.losses import shift_for_next_token, summed_cross_entropy
-from sft_cli.recipe import Recipe
+from sft_cli.schema import Recipe
 
 MLM_PROBABILITY = 0.15
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sft_cli.backbone import ResolvedBackbone
 from sft_cli.errors import SftError
-from sft_cli.recipe import BackboneConfig
+from sft_cli.schema import BackboneConfig
 
 PAD_MULTIPLE = 8  # tensor-core / vector friendly shapes at almost no padding cost
 

@@ -7,7 +7,8 @@ import torch
 from accelerate.utils import set_seed
 
 from sft_cli import commands
-from sft_cli.engine import Trainer, make_accelerator
+from sft_cli.device import make_accelerator
+from sft_cli.engine import Trainer
 from sft_cli.recipe import load_recipe
 from sft_cli.tasks import build_task
 from tests.conftest import TINY_BERT, read_jsonl
@@ -93,8 +94,8 @@ def test_accumulation_matches_a_larger_batch(tiny_recipe, tmp_path):
 
 
 def test_layer_lr_decay_and_no_decay_groups(tiny_recipe):
-    from sft_cli.engine import build_optimizer
-    from sft_cli.recipe import OptimConfig
+    from sft_cli.optim import build_optimizer
+    from sft_cli.schema import OptimConfig
 
     trainer = build_trainer(tiny_recipe())
     optimizer = build_optimizer(trainer.model, OptimConfig(lr=1.0, weight_decay=0.1, layer_lr_decay=0.5))

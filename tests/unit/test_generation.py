@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft_cli.metrics import generation_metrics
-from sft_cli.recipe import Recipe
+from sft_cli.schema import Recipe
 from sft_cli.tasks.generation import GenerationTask, pack_examples, packed_attention
 from sft_cli.tasks.text import train_bpe_tokenizer
 

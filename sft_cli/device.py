@@ -1,0 +1,78 @@
+"""Where training runs: the Accelerator for a recipe's device/precision, and the FLOP numbers MFU uses."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+
+from sft_cli.backbone import unwrap
+from sft_cli.errors import SftError
+from sft_cli.schema import EngineConfig
+
+
+def make_accelerator(config: EngineConfig) -> Accelerator:
+    """An Accelerator for the requested device and precision (auto: CUDA, then MPS, then CPU)."""
+    cpu = config.device == "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SftError("engine.device: cuda was asked for but no CUDA device is visible — use auto or cpu")
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise SftError("engine.device: mps was asked for but is not available — use auto or cpu")
+    on_gpu = not cpu and torch.cuda.is_available()
+    precision = resolve_precision(config.precision, on_gpu)
+    if precision == "fp16" and not on_gpu:
+        raise SftError("engine.precision: fp16 needs a CUDA GPU — use bf16 or fp32 on this device")
+    kwargs: dict[str, Any] = {}
+    if config.distributed.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**config.distributed.fsdp)
+    return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """`auto` is bf16 where the hardware computes it natively, else fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        return precision
+    if on_gpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 matmuls beat fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def estimate_flops_per_token(model: torch.nn.Module) -> float:
+    """~6 FLOPs per non-embedding parameter per trained token (2 forward + 4 backward)."""
+    from sft_cli.backbone import embedding_parameter_names
+
+    embeddings = embedding_parameter_names(unwrap(model))
+    params = sum(p.numel() for n, p in unwrap(model).named_parameters() if n not in embeddings)
+    return 6.0 * params
+
+
+def measure_peak_flops(device: torch.device, dtype: Optional[torch.dtype]) -> float:
+    """Achieved FLOP/s of a large matmul in the training dtype: the roof MFU is measured against."""
+    size = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    repeats = 20 if device.type == "cuda" else 6
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)

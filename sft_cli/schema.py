@@ -1,0 +1,204 @@
+"""The recipe schema: typed dataclasses, the only home of every default.
+
+Loading, key checks and interpolation live in `recipe.py`; range and cross-field checks in `validation.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+TASKS = ("classification", "image-classification", "generation", "language-modeling")
+FREEZE_POLICIES = ("none", "head-only", "last-n", "patterns", "lora")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine", "step", "plateau")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OBJECTIVES = ("auto", "clm", "mlm")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class BackboneConfig:
+    """Which model to start from."""
+
+    name: str = "minilm-l6"  # an alias of an embedded model, a local directory, or a hub id
+    arch: Optional[str] = None  # a transformers model type (gpt2, llama, bert, resnet, ...)
+    from_scratch: bool = False  # fresh random weights from the named (or `arch`) config
+    config: dict[str, Any] = field(default_factory=dict)  # overrides applied to the model config
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a tokenizer on the training text (byte-level BPE) instead of the backbone's."""
+
+    train: bool = False
+    vocab_size: int = 8000
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly training augmentation for images; never applied at eval."""
+
+    random_crop_padding: int = 0
+    horizontal_flip: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the examples are and which fields hold what."""
+
+    train: Optional[str] = None  # .jsonl/.json/.csv/.parquet/.txt, a save_to_disk dir, or a hub name
+    eval: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    image_field: str = "image"
+    template: Optional[str] = None  # e.g. "{prompt} =>", or "chat" for the tokenizer's chat template
+    max_length: int = 128
+    packing: bool = False
+    unlabeled: Optional[str] = None  # an unlabeled corpus for the auxiliary LM loss
+    image_size: Optional[int] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA settings for `freeze.policy: lora`."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # None: a default per architecture
+
+
+@dataclass
+class FreezeConfig:
+    """Which parameters train."""
+
+    policy: str = "none"
+    last_n: int = 1
+    embeddings: Optional[bool] = None  # True freezes, False unfreezes embeddings on top of any policy
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class LossConfig:
+    """The loss mix: L = supervised * L_sup + lm * L_lm."""
+
+    supervised: float = 1.0
+    lm: float = 0.0
+    prompt: float = 0.0  # generation: weight of prompt tokens (0 = masked)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer."""
+
+    name: str = "adamw"
+    lr: float = 5.0e-5
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    layer_lr_decay: Optional[float] = None
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the metric has not improved for `patience` evaluations."""
+
+    metric: str = "eval_loss"
+    mode: str = "min"
+    patience: int = 2
+
+
+@dataclass
+class ScheduleConfig:
+    """How long and how fast to train."""
+
+    epochs: float = 3
+    max_steps: Optional[int] = None  # caps epochs
+    batch_size: int = 32  # per process
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    warmup: float = 0.1  # a ratio of the steps (< 1) or a number of steps (>= 1)
+    scheduler: str = "linear"
+    step_size: Optional[int] = None  # `step` scheduler: steps between decays (default: one epoch)
+    gamma: float = 0.1  # `step` decay factor, `plateau` reduction factor
+    eval_every: str = "epoch"  # "epoch" or a number of optimizer steps
+    early_stopping: Optional[EarlyStoppingConfig] = None
+    log_every: int = 10
+    group_by_length: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process settings, passed to Accelerate."""
+
+    strategy: str = "ddp"
+    fsdp: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    """Device and numerics."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 42
+    skip_nonfinite: bool = False
+    grad_checkpointing: bool = False
+    compile: bool = False
+    num_workers: int = 0
+    attention: str = "auto"  # auto: eager on CPU (faster for short sequences), sdpa on GPU; or eager | sdpa
+    peak_tflops: Optional[float] = None  # for MFU in summary.json; None: measured with a short matmul
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+@dataclass
+class OutputConfig:
+    """What the run leaves on disk."""
+
+    dir: str = "runs/run"
+    save_every: Optional[int] = None
+    keep: int = 2
+    keep_best: bool = True
+    merge_lora: bool = False
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    batch_size: int = 64
+    num_beams: int = 1
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Recipe:
+    """A whole run."""
+
+    name: str = "run"
+    task: str = "classification"
+    objective: str = "auto"  # language-modeling: clm | mlm | auto (by architecture)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: dict[str, Any] = field(default_factory=dict)
