@@ -162,7 +162,7 @@ def sft_generation(name: str) -> dict:
         "engine": {"seed": GEN["seed"]},
         "eval": {"max_new_tokens": 12},
     }
-    return run_sft(name, values, ("eval_loss", "exact_match"))
+    return run_sft(name, values, ("loss", "exact_match"))
 
 
 def trainer_generation(name: str) -> dict:
@@ -346,7 +346,7 @@ def write_report(results: dict) -> None:
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in gen.items():
-            loss = r.get("eval_loss")
+            loss = r.get("loss")
             lines.append(
                 f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f} | "
                 f"{r['tokens_per_s'] / padded['tokens_per_s']:.2f} | {r['train_seconds']:.1f} | {r['peak_rss_mb']:,.0f} | "

@@ -116,6 +116,8 @@ def train(
     else:
         trainer.save_model(run_dir / "model")
         summary["model_from_step"] = summary["steps"]
+    summary["skipped_rows"] = task.skipped.total()
+    summary["skipped_rows_by_split"] = task.skipped.by_split
     history = trainer.state.history
     if history and history[0]["step"] == 0:
         summary["initial_eval"] = history[0]
@@ -147,6 +149,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
     model = accelerator.prepare_model(task.model, evaluation_mode=True)
     metrics = evaluate(task, model, accelerator, recipe.eval.batch_size)
     metrics["model"] = str(directory)
+    metrics["skipped_rows"] = task.skipped.count("data.eval")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         task.report(metrics, run_dir)  # plots, predictions.jsonl (moved out of the metrics)

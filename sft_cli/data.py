@@ -120,16 +120,62 @@ def require_columns(table: datasets.Dataset, columns: Sequence[str], key: str, s
             raise SftError(f"{key}='{column}': no such column in {source} (columns: {have})")
 
 
+class SkipCounter:
+    """Rows left out of a split, by split key and reason; reported by `sft plan` and summary.json."""
+
+    def __init__(self) -> None:
+        self.by_split: dict[str, dict[str, int]] = {}
+
+    def add(self, key: str, reason: str, count: int = 1) -> None:
+        if count:
+            reasons = self.by_split.setdefault(key, {})
+            reasons[reason] = reasons.get(reason, 0) + count
+
+    def count(self, key: str) -> int:
+        return sum(self.by_split.get(key, {}).values())
+
+    def total(self) -> int:
+        return sum(self.count(key) for key in self.by_split)
+
+    def describe(self, key: str) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in self.by_split.get(key, {}).items())
+
+
+def drop_null_rows(table: datasets.Dataset, fields: Sequence[str], key: str, skipped: SkipCounter) -> datasets.Dataset:
+    """Leave out rows where a needed field is null, counting them; refuse a split with no usable row.
+
+    A null label would silently drop out of the loss and a null text would train as an empty string;
+    here both are counted per reason (the first null field of a row) and reported.
+    """
+    import pyarrow.compute as pc
+
+    if table._indices is not None:
+        table = table.flatten_indices()
+    unusable = np.zeros(len(table), dtype=bool)
+    for field in fields:
+        null = pc.is_null(table.data.column(field)).to_numpy(zero_copy_only=False) & ~unusable
+        skipped.add(key, f"null {field}", int(null.sum()))
+        unusable |= null
+    if unusable.all():
+        raise SftError(
+            f"{key}: no usable row — all {len(table)} have a null {' or '.join(fields)} ({skipped.describe(key)})"
+        )
+    return table.select(np.flatnonzero(~unusable)) if unusable.any() else table
+
+
 def fingerprint(*parts: object) -> str:
     """A short stable hash of anything JSON can express; keys the tokenization cache."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_map(table: datasets.Dataset, fn: Callable[[dict], dict], key: str, remove: bool = True) -> datasets.Dataset:
+def cached_map(
+    table: datasets.Dataset, fn: Callable[..., dict], key: str, remove: bool = True, with_indices: bool = False
+) -> datasets.Dataset:
     """`datasets.map` in batches with a cache fingerprint that names data + tokenizer + settings."""
     return table.map(
         fn,
         batched=True,
+        with_indices=with_indices,
         remove_columns=table.column_names if remove else None,
         new_fingerprint=fingerprint(table._fingerprint, key),
         desc="tokenizing",

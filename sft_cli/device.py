@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,13 +15,35 @@ from sft_cli.errors import SftError
 from sft_cli.schema import EngineConfig
 
 
+def launcher_world_size() -> int:
+    """Processes the launcher (torchrun, accelerate launch, MPI) says this run has; 1 when not launched."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def runs_on_cpu(device: str, world_size: int) -> bool:
+    """Whether the run takes Accelerate's CPU path (gloo when several processes).
+
+    `auto` and `mps` without CUDA must take it when launched as several processes: otherwise Accelerate
+    finds no accelerator backend, every process believes it is alone, and N uncoordinated copies train.
+    MPS has no process group, so several processes on a Mac run on its CPU.
+    """
+    if device == "cpu":
+        return True
+    return device in ("auto", "mps") and world_size > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(config: EngineConfig) -> Accelerator:
     """An Accelerator for the requested device and precision (auto: CUDA, then MPS, then CPU)."""
-    cpu = config.device == "cpu"
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SftError("engine.device: cuda was asked for but no CUDA device is visible — use auto or cpu")
     if config.device == "mps" and not torch.backends.mps.is_available():
         raise SftError("engine.device: mps was asked for but is not available — use auto or cpu")
+    world = launcher_world_size()
+    cpu = runs_on_cpu(config.device, world)
     on_gpu = not cpu and torch.cuda.is_available()
     precision = resolve_precision(config.precision, on_gpu)
     if precision == "fp16" and not on_gpu:
@@ -30,7 +53,18 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**config.distributed.fsdp)
-    return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
+    accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
+    check_process_group(accelerator.num_processes, world, config.device)
+    return accelerator
+
+
+def check_process_group(num_processes: int, world_size: int, device: str) -> None:
+    """Never train N uncoordinated copies into one directory: the engine must see the launcher's world."""
+    if world_size > 1 and num_processes != world_size:
+        raise SftError(
+            f"engine.device: {device}: the launcher started {world_size} processes but the engine joined "
+            f"{num_processes} — no process group was formed; set engine.device: cpu (gloo) or cuda (nccl)"
+        )
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:

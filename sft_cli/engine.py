@@ -259,7 +259,7 @@ class Trainer:
                 self.accelerator.backward(loss)
             total_loss += loss.detach() / world
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v / world
+                parts_sum[k] = parts_sum.get(k, 0) + v  # already over the global count: ranks sum to the mean
             tokens += self.task.tokens(batch)
         if not self._finite(total_loss):
             self.optimizer.zero_grad(set_to_none=True)

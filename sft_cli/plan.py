@@ -11,7 +11,7 @@ from rich.table import Table
 
 from sft_cli.backbone import count_parameters
 from sft_cli.device import estimate_flops_per_token, measure_peak_flops, resolve_precision
-from sft_cli.progress import stdout
+from sft_cli.progress import human, stdout
 from sft_cli.recipe import Recipe, to_yaml
 from sft_cli.tasks import build_task
 
@@ -49,6 +49,7 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         "steps_per_epoch": steps,
         "total_steps": min(recipe.schedule.max_steps or 10**12, math.ceil(steps * recipe.schedule.epochs)),
         "precision": precision,
+        "skipped_rows": task.skipped.total(),
         "est_seconds_per_epoch": round(seconds, 1),
         "est_memory_mb": round(memory_mb, 1),
     }
@@ -64,8 +65,11 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         show_header=False,
     )
     for key, value in info.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key, human(value))
     stdout.print(table)
+    for key in task.skipped.by_split:
+        stdout.print(f"skipped in {key}: {task.skipped.describe(key)}", highlight=False)
+    info["skipped_rows_by_split"] = task.skipped.by_split
     names = getattr(task, "names", None)
     if names is not None and "label" in task.train_set.column_names:
         counts = Counter(task.train_set["label"])

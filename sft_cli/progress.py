@@ -57,16 +57,40 @@ class TrainProgress:
             self.progress.stop()
 
 
+def human(value: Any) -> str:
+    """A number as people read it: thousands separators, sensible decimals, '—' for none."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        magnitude = abs(value)
+        if value != value or magnitude == float("inf"):
+            return str(value)
+        if magnitude == 0:
+            return "0"
+        if magnitude >= 1e9:
+            return f"{value:.3e}"
+        if magnitude >= 1e4:
+            return f"{value:,.0f}"
+        if magnitude >= 100:
+            return f"{value:,.1f}"
+        if magnitude >= 1:
+            return f"{value:.3f}"
+        return f"{value:.4f}" if magnitude >= 1e-3 else f"{value:.2e}"
+    return str(value)
+
+
 def print_table(title: str, values: Mapping[str, Any]) -> None:
-    """A two-column table of scalar results."""
+    """A two-column table of scalar results, formatted for people (the JSON files keep raw values)."""
     table = Table(title=title, show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", justify="right")
     for key, value in values.items():
-        if isinstance(value, float):
-            value = f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.3e}"
         if isinstance(value, (int, float, str)) or value is None:
-            table.add_row(key, str(value))
+            table.add_row(key, human(value))
     stdout.print(table)
 
 

@@ -64,6 +64,7 @@ class DataConfig:
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    skip_invalid: bool = False  # skip (and count) unreadable images and invalid conversations instead of failing
 
 
 @dataclass

@@ -81,3 +81,44 @@ def tiny_recipe(tmp_path: Path):
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+DOCS = REPO / "data" / "python-docs"
+# A 2-layer, 64-wide Llama with a 600-token BPE tokenizer trained on data/python-docs: a real decoder in a second.
+TINY_LLAMA = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def build_tiny_decoder(directory: Path, arch: str = "llama", vocab_size: int = 600) -> Path:
+    """Save a random-init decoder + its trained tokenizer as a model directory (a valid backbone.name)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft_cli.tasks.text import train_bpe_tokenizer
+
+    lines = [line for line in (DOCS / "train.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokenizer = train_bpe_tokenizer(lines[:3000], vocab_size)
+    config = AutoConfig.for_model(
+        arch,
+        **(TINY_LLAMA if arch == "llama" else {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256}),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """A tiny random-init Llama + tokenizer directory, built once per session."""
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder") / "model")

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from sft_cli.data import SkipCounter
 from sft_cli.schema import Recipe
 
 Batch = dict[str, torch.Tensor]
@@ -33,6 +34,7 @@ class Task(ABC):
         self.model: nn.Module
         self.train_set: Any = None
         self.eval_set: Any = None
+        self.skipped = SkipCounter()  # rows left out of each split, by reason
 
     @abstractmethod
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, load_table, require_columns
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.losses import summed_cross_entropy
 from sft_cli.metrics import classification_metrics
@@ -40,6 +40,7 @@ class ClassificationTask(Task):
         if train:
             self.train_set = load_table(data.train, "data.train")
             require_columns(self.train_set, fields, "data.text_field/label_field", f"data.train ({data.train})")
+            self.train_set = drop_null_rows(self.train_set, fields, "data.train", self.skipped)
             names = label_names(self.train_set[data.label_field])
             if len(names) < 2:
                 raise SftError(
@@ -64,6 +65,7 @@ class ClassificationTask(Task):
         if data.eval:
             eval_raw = load_table(data.eval, "data.eval")
             require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
+            eval_raw = drop_null_rows(eval_raw, fields, "data.eval", self.skipped)
             unseen = sorted({str(v) for v in eval_raw[data.label_field]} - set(self.label2id))
             if unseen:
                 raise SftError(
@@ -148,7 +150,7 @@ class ClassificationTask(Task):
             labels += batch["labels"].tolist()
         preds, labels, losses = gather(preds), gather(labels), gather([loss_sum])
         metrics = classification_metrics(labels, preds, self.names)
-        metrics["eval_loss"] = sum(losses) / max(len(labels), 1)
+        metrics["loss"] = sum(losses) / max(len(labels), 1)
         return metrics
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, load_table, require_columns
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.losses import shift_for_next_token, summed_cross_entropy
 from sft_cli.metrics import generation_metrics, perplexity
@@ -90,19 +90,25 @@ class GenerationTask(Task):
             ensure_pad_token(self.tokenizer)
             self.model = bb.load_trained(AutoModelForCausalLM, model_dir)
         if train:
-            self.train_set = self._encode(load_table(data.train, "data.train"), "data.train", pack=data.packing)
+            self.train_set = self._encode(self._rows(data.train, "data.train"), "data.train", pack=data.packing)
             if data.packing:
                 self._check_packing_support()
             self.unlabeled = self._unlabeled() if recipe.loss.lm > 0 else None
         if data.eval:
-            self.eval_raw = load_table(data.eval, "data.eval")
+            self.eval_raw = self._rows(data.eval, "data.eval")
             self.eval_set = self._encode(self.eval_raw, "data.eval", pack=False)
 
     # -- data -------------------------------------------------------------------------------------
 
+    def _rows(self, location: str, key: str) -> Any:
+        """A split's rows with both fields present (rows with a null one are counted and left out)."""
+        fields = [self.recipe.data.prompt_field, self.recipe.data.response_field]
+        table = load_table(location, key)
+        require_columns(table, fields, "data.prompt_field/response_field", key)
+        return drop_null_rows(table, fields, key, self.skipped)
+
     def _encode(self, table: Any, key: str, pack: bool) -> Any:
         data, tokenizer = self.recipe.data, self.tokenizer
-        require_columns(table, [data.prompt_field, data.response_field], "data.prompt_field/response_field", f"{key}")
         template, max_length, eos = data.template, data.max_length, tokenizer.eos_token_id
         render_prompt(str(table[0][data.prompt_field]), template, tokenizer)  # a bad template fails here, once
         if eos is None:
@@ -274,7 +280,7 @@ class GenerationTask(Task):
             count += float(n)
         totals = gather([(total, count)])
         loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
-        metrics: dict[str, Any] = {"eval_loss": loss, "perplexity": perplexity(loss)}
+        metrics: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss)}
         if final:
             predictions = self.generate_all(bb.unwrap(model), gather)
             metrics.update(

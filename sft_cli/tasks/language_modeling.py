@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, load_table, require_columns
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.metrics import perplexity
 from sft_cli.tasks.base import Batch, LossTerms, Task
@@ -106,6 +106,7 @@ class LanguageModelingTask(Task):
     def _blocks(self, location: str, key: str) -> Any:
         table = load_table(location, key)
         require_columns(table, [self.recipe.data.text_field], "data.text_field", f"{key} ({location})")
+        table = drop_null_rows(table, [self.recipe.data.text_field], key, self.skipped)
         blocks = pack_texts(
             table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, self.objective, key
         )
@@ -149,7 +150,7 @@ class LanguageModelingTask(Task):
         totals = gather([(total, count)])
         loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
         return {
-            "eval_loss": loss,
+            "loss": loss,
             "perplexity": perplexity(loss),
             "num_tokens": sum(n for _, n in totals),
             "objective": self.objective,

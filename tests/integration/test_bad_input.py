@@ -204,6 +204,38 @@ def case_bad_template(tmp):
     return ["finetune", recipe_file(tmp, values)], "data.template"
 
 
+def case_negative_warmup(tmp):
+    return ["finetune", recipe_file(tmp, base(tmp)), "schedule.warmup=-1"], "'schedule.warmup' must be >= 0"
+
+
+def case_key_given_twice(tmp):
+    text = Path(recipe_file(tmp, base(tmp))).read_text() + "schedule: {epochs: 1}\n"
+    (tmp / "twice.yaml").write_text(text)
+    return ["finetune", str(tmp / "twice.yaml")], "key 'schedule' is given twice (lines"
+
+
+def case_every_label_null(tmp):
+    rows = [{"text": r["text"], "label": None} for r in keyword_rows(8, 0)]
+    return ["finetune", recipe_file(tmp, with_data(tmp, train=str(write_jsonl(tmp / "nolabels.jsonl", rows))))], (
+        "data.train: no usable row"
+    )
+
+
+def case_unreadable_image(tmp):
+    import numpy as np
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp / "img" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp / "img" / label / f"{i}.png")
+    (tmp / "img" / "a" / "broken.png").write_text("this is text, not a PNG")
+    values = base(tmp, task="image-classification")
+    values["backbone"] = {"arch": "resnet", "from_scratch": True, "config": {"hidden_sizes": [8], "depths": [1]}}
+    values["data"] = {"train": str(tmp / "img"), "image_size": 8}
+    return ["finetune", recipe_file(tmp, values)], "broken.png is not a readable image"
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

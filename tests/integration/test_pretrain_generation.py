@@ -100,12 +100,12 @@ def sft_runs(pretrained):
 def test_sft_from_pretrained_beats_sft_from_random_init(sft_runs):
     pretrained, scratch = sft_runs["sft-pretrained"], sft_runs["sft-scratch"]
     # The method's claim, on a small labeled set: unsupervised pretraining makes supervised learning better.
-    assert pretrained["eval_loss"] < scratch["eval_loss"] - 0.05, (pretrained["eval_loss"], scratch["eval_loss"])
+    assert pretrained["loss"] < scratch["loss"] - 0.05, (pretrained["loss"], scratch["loss"])
 
 
 def test_generation_metrics_and_predictions_file(pretrained, sft_runs):
     metrics = sft_runs["sft-pretrained"]
-    for key in ("exact_match", "bleu", "rouge_l", "eval_loss", "num_examples"):
+    for key in ("exact_match", "bleu", "rouge_l", "loss", "num_examples"):
         assert key in metrics
     assert metrics["num_examples"] == 80
     predictions = read_jsonl(pretrained / "sft-pretrained" / "predictions.jsonl")

@@ -1,6 +1,8 @@
 """Recipe schema: defaults, overrides, strictness, types, ranges."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sft_cli.errors import SftError
 from sft_cli.recipe import Recipe, load_recipe
@@ -67,3 +69,95 @@ def test_interpolation_limited_to_recipe_and_env(tmp_path, monkeypatch):
     assert recipe.output.dir == "/tmp/from-env/x"
     with pytest.raises(SftError, match="interpolations"):
         load_recipe(write(tmp_path, "data: {train: '${oc.create:x}'}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, lines",
+    [
+        ("data: {train: t}\nschedule: {epochs: 1}\ntask: generation\nschedule:\n  batch_size: 4\n", "lines 2 and 4"),
+        ("task: generation\ndata: {train: t}\ntask: classification\n", "lines 1 and 3"),
+        ("data:\n  train: a\n  eval: b\n  train: c\n", "lines 2 and 4"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_both_line_numbers(tmp_path, text, lines):
+    with pytest.raises(SftError) as err:
+        load_recipe(write(tmp_path, text))
+    assert "given twice" in str(err.value) and lines in str(err.value)
+
+
+def _numeric_keys(schema=Recipe, prefix=""):
+    """Every int/float (or list of them) key of the schema, found by walking the dataclasses."""
+    import dataclasses
+    import typing
+
+    from sft_cli.recipe import _nested_dataclass
+
+    hints = typing.get_type_hints(schema)
+    for item in dataclasses.fields(schema):
+        annotation = hints[item.name]
+        nested = _nested_dataclass(annotation)
+        if nested is not None:
+            yield from _numeric_keys(nested, f"{prefix}{item.name}.")
+            continue
+        args = set(typing.get_args(annotation)) | {annotation}
+        inner = {a for x in args for a in typing.get_args(x)} | args
+        if (inner & {int, float}) and bool not in inner and dict not in {typing.get_origin(a) for a in args}:
+            yield f"{prefix}{item.name}"
+
+
+def test_every_numeric_key_has_bounds():
+    from sft_cli.validation import RANGES
+
+    missing = sorted(set(_numeric_keys()) - set(RANGES))
+    assert not missing, f"numeric recipe keys without a RANGES row: {missing}"
+    assert {"schedule.warmup", "optim.lr", "engine.seed", "data.max_length"} <= set(RANGES)
+
+
+def _out_of_range_cases():
+    from sft_cli.validation import RANGES
+
+    cases = []
+    for key, (low, low_in, high, _high_in) in RANGES.items():
+        if low is not None:
+            cases.append((key, low - 1 if low_in else low))
+            cases.append((key, low - 1000))
+        if high is not None:
+            cases.append((key, high + 1))
+    return cases
+
+
+@given(case=st.sampled_from(_out_of_range_cases()))
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_out_of_range_numbers_are_one_line_errors_naming_the_key(tmp_path, case):
+    key, value = case
+    integral = key in {"tokenizer.vocab_size", "data.max_length", "data.image_size", "freeze.last_n", "freeze.lora.r"}
+    integral |= key.split(".")[-1] in {
+        "random_crop_padding",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "step_size",
+        "patience",
+        "log_every",
+        "seed",
+        "num_workers",
+        "save_every",
+        "keep",
+        "num_beams",
+        "max_new_tokens",
+    }
+    value = int(value) if integral else float(value)
+    if key in {"optim.betas", "data.std"}:
+        value = [value, value] if key == "optim.betas" else [value]
+        override = f"{key}=[{', '.join(map(str, value))}]"
+    else:
+        override = f"{key}={value}"
+    extra = ["schedule.early_stopping={metric: eval_loss}"] if "early_stopping" in key else []
+    with pytest.raises(SftError) as err:
+        load_recipe(write(tmp_path, "data: {train: t}\n"), [*extra, override])
+    assert f"'{key}'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_negative_warmup_is_refused(tmp_path):
+    with pytest.raises(SftError, match=r"'schedule.warmup' must be >= 0; got -1"):
+        load_recipe(write(tmp_path, "data: {train: t}\n"), ["schedule.warmup=-1"])

@@ -1,0 +1,55 @@
+"""Device choice: several processes without CUDA form a gloo group; a lone process under a launcher is refused."""
+
+import pytest
+import torch
+
+from sft_cli import device
+from sft_cli.errors import SftError
+from sft_cli.schema import EngineConfig
+
+
+@pytest.mark.parametrize(
+    "requested, world, cuda, expected",
+    [
+        ("cpu", 1, False, True),
+        ("cpu", 2, True, True),
+        ("auto", 1, False, False),  # one process: Accelerate picks CPU/MPS by itself
+        ("auto", 2, False, True),  # the defect: without this, each process trained alone
+        ("mps", 2, False, True),  # MPS has no process group
+        ("auto", 2, True, False),  # CUDA: nccl
+        ("cuda", 2, True, False),
+    ],
+)
+def test_several_processes_without_cuda_take_the_cpu_path(monkeypatch, requested, world, cuda, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert device.runs_on_cpu(requested, world) is expected
+
+
+def test_launcher_world_size_reads_the_launchers_variables(monkeypatch):
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert device.launcher_world_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert device.launcher_world_size() == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert device.launcher_world_size() == 2
+
+
+def test_a_launch_that_ends_with_one_process_stops_before_any_compute(monkeypatch):
+    """The guard: WORLD_SIZE=2 but the engine sees one process -> one-line error, no training."""
+
+    class LoneAccelerator:  # what Accelerate gives when it finds no backend for the launch
+        num_processes = 1
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(device, "Accelerator", LoneAccelerator)
+    monkeypatch.setattr(device, "runs_on_cpu", lambda requested, world: False)  # as before the fix
+    with pytest.raises(SftError) as err:
+        device.make_accelerator(EngineConfig(device="auto", precision="fp32"))
+    message = str(err.value)
+    assert "2 processes" in message and "joined 1" in message and "\n" not in message
+    device.check_process_group(2, 2, "auto")  # a real group passes
+    device.check_process_group(1, 1, "auto")
