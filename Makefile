@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo demo-digits demo-gpt test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt demo-chat test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,14 @@ demo-gpt: install  ## Pretrain the tiny GPT-2, then SFT it (and the from-scratch
 	$(SFT) eval recipes/tiny-gpt/sft.yaml
 	$(SFT) finetune recipes/tiny-gpt/sft.yaml backbone.from_scratch=true output.dir=runs/tiny-gpt-sft-scratch --overwrite
 	$(SFT) eval recipes/tiny-gpt/sft.yaml backbone.from_scratch=true output.dir=runs/tiny-gpt-sft-scratch
+
+demo-chat: install  ## Pretrain a small Llama, chat-tune it on multi-turn conversations (and the train_on=all control), evaluate both
+	$(SFT) pretrain recipes/chat/pretrain.yaml --overwrite
+	$(SFT) eval recipes/chat/pretrain.yaml
+	$(SFT) finetune recipes/chat/sft.yaml --overwrite
+	$(SFT) eval recipes/chat/sft.yaml
+	$(SFT) finetune recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all --overwrite
+	$(SFT) eval recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all
 
 test: install  ## Run the whole test suite (unit + integration)
 	$(PY) -m pytest -q

@@ -116,6 +116,7 @@ def train(
     else:
         trainer.save_model(run_dir / "model")
         summary["model_from_step"] = summary["steps"]
+    summary.update(task.summary_extras())
     summary["skipped_rows"] = task.skipped.total()
     summary["skipped_rows_by_split"] = task.skipped.by_split
     history = trainer.state.history

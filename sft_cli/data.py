@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +21,8 @@ from sft_cli.errors import SftError
 
 log = logging.getLogger("sft")
 
+# A hub dataset id, optionally with a split: `imdb`, `trl-lib/Capybara`, `trl-lib/Capybara:test`.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -52,11 +55,11 @@ def load_table(location: str, key: str) -> datasets.Dataset:
         if EXTENSIONS[path.suffix.lower()] in ("json", "csv", "text"):
             _check_utf8(path, key)
         table = _load_file(path, key)
-    elif path.suffix or os.sep in location or path.exists():
+    elif HUB_ID.match(location) and not path.exists() and not location.startswith((".", "/", "~")):
+        table = _load_hub(location, key)
+    else:
         known = ", ".join(EXTENSIONS)
         raise SftError(f"{key}: {location} — not found or unsupported format; use one of {known}, or a directory")
-    else:
-        table = _load_hub(location, key)
     if len(table) == 0:
         raise SftError(f"{key}: {location} has no examples")
     return table
@@ -97,14 +100,15 @@ def _raise_on_bad_json_line(path: Path, key: str) -> None:
                 )
 
 
-def _load_hub(name: str, key: str) -> datasets.Dataset:
-    """A dataset from the Hugging Face hub (or its local cache when offline)."""
+def _load_hub(location: str, key: str) -> datasets.Dataset:
+    """A dataset from the Hugging Face hub (or its local cache when offline); `org/name:split` picks a split."""
+    name, _, split = location.partition(":")
     try:
-        return datasets.load_dataset(name, split="train")
+        return datasets.load_dataset(name, split=split or "train")
     except Exception:
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if _offline() else ""
         raise SftError(
-            f"{key}: '{name}' is not a local file or directory, nor a reachable hub dataset{offline}"
+            f"{key}: '{location}' is not a local file or directory, nor a reachable hub dataset{offline}"
         ) from None
 
 

@@ -216,7 +216,7 @@ class Trainer:
             self.schedule.batch_size,
             self.engine.seed,
             epoch,
-            self.schedule.group_by_length,
+            self.task.groups_by_length(self.schedule.group_by_length),
         )
         per_rank = math.ceil(len(batches) / world)
         batches = (batches * 2)[: per_rank * world]  # pad by wrapping so every rank steps together

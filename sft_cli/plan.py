@@ -75,6 +75,13 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         counts = Counter(task.train_set["label"])
         info["label_distribution"] = {names[i]: counts.get(i, 0) for i in range(len(names))}
         stdout.print("labels: " + ", ".join(f"{k} {v}" for k, v in info["label_distribution"].items()), highlight=False)
+    extras = task.summary_extras()
+    if extras.get("packing_efficiency") is not None:
+        info["packing_efficiency"] = extras["packing_efficiency"]
+        stdout.print(f"packing efficiency: {extras['packing_efficiency']:.1%} of slot tokens are real", highlight=False)
+    if extras.get("trained_tokens_per_role"):
+        info["trained_tokens_per_role"] = extras["trained_tokens_per_role"]
+        print_role_shares(extras["trained_tokens_per_role"])
     stdout.rule("two examples as the model sees them")
     for index in range(min(2, num_rows)):
         stdout.print(render_example(task, task.train_set[index]), highlight=False)
@@ -82,23 +89,37 @@ def plan(recipe: Recipe) -> dict[str, Any]:
 
 
 def render_example(task: Any, row: dict) -> str:
-    """Decoded tokens; for generation the masked prompt and the trained response are marked apart."""
+    """Decoded tokens; for generation the untrained (masked) and trained spans are marked apart."""
+    from rich.markup import escape
+
     tokenizer = getattr(task, "tokenizer", None)
     if tokenizer is None or "input_ids" not in row:
         return f"label={row.get(task.recipe.data.label_field)!r} (image)"
-    ids = row["input_ids"]
+    ids, trained = row["input_ids"], row.get("trained")
     if isinstance(ids[0], list):  # a packed row: show its first example
-        ids, prompt_length = ids[0], row["prompt_length"][0]
-    else:
-        prompt_length = row.get("prompt_length")
-    if prompt_length is None:
+        ids, trained = ids[0], trained[0]
+    if trained is None:
         label = f"  -> label {task.names[row['label']]}" if "label" in row and hasattr(task, "names") else ""
-        return tokenizer.decode(ids) + label
-    masked = (
-        "\\[prompt, masked: no loss] "
-        if task.recipe.loss.prompt == 0
-        else f"\\[prompt, weight {task.recipe.loss.prompt}] "
-    )
-    prompt = tokenizer.decode(ids[:prompt_length]).replace("[", "\\[")
-    response = tokenizer.decode(ids[prompt_length:]).replace("[", "\\[")
-    return f"[dim]{masked}{prompt}[/dim]  [bold green]\\[response, trained][/bold green] [bold]{response}[/bold]"
+        return escape(tokenizer.decode(ids)) + label
+    weight = task.recipe.loss.prompt
+    untrained = "no loss" if weight == 0 else f"weight {weight}"
+    parts, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or trained[end] != trained[start]:
+            text = escape(tokenizer.decode(ids[start:end]))
+            if trained[start]:
+                parts.append(f"[bold green]\\[trained][/bold green][bold]{text}[/bold]")
+            else:
+                parts.append(f"[dim]\\[{untrained}]{text}[/dim]")
+            start = end
+    return "".join(parts)
+
+
+def print_role_shares(shares: dict[str, dict[str, Any]]) -> None:
+    """Tokens per role and the share of them that trains."""
+    table = Table(title="tokens trained per role (training split)")
+    for column in ("role", "tokens", "trained", "share"):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    for role, row in shares.items():
+        table.add_row(role, f"{row['tokens']:,}", f"{row['trained']:,}", f"{row['share']:.1%}")
+    stdout.print(table)

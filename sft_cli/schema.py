@@ -57,6 +57,10 @@ class DataConfig:
     response_field: str = "response"
     image_field: str = "image"
     template: Optional[str] = None  # e.g. "{prompt} =>", or "chat" for the tokenizer's chat template
+    format: str = "auto"  # auto | prompt-response | messages | sharegpt | alpaca
+    messages_field: Optional[str] = None  # the turns column (default: messages, or conversations for sharegpt)
+    roles: dict[str, str] = field(default_factory=dict)  # extra role names -> system | user | assistant | tool
+    chat_template: Optional[str] = None  # null: the tokenizer's own; chatml | llama3 | qwen2.5 | mistral; a .jinja path
     max_length: int = 128
     packing: bool = False
     unlabeled: Optional[str] = None  # an unlabeled corpus for the auxiliary LM loss
@@ -95,7 +99,8 @@ class LossConfig:
 
     supervised: float = 1.0
     lm: float = 0.0
-    prompt: float = 0.0  # generation: weight of prompt tokens (0 = masked)
+    prompt: float = 0.0  # generation: weight of untrained tokens (prompt, user turns; 0 = masked)
+    train_on: str = "assistant"  # conversations: assistant (every reply) | last (the final reply) | all (every token)
 
 
 @dataclass
@@ -137,7 +142,7 @@ class ScheduleConfig:
     eval_every: str = "epoch"  # "epoch" or a number of optimizer steps
     early_stopping: Optional[EarlyStoppingConfig] = None
     log_every: int = 10
-    group_by_length: bool = True
+    group_by_length: Optional[bool] = None  # null: the task's default (on for classification; benchmarks/GROUPING.md)
 
 
 @dataclass

@@ -6,6 +6,8 @@ import difflib
 import math
 from typing import Any, Optional
 
+from sft_cli.chat.formats import FORMATS
+from sft_cli.chat.masks import TRAIN_ON
 from sft_cli.errors import SftError
 from sft_cli.schema import (
     DEVICES,
@@ -120,6 +122,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.device, DEVICES, "engine.device", source)
     _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
+    _check_choice(recipe.data.format, FORMATS, "data.format", source)
+    _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
     check_ranges(recipe, source)
     sched, optim = recipe.schedule, recipe.optim
     _check(len(optim.betas) == 2, source, "'optim.betas' must be two numbers, e.g. [0.9, 0.999]")

@@ -33,6 +33,7 @@ class ClassificationTask(Task):
     main_metric = "eval_loss"
     main_mode = "min"
     auto_class = AutoModelForSequenceClassification
+    group_by_length = True
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         data, spec = self.recipe.data, self.recipe.backbone

@@ -1,4 +1,8 @@
-"""Generative SFT (prompt -> response): loss on response tokens only, optional packing, decoding metrics."""
+"""Generative SFT on prompt/response pairs and conversations: loss on what the assistant says.
+
+Data shapes (messages, sharegpt, alpaca, pairs) and chat templates live in `sft_cli.chat`; rows become
+examples in `generation_data`; packing in `sft_cli.packing`; decoding in `sft_cli.generate`.
+"""
 
 from __future__ import annotations
 
@@ -10,60 +14,25 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
+from sft_cli.chat.formats import conversation_column, detect_format, role_names
+from sft_cli.chat.masks import ChatEncoder, MaskError
+from sft_cli.chat.templates import prepare_tokenizer
+from sft_cli.data import load_table, require_columns
 from sft_cli.errors import SftError
+from sft_cli.generate import DecodeSettings, generate
 from sft_cli.losses import shift_for_next_token, summed_cross_entropy
 from sft_cli.metrics import generation_metrics, perplexity
+from sft_cli.packing import PackedRows, isolation_mode, pack_best_fit, packed_attention, packing_efficiency
 from sft_cli.tasks.base import Batch, LossTerms, Task
+from sft_cli.tasks.generation_data import RowReader, encode_split, eval_turns, render_prompt, trained_tokens_per_role
 from sft_cli.tasks.language_modeling import pack_texts
 from sft_cli.tasks.text import backbone_tokenizer, ensure_pad_token, load_tokenizer, pad_sequences
 
-DEFAULT_TEMPLATE = "{prompt}\n"
-
-
-def render_prompt(prompt: str, template: Optional[str], tokenizer: Any) -> str:
-    """The text the model sees before the response: a format string, or the tokenizer's chat template."""
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise SftError(
-                "data.template: 'chat' needs a tokenizer with a chat template — use a format string like '{prompt} =>'"
-            )
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    try:
-        return (template or DEFAULT_TEMPLATE).format(prompt=prompt)
-    except (KeyError, IndexError, ValueError) as err:
-        raise SftError(f"data.template: '{template}' is not a format string with {{prompt}} ({err})") from None
-
-
-def pack_examples(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Greedy packing in order: consecutive examples share a row while they fit in max_length."""
-    rows: list[list[int]] = []
-    used = max_length + 1
-    for index, length in enumerate(lengths):
-        if used + length > max_length:
-            rows.append([])
-            used = 0
-        rows[-1].append(index)
-        used += length
-    return rows
-
-
-def packed_attention(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask: causal, and only within an example (block-diagonal); padding is segment -1."""
-    same = segments[:, :, None] == segments[:, None, :]
-    length = segments.shape[1]
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=segments.device))
-    allowed = same & causal & (segments[:, :, None] >= 0)
-    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)  # padding rows attend to themselves
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )[:, None]
+VERIFY_ROWS = 32  # real rows whose prefixes are tokenized on their own at start-up
 
 
 class GenerationTask(Task):
-    """Causal-LM fine-tuning on prompt/response pairs; eval with exact match, BLEU, ROUGE-L."""
+    """Causal-LM fine-tuning on pairs or conversations; eval with exact match, BLEU, ROUGE-L, stop rate."""
 
     main_metric = "eval_loss"
     main_mode = "min"
@@ -71,80 +40,102 @@ class GenerationTask(Task):
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         recipe, data, spec = self.recipe, self.recipe.data, self.recipe.backbone
-        if train:
-            resolved = bb.resolve(spec)
-            self.tokenizer = backbone_tokenizer(resolved, spec)
-            added = ensure_pad_token(self.tokenizer)
-            if spec.from_scratch:
-                from sft_cli.tasks.language_modeling import _fit_config_to_tokenizer
-
-                _fit_config_to_tokenizer(resolved.config, self.tokenizer, data.max_length)
-            attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
-            self.model = bb.load_model(AutoModelForCausalLM, resolved, spec, attention)
-            if added or self.model.get_input_embeddings().num_embeddings < len(self.tokenizer):
-                self.model.resize_token_embeddings(len(self.tokenizer))
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-            self.model = bb.apply_freeze(self.model, recipe.freeze)
-        else:
-            self.tokenizer = load_tokenizer(model_dir, spec)
-            ensure_pad_token(self.tokenizer)
-            self.model = bb.load_trained(AutoModelForCausalLM, model_dir)
-        if train:
-            self.train_set = self._encode(self._rows(data.train, "data.train"), "data.train", pack=data.packing)
-            if data.packing:
-                self._check_packing_support()
-            self.unlabeled = self._unlabeled() if recipe.loss.lm > 0 else None
-        if data.eval:
-            self.eval_raw = self._rows(data.eval, "data.eval")
-            self.eval_set = self._encode(self.eval_raw, "data.eval", pack=False)
-
-    # -- data -------------------------------------------------------------------------------------
-
-    def _rows(self, location: str, key: str) -> Any:
-        """A split's rows with both fields present (rows with a null one are counted and left out)."""
-        fields = [self.recipe.data.prompt_field, self.recipe.data.response_field]
-        table = load_table(location, key)
-        require_columns(table, fields, "data.prompt_field/response_field", key)
-        return drop_null_rows(table, fields, key, self.skipped)
-
-    def _encode(self, table: Any, key: str, pack: bool) -> Any:
-        data, tokenizer = self.recipe.data, self.tokenizer
-        template, max_length, eos = data.template, data.max_length, tokenizer.eos_token_id
-        render_prompt(str(table[0][data.prompt_field]), template, tokenizer)  # a bad template fails here, once
-        if eos is None:
+        resolved = bb.resolve(spec) if train else None
+        self.tokenizer = backbone_tokenizer(resolved, spec) if train else load_tokenizer(model_dir, spec)
+        tables = {
+            key: load_table(location, key)
+            for key, location in (("data.train", data.train), ("data.eval", data.eval))
+            if location and (train or key == "data.eval")
+        }
+        self.chat = self._chat_encoder(next(iter(tables.values())).column_names, model_dir or spec.name)
+        ensure_pad_token(self.tokenizer)
+        if self.tokenizer.eos_token_id is None:
             raise SftError("backbone: generation needs a tokenizer with an EOS token so the model learns to stop")
+        self.model = self._build_model(resolved) if train else bb.load_trained(AutoModelForCausalLM, model_dir)
+        _set_stop_tokens(bb.unwrap(self.model), self.tokenizer)
+        self.isolation = None
+        if train:
+            reader = self._reader(tables["data.train"], "data.train")
+            encoded, _ = encode_split(tables["data.train"], reader, "data.train", data.train, self.skipped)
+            self.role_tokens = trained_tokens_per_role(encoded)
+            self.train_set = self._maybe_pack(encoded)
+            self.unlabeled = self._unlabeled() if recipe.loss.lm > 0 else None
+            self.model = bb.apply_freeze(self.model, recipe.freeze)
+        if "data.eval" in tables:
+            reader = self._reader(tables["data.eval"], "data.eval")
+            self.eval_set, kept = encode_split(tables["data.eval"], reader, "data.eval", data.eval, self.skipped)
+            self.eval_prompts = self._eval_prompts(tables["data.eval"].select(kept), reader)
 
-        def encode(rows: dict[str, list]) -> dict[str, list]:
-            prompts = [render_prompt(str(p), template, tokenizer) for p in rows[data.prompt_field]]
-            responses = [str(r) for r in rows[data.response_field]]
-            p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-            r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-            out: dict[str, list] = {"input_ids": [], "prompt_length": [], "length": []}
-            for p, r in zip(p_ids, r_ids):
-                response = (r + [eos])[:max_length]
-                prompt = p[-(max_length - len(response)) :] if max_length > len(response) else []
-                out["input_ids"].append(prompt + response)
-                out["prompt_length"].append(len(prompt))
-                out["length"].append(len(prompt) + len(response))
-            return out
+    # -- model and template ------------------------------------------------------------------
 
-        fingerprint = str(
-            (
-                "generation",
-                data.prompt_field,
-                data.response_field,
-                template,
-                max_length,
-                tokenizer.name_or_path,
-                len(tokenizer),
-            )
-        )
-        encoded = cached_map(table, encode, fingerprint)
-        if not pack:
+    def _chat_encoder(self, columns: list[str], where: str) -> Optional[ChatEncoder]:
+        """A chat encoder when the data is conversational or a chat template is asked for; else None (pairs)."""
+        data = self.recipe.data
+        fmt = detect_format(columns, data.format, data.messages_field)
+        if fmt == "prompt-response" and data.chat_template is None and data.template != "chat":
+            return None
+        template = prepare_tokenizer(self.tokenizer, data.chat_template, where)
+        return ChatEncoder(self.tokenizer, template, self.recipe.loss.train_on)
+
+    def _build_model(self, resolved: bb.ResolvedBackbone) -> torch.nn.Module:
+        spec, tokenizer = self.recipe.backbone, self.tokenizer
+        if spec.from_scratch:
+            from sft_cli.tasks.language_modeling import _fit_config_to_tokenizer
+
+            _fit_config_to_tokenizer(resolved.config, tokenizer, self.recipe.data.max_length)
+        attention = bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device)
+        model = bb.load_model(AutoModelForCausalLM, resolved, spec, attention)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # template or pad tokens were added
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def _reader(self, table: Any, key: str) -> RowReader:
+        """How to read a split, checking its columns; conversational rows verify the mask on real rows."""
+        data = self.recipe.data
+        fmt = detect_format(table.column_names, data.format, data.messages_field)
+        if fmt != "prompt-response" and self.chat is None:
+            raise SftError(f"{key}: conversational rows ({fmt}) but no chat template — set data.chat_template")
+        column = conversation_column(fmt, data.messages_field)
+        needed = {"alpaca": ["instruction", "output"], "prompt-response": [data.prompt_field, data.response_field]}
+        require_columns(table, needed.get(fmt, [column]), "data.messages_field" if column else "data.format", key)
+        reader = RowReader(fmt, column, role_names(dict(data.roles)), data, self.chat, self.tokenizer)
+        if self.chat is not None:
+            self._verify(table, reader, key)
+        return reader
+
+    def _verify(self, table: Any, reader: RowReader, key: str) -> None:
+        from sft_cli.chat.formats import InvalidConversation
+
+        samples = []
+        for index in range(min(VERIFY_ROWS, len(table))):
+            row = table[index]
+            if reader.null_reason(row):
+                continue
+            try:
+                samples.append((reader.messages(row), row.get("tools")))
+            except InvalidConversation:
+                continue  # reported (or skipped) with its row number when the split is encoded
+        try:
+            self.chat.verify(samples)
+        except MaskError as err:
+            raise SftError(f"data.chat_template: {self.chat.template.source} on {key}: {err}") from None
+
+    def _maybe_pack(self, encoded: Any) -> Any:
+        data = self.recipe.data
+        if not data.packing:
             return encoded
-        groups = pack_examples(encoded["length"], max_length)
+        model = bb.unwrap(self.model)
+        self.isolation = isolation_mode(model, min(len(self.tokenizer), model.get_input_embeddings().num_embeddings))
+        if self.isolation is None:
+            raise SftError(
+                f"data.packing: {model.config.model_type} does not keep packed examples apart here — set data.packing: false"
+            )
+        lengths = encoded["length"]
+        groups = pack_best_fit(lengths, data.max_length)
         rows = [encoded[g] for g in groups]  # column-wise dict per group
-        return _PackedRows([{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rows])
+        packed = [{"input_ids": r["input_ids"], "trained": r["trained"]} for r in rows]
+        return PackedRows(packed, packing_efficiency(lengths, groups, data.max_length))
 
     def _unlabeled(self) -> Any:
         if not self.recipe.data.unlabeled:
@@ -155,35 +146,50 @@ class GenerationTask(Task):
             table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, "clm", "data.unlabeled"
         )
 
+    def _eval_prompts(self, table: Any, reader: RowReader) -> list[dict[str, Any]]:
+        """For each eval row: the prompt ids the model continues, the reference, and what predictions.jsonl shows."""
+        data, prompts = self.recipe.data, []
+        for row in table:
+            if reader.chat is None:
+                text = render_prompt(str(row[data.prompt_field]), data.template)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_length :]
+                prompts.append(
+                    {"ids": ids, "reference": str(row[data.response_field]), "show": {"prompt": row[data.prompt_field]}}
+                )
+                continue
+            history, reference = eval_turns(row, reader)
+            ids = reader.chat.prompt_ids(history, row.get("tools"))
+            show = {"messages": history} if reader.fmt != "prompt-response" else {"prompt": row[data.prompt_field]}
+            prompts.append({"ids": ids, "reference": reference, "show": show})
+        return prompts
+
+    # -- batches and loss ---------------------------------------------------------------------
+
     def lengths(self, split: str) -> Optional[list[int]]:
         table = self.train_set if split == "train" else self.eval_set
-        if isinstance(table, _PackedRows):
+        if isinstance(table, PackedRows):
             return table.lengths()
         return table["length"] if table is not None else None
 
     def collate(self, rows: list[dict], train: bool) -> Batch:
-        pad = self.tokenizer.pad_token_id
-        prompt_weight = self.recipe.loss.prompt
-        if rows and isinstance(rows[0]["input_ids"][0], list):  # packed rows: several examples each
-            sequences, weights, segments, positions = [], [], [], []
-            for row in rows:
-                ids, w, seg, pos = [], [], [], []
-                for number, (example, prompt_length) in enumerate(zip(row["input_ids"], row["prompt_length"])):
-                    ids += example
-                    w += [prompt_weight] * prompt_length + [1.0] * (len(example) - prompt_length)
-                    seg += [number] * len(example)
-                    pos += list(range(len(example)))
-                sequences.append(ids)
-                weights.append(w)
-                segments.append(seg)
-                positions.append(pos)
-        else:
-            sequences = [r["input_ids"] for r in rows]
-            weights = [
-                [prompt_weight] * r["prompt_length"] + [1.0] * (len(r["input_ids"]) - r["prompt_length"]) for r in rows
-            ]
-            segments = [[0] * len(s) for s in sequences]
-            positions = [list(range(len(s))) for s in sequences]
+        pad, prompt_weight = self.tokenizer.pad_token_id, self.recipe.loss.prompt
+        sequences, weights, segments, positions = [], [], [], []
+        for row in rows:
+            examples = (
+                zip(row["input_ids"], row["trained"])
+                if isinstance(row["input_ids"][0], list)
+                else [(row["input_ids"], row["trained"])]
+            )
+            ids, w, seg, pos = [], [], [], []
+            for number, (example, trained) in enumerate(examples):
+                ids += example
+                w += [1.0 if t else prompt_weight for t in trained]
+                seg += [number] * len(example)
+                pos += list(range(len(example)))
+            sequences.append(ids)
+            weights.append(w)
+            segments.append(seg)
+            positions.append(pos)
         input_ids = pad_sequences(sequences, pad)
         length = input_ids.shape[1]
         token_weights = torch.zeros(input_ids.shape)
@@ -192,8 +198,7 @@ class GenerationTask(Task):
         segment_ids = pad_sequences(segments, -1, length)
         # Position t predicts token t+1, only inside one example: shift labels and weights together.
         labels = shift_for_next_token(input_ids.masked_fill(token_weights == 0, -100))
-        next_segment = shift_for_next_token(segment_ids)
-        labels[next_segment != segment_ids] = -100
+        labels[shift_for_next_token(segment_ids) != segment_ids] = -100
         batch = {
             "input_ids": input_ids,
             "attention_mask": (segment_ids >= 0).long(),
@@ -207,13 +212,8 @@ class GenerationTask(Task):
             blocks = [self.unlabeled[i]["input_ids"] for i in picks]
             lm_ids = pad_sequences(blocks, pad)
             lm_mask = pad_sequences([[1] * len(b) for b in blocks], 0, lm_ids.shape[1])
-            batch.update(
-                {
-                    "lm_input_ids": lm_ids,
-                    "lm_attention_mask": lm_mask,
-                    "lm_labels": shift_for_next_token(lm_ids.masked_fill(lm_mask == 0, -100)),
-                }
-            )
+            batch["lm_input_ids"], batch["lm_attention_mask"] = lm_ids, lm_mask
+            batch["lm_labels"] = shift_for_next_token(lm_ids.masked_fill(lm_mask == 0, -100))
         return batch
 
     def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -223,50 +223,35 @@ class GenerationTask(Task):
         return counts
 
     def _forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        if self.recipe.data.packing and int(batch["segment_ids"].max()) > 0:
-            mask = packed_attention(batch["segment_ids"], _compute_dtype(model, batch["input_ids"].device))
-            return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
-        return model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-        ).logits
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if int(batch["segment_ids"].max()) > 0 and self.isolation == "position_ids":
+            return model(**inputs).logits  # padding-free: the model isolates examples from position_ids
+        if int(batch["segment_ids"].max()) > 0:
+            inputs["attention_mask"] = packed_attention(
+                batch["segment_ids"], _compute_dtype(model, batch["input_ids"].device)
+            )
+        else:
+            inputs["attention_mask"] = batch["attention_mask"]
+        return model(**inputs).logits
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         weights = batch["label_weights"].masked_fill(batch["labels"] == -100, 0)
         terms = {"sup": (summed_cross_entropy(self._forward(model, batch), batch["labels"], weights), weights.sum())}
         if "lm_labels" in batch:
-            logits = model(input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]).logits
+            logits = model(
+                input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"], use_cache=False
+            ).logits
             terms["lm"] = (summed_cross_entropy(logits, batch["lm_labels"]), (batch["lm_labels"] != -100).sum())
         return terms
 
     def tokens(self, batch: Batch) -> int:
         return int(batch["attention_mask"].sum())
 
-    def _check_packing_support(self) -> None:
-        """Refuse packing unless this backbone honours the block-diagonal mask (checked, not assumed)."""
-        model = bb.unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        generator = torch.Generator().manual_seed(0)
-        vocab = min(len(self.tokenizer), model.get_input_embeddings().num_embeddings)
-        a, b = torch.randint(vocab, (1, 5), generator=generator), torch.randint(vocab, (1, 7), generator=generator)
-        segments = torch.tensor([[0] * 5 + [1] * 7])
-        positions = torch.tensor([list(range(5)) + list(range(7))])
-        try:
-            with torch.no_grad():
-                alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], dim=1)
-                packed = model(
-                    input_ids=torch.cat([a, b], 1),
-                    attention_mask=packed_attention(segments, torch.float32),
-                    position_ids=positions,
-                ).logits
-            ok = torch.allclose(alone, packed, atol=1e-4, rtol=1e-3)
-        except Exception:  # a model that rejects 4-D masks or position_ids
-            ok = False
-        model.train(was_training)
-        if not ok:
-            raise SftError(
-                f"data.packing: {model.config.model_type} does not support isolated packed examples here — set data.packing: false"
-            )
+    def summary_extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {"trained_tokens_per_role": getattr(self, "role_tokens", None)}
+        if isinstance(self.train_set, PackedRows):
+            extras["packing_efficiency"] = round(self.train_set.efficiency, 4)
+        return extras
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -286,47 +271,36 @@ class GenerationTask(Task):
             metrics.update(
                 generation_metrics([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
             )
+            metrics["stop_rate"] = sum(p["stopped"] for p in predictions) / max(len(predictions), 1)
             metrics["num_examples"] = len(predictions)
             metrics["predictions"] = predictions
         return metrics
 
-    def generate_all(self, model: torch.nn.Module, gather: Any) -> list[dict[str, str]]:
-        """Greedy (or beam) decoding of every eval prompt, sharded over processes."""
+    def generate_all(self, model: torch.nn.Module, gather: Any) -> list[dict[str, Any]]:
+        """Decode the final reply of every eval example, sharded over processes, returned in file order."""
         from accelerate import PartialState
 
-        data, settings = self.recipe.data, self.recipe.eval
-        state = PartialState()
-        indices = list(range(len(self.eval_raw)))[state.process_index :: state.num_processes]
-        tokenizer = self.tokenizer
+        state, settings = PartialState(), self.recipe.eval
+        decode = DecodeSettings(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
+        mine = list(range(len(self.eval_prompts)))[state.process_index :: state.num_processes]
+        mine.sort(key=lambda i: len(self.eval_prompts[i]["ids"]))  # similar lengths together: little padding
         results = []
-        for start in range(0, len(indices), settings.batch_size):
-            chunk = [self.eval_raw[i] for i in indices[start : start + settings.batch_size]]
-            prompts = [render_prompt(str(r[data.prompt_field]), data.template, tokenizer) for r in chunk]
-            encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-data.max_length :] for p in prompts]
-            input_ids = pad_sequences(encoded, tokenizer.pad_token_id, max(len(e) for e in encoded), side="left")
-            mask = pad_sequences([[1] * len(e) for e in encoded], 0, input_ids.shape[1], side="left")
-            device = next(model.parameters()).device
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=settings.max_new_tokens,
-                num_beams=settings.num_beams,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for row, generated in zip(chunk, output[:, input_ids.shape[1] :].tolist()):
-                stopped = tokenizer.eos_token_id in generated
-                text = tokenizer.decode(generated, skip_special_tokens=True)
+        for start in range(0, len(mine), settings.batch_size):
+            chunk = mine[start : start + settings.batch_size]
+            outputs = generate(model, self.tokenizer, [self.eval_prompts[i]["ids"] for i in chunk], decode)
+            for index, output in zip(chunk, outputs):
+                example = self.eval_prompts[index]
                 results.append(
                     {
-                        "prompt": str(row[data.prompt_field]),
-                        "reference": str(row[data.response_field]),
-                        "prediction": text.strip(),
-                        "stopped": stopped,
+                        "index": index,
+                        **example["show"],
+                        "reference": example["reference"],
+                        "prediction": output.text,
+                        "stopped": output.stopped,
                     }
                 )
-        return gather(results)
+        ordered = sorted(gather(results), key=lambda r: r["index"])
+        return [{k: v for k, v in r.items() if k != "index"} for r in ordered]
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
@@ -338,20 +312,12 @@ class GenerationTask(Task):
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
 
 
-class _PackedRows:
-    """A list of packed rows that DataLoader can index (each row: lists of examples)."""
-
-    def __init__(self, rows: list[dict[str, list]]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, list]:
-        return self.rows[index]
-
-    def lengths(self) -> list[int]:
-        return [sum(len(e) for e in r["input_ids"]) for r in self.rows]
+def _set_stop_tokens(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Generation stops at the (end-of-turn) EOS and pads with the pad token, in config and generation_config."""
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if config is not None:
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
 
 
 def _compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:

@@ -59,8 +59,7 @@ def test_plan_shows_the_masked_prompt_and_the_trained_response(tmp_path):
         "max_length": 32,
     }
     shown = cli("plan", str(write_recipe(tmp_path / "g.yaml", values))).stdout
-    assert "[prompt, masked: no loss] open a file =>" in shown
-    assert "[response, trained] io<|endoftext|>" in shown
+    assert "[no loss]open a file =>[trained]io<|endoftext|>" in shown  # masked prompt, then the trained response
 
 
 def test_report_images_are_written_and_overlay_runs(tmp_path):

@@ -5,8 +5,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft_cli.metrics import generation_metrics
+from sft_cli.packing import pack_best_fit, pack_greedy, packed_attention, packing_efficiency
 from sft_cli.schema import Recipe
-from sft_cli.tasks.generation import GenerationTask, pack_examples, packed_attention
+from sft_cli.tasks.classification import ClassificationTask
+from sft_cli.tasks.generation import GenerationTask
 from sft_cli.tasks.text import train_bpe_tokenizer
 
 TEXTS = ["return the sum of the values", "open a file for reading", "send data over the socket"] * 20
@@ -22,6 +24,7 @@ def task():
     config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64)
     torch.manual_seed(0)
     t.model = AutoModelForCausalLM.from_config(config).eval()
+    t.isolation = "mask"
     return t
 
 
@@ -30,7 +33,7 @@ def rows(task, pairs):
     for prompt, response in pairs:
         p = task.tokenizer(prompt + " =>", add_special_tokens=False)["input_ids"]
         r = task.tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [task.tokenizer.eos_token_id]
-        out.append({"input_ids": p + r, "prompt_length": len(p)})
+        out.append({"input_ids": p + r, "trained": [0] * len(p) + [1] * len(r), "prompt_length": len(p)})
     return out
 
 
@@ -58,7 +61,7 @@ def test_prompt_weight_trains_the_prompt(task):
 
 def test_packed_examples_cannot_see_each_other(task):
     examples = rows(task, [("open a file", "io"), ("return the sum", "math"), ("send data", "socket")])
-    packed = {"input_ids": [e["input_ids"] for e in examples], "prompt_length": [e["prompt_length"] for e in examples]}
+    packed = {"input_ids": [e["input_ids"] for e in examples], "trained": [e["trained"] for e in examples]}
     batch = task.collate([packed], train=True)
     segments = batch["segment_ids"][0]
     mask = packed_attention(batch["segment_ids"], torch.float32)[0, 0]
@@ -79,10 +82,26 @@ def test_packed_examples_cannot_see_each_other(task):
             start += len(e["input_ids"])
 
 
-def test_packing_is_greedy_and_respects_max_length():
-    groups = pack_examples([30, 30, 10, 60, 5], 64)
-    assert groups == [[0, 1], [2], [3], [4]] or all(sum([30, 30, 10, 60, 5][i] for i in g) <= 64 for g in groups)
-    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+SKEWED = [120, 100, 90, 70, 40, 30, 30, 20, 12, 10, 8, 8, 6, 5, 4, 4, 3, 3, 2, 2] * 5  # a long tail of short ones
+
+
+def test_best_fit_never_splits_an_example_and_beats_greedy_on_skewed_lengths():
+    import random
+
+    lengths = SKEWED[:]
+    random.Random(0).shuffle(lengths)
+    best, greedy = pack_best_fit(lengths, 128), pack_greedy(lengths, 128)
+    for rows in (best, greedy):
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each example exactly once
+        assert all(sum(lengths[i] for i in row) <= 128 for row in rows)  # never over a row, never split
+    assert packing_efficiency(lengths, best, 128) > packing_efficiency(lengths, greedy, 128) + 0.05
+    assert len(best) < len(greedy)
+
+
+def test_length_grouping_defaults_per_task():
+    assert GenerationTask(Recipe()).groups_by_length(None) is False
+    assert ClassificationTask(Recipe()).groups_by_length(None) is True
+    assert GenerationTask(Recipe()).groups_by_length(True) is True
 
 
 def test_generation_metrics_known_values():

@@ -1,0 +1,67 @@
+"""Decoding for eval, `sft predict` and `sft chat`: batched, left-padded, cut at the stop token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from sft_cli.tasks.text import pad_sequences
+
+
+@dataclass
+class DecodeSettings:
+    """How to decode (greedy unless do_sample); `eval:` and `predict:` recipe sections fill it."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+
+@dataclass
+class Generated:
+    """One generation: its text, token ids (without the stop token), and whether it ended with the stop token."""
+
+    text: str
+    ids: list[int]
+    stopped: bool
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a reply: the (end-of-turn) EOS."""
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def generate(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], settings: DecodeSettings, streamer: Any = None
+) -> list[Generated]:
+    """Decode a batch of tokenized prompts (left padded, so every continuation starts at the same column)."""
+    device = next(model.parameters()).device
+    input_ids = pad_sequences(prompts, tokenizer.pad_token_id, max(len(p) for p in prompts), side="left")
+    mask = pad_sequences([[1] * len(p) for p in prompts], 0, input_ids.shape[1], side="left")
+    stops = stop_ids(tokenizer)
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    if settings.do_sample and settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=settings.max_new_tokens,
+        num_beams=settings.num_beams,
+        do_sample=settings.do_sample,
+        eos_token_id=stops or None,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        **sampling,
+    )
+    results = []
+    for generated in output[:, input_ids.shape[1] :].tolist():
+        cut = next((i for i, t in enumerate(generated) if t in stops), None)
+        ids = generated if cut is None else generated[:cut]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        results.append(Generated(text=text, ids=ids, stopped=cut is not None))
+    return results

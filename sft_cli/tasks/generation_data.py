@@ -1,0 +1,173 @@
+"""Rows -> training examples for generative SFT: token ids plus a per-token `trained` flag.
+
+Prompt/response pairs with a format-string template keep the classic path (the prompt is cut from the
+left so the response survives `max_length`); everything conversational — messages, sharegpt, alpaca,
+pairs under a chat template — goes through the chat encoder and its checked mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sft_cli.chat.formats import InvalidConversation, to_messages
+from sft_cli.chat.masks import ROLE_IDS, ROLE_NAMES, ChatEncoder, MaskError, role_token_counts
+from sft_cli.data import SkipCounter, cached_map
+from sft_cli.errors import SftError
+
+DEFAULT_TEMPLATE = "{prompt}\n"
+NO_TRAINED_TOKEN = "no trained token within data.max_length"
+
+
+def render_prompt(prompt: str, template: Optional[str]) -> str:
+    """The text the model sees before the response, from a format string with {prompt}."""
+    try:
+        return (template or DEFAULT_TEMPLATE).format(prompt=prompt)
+    except (KeyError, IndexError, ValueError) as err:
+        raise SftError(f"data.template: '{template}' is not a format string with {{prompt}} ({err})") from None
+
+
+@dataclass
+class RowReader:
+    """How to read one split's rows: the data shape, its column, and the encoder."""
+
+    fmt: str
+    column: Optional[str]
+    roles: dict[str, str]
+    data: Any  # DataConfig
+    chat: Optional[ChatEncoder]
+    tokenizer: Any
+
+    def messages(self, row: dict) -> list:
+        return to_messages(row, self.fmt, self.column, self.roles, self.data)
+
+    def null_reason(self, row: dict) -> Optional[str]:
+        fields = [self.column] if self.column else self._pair_fields()
+        for field in fields:
+            if row.get(field) is None:
+                return f"null {field}"
+        return None
+
+    def _pair_fields(self) -> list[str]:
+        if self.fmt == "alpaca":
+            return ["instruction", "output"]
+        return [self.data.prompt_field, self.data.response_field]
+
+    def encode_pair(self, row: dict) -> tuple[list[int], list[int]]:
+        """The classic path: rendered prompt + response + EOS; the prompt is truncated from the left."""
+        tokenizer, max_length = self.tokenizer, self.data.max_length
+        prompt = tokenizer(
+            render_prompt(str(row[self.data.prompt_field]), self.data.template), add_special_tokens=False
+        )
+        response = tokenizer(str(row[self.data.response_field]), add_special_tokens=False)["input_ids"]
+        response = (response + [tokenizer.eos_token_id])[:max_length]
+        kept = prompt["input_ids"][-(max_length - len(response)) :] if max_length > len(response) else []
+        return kept + response, [0] * len(kept) + [1] * len(response)
+
+
+def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped: SkipCounter) -> tuple[Any, list[int]]:
+    """Tokenize and mask every row (cached); rows that cannot train are counted by reason and left out.
+
+    Returns the examples and the indices of the rows they came from.
+    """
+    data, skip_invalid = reader.data, reader.data.skip_invalid
+
+    def encode(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in ("input_ids", "trained", "length", "role_tokens", "role_trained")}
+        out["skip"] = []
+        for offset, index in enumerate(indices):
+            row = {name: values[offset] for name, values in rows.items()}
+            ids, trained, tokens, targets, reason = _encode_row(row, reader, key, location, index, skip_invalid)
+            out["input_ids"].append(ids)
+            out["trained"].append(trained)
+            out["length"].append(len(ids))
+            out["role_tokens"].append(tokens)
+            out["role_trained"].append(targets)
+            out["skip"].append(reason)
+        return out
+
+    fingerprint = (
+        "generation-v2",
+        reader.fmt,
+        reader.column,
+        sorted(reader.roles.items()),
+        data.prompt_field,
+        data.response_field,
+        data.template,
+        data.max_length,
+        skip_invalid,
+        reader.chat.template.text if reader.chat else None,
+        reader.chat.train_on if reader.chat else None,
+        reader.tokenizer.name_or_path,
+        len(reader.tokenizer),
+    )
+    encoded = cached_map(table, encode, str(fingerprint), with_indices=True)
+    reasons = encoded["skip"]
+    for reason in sorted(set(reasons) - {""}):
+        skipped.add(key, reason, reasons.count(reason))
+    if all(reasons):
+        raise SftError(f"{key}: no usable example in {location} ({skipped.describe(key)})")
+    kept = [index for index, reason in enumerate(reasons) if not reason]
+    if len(kept) < len(reasons):
+        encoded = encoded.select(kept)
+    return encoded.remove_columns("skip"), kept
+
+
+def _encode_row(
+    row: dict, reader: RowReader, key: str, location: str, index: int, skip_invalid: bool
+) -> tuple[list[int], list[int], list[int], list[int], str]:
+    """(ids, trained, tokens per role, trained per role, skip reason) for one row."""
+    empty = [0] * len(ROLE_NAMES)
+    null = reader.null_reason(row)
+    if null:
+        return [], [], empty, empty, null
+    if reader.chat is None:
+        ids, trained = reader.encode_pair(row)
+        prompt_tokens = trained.count(0)
+        tokens = _role_counts({ROLE_IDS["user"]: prompt_tokens, ROLE_IDS["assistant"]: len(ids) - prompt_tokens})
+        return ids, trained, tokens, _role_counts({ROLE_IDS["assistant"]: len(ids) - prompt_tokens}), ""
+    try:
+        messages = reader.messages(row)
+        encoded = reader.chat.encode(messages, row.get("tools"))
+    except InvalidConversation as err:
+        if skip_invalid:
+            return [], [], empty, empty, "invalid conversation"
+        raise SftError(
+            f"{key}: {location} row {index + 1}: {err} — fix the row, or set data.skip_invalid: true to skip such rows"
+        ) from None
+    except MaskError as err:
+        raise SftError(f"data.chat_template: {location} row {index + 1}: {err}") from None
+    limit = reader.data.max_length
+    encoded.input_ids, encoded.trained, encoded.roles = (
+        encoded.input_ids[:limit],
+        encoded.trained[:limit],
+        encoded.roles[:limit],
+    )
+    if not any(encoded.trained[1:]):
+        return [], [], empty, empty, NO_TRAINED_TOKEN
+    tokens, trained = role_token_counts(encoded)
+    return encoded.input_ids, encoded.trained, tokens, trained, ""
+
+
+def _role_counts(values: dict[int, int]) -> list[int]:
+    return [values.get(i, 0) for i in range(len(ROLE_NAMES))]
+
+
+def trained_tokens_per_role(encoded: Any) -> dict[str, dict[str, Any]]:
+    """{role: {tokens, trained, share}} over a whole encoded split (for the plan and summary.json)."""
+    import numpy as np
+
+    tokens = np.asarray(encoded["role_tokens"]).sum(axis=0) if len(encoded) else np.zeros(len(ROLE_NAMES))
+    trained = np.asarray(encoded["role_trained"]).sum(axis=0) if len(encoded) else np.zeros(len(ROLE_NAMES))
+    return {
+        ROLE_NAMES[i]: {"tokens": int(tokens[i]), "trained": int(trained[i]), "share": round(trained[i] / tokens[i], 4)}
+        for i in range(len(ROLE_NAMES))
+        if tokens[i]
+    }
+
+
+def eval_turns(row: dict, reader: RowReader) -> tuple[list, str]:
+    """(history, reference) for an eval conversation: everything before the final assistant turn, and that turn."""
+    messages = reader.messages(row)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last].get("content") or ""
