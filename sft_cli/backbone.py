@@ -188,12 +188,16 @@ def embedding_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def apply_freeze(model: nn.Module, policy: FreezeConfig) -> nn.Module:
-    """Set requires_grad by policy; returns the model (wrapped by PEFT for `lora`)."""
+def apply_freeze(model: nn.Module, policy: FreezeConfig, new_tokens: Optional[list[int]] = None) -> nn.Module:
+    """Set requires_grad by policy; returns the model (wrapped by PEFT for `lora`).
+
+    `new_tokens`: vocabulary rows added for this run (a chat template's special tokens); under LoRA they
+    train and are saved with the adapter, since the frozen base has nothing for them.
+    """
     names = [n for n, _ in model.named_parameters()]
     head = head_parameter_names(model)
     if policy.policy == "lora":
-        return _apply_lora(model, policy, head)
+        return _apply_lora(model, policy, head, new_tokens or [])
     if policy.policy == "none":
         trainable = set(names)
     elif policy.policy == "head-only":
@@ -230,7 +234,7 @@ def _match(pattern: str, names: list[str], key: str) -> set[str]:
     return hits
 
 
-def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str]) -> nn.Module:
+def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str], new_tokens: list[int]) -> nn.Module:
     """Wrap with PEFT LoRA; the task head stays fully trainable (modules_to_save)."""
     from peft import LoraConfig, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
@@ -255,6 +259,7 @@ def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str]) -> nn.Mo
         lora_dropout=policy.lora.dropout,
         target_modules=list(targets),
         modules_to_save=head_modules or None,
+        trainable_token_indices=new_tokens or None,
     )
     try:
         return get_peft_model(model, config)
@@ -317,8 +322,17 @@ def load_trained(auto_class: Any, directory: str) -> nn.Module:
 
     base_location = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(directory)
-    if base_location and Path(base_location).is_dir():
+    vocabulary = getattr(config, "vocab_size", None)
+    try:  # the real base weights: never a silently random base under the adapter
+        base_vocabulary = getattr(AutoConfig.from_pretrained(base_location), "vocab_size", vocabulary)
+        if vocabulary is not None:
+            config.vocab_size = base_vocabulary  # load at the base's size; rows a template added come from the adapter
         base = auto_class.from_pretrained(base_location, config=config, ignore_mismatched_sizes=True)
-    else:
-        base = auto_class.from_config(config)
+    except (OSError, ValueError) as err:
+        raise SftError(
+            f"--model: {directory} is a LoRA adapter whose base model '{base_location}' cannot be loaded "
+            f"({str(err).splitlines()[0]}) — make the base available, or export a merged model (output.merge_lora)"
+        ) from None
+    if vocabulary is not None and vocabulary != base_vocabulary:  # tokens added for a chat template
+        base.resize_token_embeddings(vocabulary, mean_resizing=False)
     return PeftModel.from_pretrained(base, directory)

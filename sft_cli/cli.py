@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -48,7 +49,7 @@ def _setup_logging() -> None:
 
 
 def _run(action, *args, **kwargs):
-    """Call a command; a user error becomes one line on stderr and exit code 2."""
+    """Call a command: a user error is one line and exit 2, a bug one line and exit 1 (tracebacks with --debug)."""
     from sft_cli.engine import Interrupted
 
     try:
@@ -61,6 +62,41 @@ def _run(action, *args, **kwargs):
     except Interrupted as stop:
         sys.stderr.write(f"interrupted: checkpoint saved at {stop.checkpoint}\n")
         raise typer.Exit(stop.code) from None
+    except (typer.Exit, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        if state["debug"]:
+            raise
+        detail = " ".join(str(err).split())[:300]
+        sys.stderr.write(
+            f"internal error: {type(err).__name__}: {detail} — this is a bug in sft; please report it with the "
+            "output of the same command run as `sft --debug ...`\n"
+        )
+        raise typer.Exit(1) from None
+
+
+JSON = typer.Option(False, "--json", help="Human output to stderr; stdout gets exactly one JSON document.")
+
+
+def _json_mode(enabled: bool) -> None:
+    if enabled:
+        from sft_cli.progress import json_mode
+
+        json_mode()
+
+
+def _emit(result: Any, enabled: bool) -> None:
+    """The command's result as one JSON document on stdout (rank 0 only)."""
+    if enabled and os.environ.get("RANK", "0") == "0":
+        sys.stdout.write(json.dumps(result, default=_jsonable) + "\n")
+        sys.stdout.flush()
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _load(recipe: Path, overrides: Optional[List[str]]):
@@ -107,16 +143,19 @@ def _launch(nproc: int) -> None:
     raise typer.Exit(subprocess.call(command))
 
 
-def _train(command: str, recipe: Path, overrides: Optional[List[str]], resume: Optional[str], overwrite: bool) -> None:
+def _train(
+    command: str, recipe: Path, overrides: Optional[List[str]], resume: Optional[str], overwrite: bool, as_json: bool
+) -> None:
     from sft_cli import commands
 
     _quiet_libraries()
     _setup_logging()
+    _json_mode(as_json)
     parsed = _run(_load, recipe, overrides)
     again = ["sft", command, str(recipe), *(overrides or []), "--resume"]
     resume_command = " ".join(shlex.quote(a) for a in again)
     try:
-        _run(commands.train, parsed, command, _resume_value(resume), overwrite, resume_command)
+        _emit(_run(commands.train, parsed, command, _resume_value(resume), overwrite, resume_command), as_json)
     except typer.Exit as stop:
         if stop.exit_code in (130, 143):
             sys.stderr.write(f"resume with: {resume_command}\n")
@@ -136,10 +175,11 @@ def finetune(
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, metavar="[PATH]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
     nproc: int = NPROC,
+    as_json: bool = JSON,
 ) -> None:
     """Supervised fine-tuning (classification, image classification, prompt->response generation)."""
     _launch(nproc)
-    _train("finetune", recipe, overrides, resume, overwrite)
+    _train("finetune", recipe, overrides, resume, overwrite, as_json)
 
 
 @app.command()
@@ -149,10 +189,11 @@ def pretrain(
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP, metavar="[PATH]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output.dir."),
     nproc: int = NPROC,
+    as_json: bool = JSON,
 ) -> None:
     """Unsupervised language modelling (next-token or masked) on raw text, from scratch or continued."""
     _launch(nproc)
-    _train("pretrain", recipe, overrides, resume, overwrite)
+    _train("pretrain", recipe, overrides, resume, overwrite, as_json)
 
 
 @app.command("eval")
@@ -161,6 +202,7 @@ def evaluate(
     overrides: Optional[List[str]] = OVERRIDES,
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: output.dir/model)."),
     nproc: int = NPROC,
+    as_json: bool = JSON,
 ) -> None:
     """Evaluate a trained model on data.eval; writes eval.json into output.dir."""
     from sft_cli import commands
@@ -168,22 +210,25 @@ def evaluate(
     _launch(nproc)
     _quiet_libraries()
     _setup_logging()
+    _json_mode(as_json)
     parsed = _run(_load, recipe, overrides)
-    _run(commands.evaluate_model, parsed, str(model) if model else None)
+    _emit(_run(commands.evaluate_model, parsed, str(model) if model else None), as_json)
 
 
 @app.command("plan")
 def plan_command(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[List[str]] = OVERRIDES,
+    as_json: bool = JSON,
 ) -> None:
     """Show what a run would do before any compute: recipe, parameters, data, examples, cost."""
     from sft_cli.plan import plan
 
     _quiet_libraries()
     _setup_logging()
+    _json_mode(as_json)
     parsed = _run(_load, recipe, overrides)
-    _run(plan, parsed)
+    _emit(_run(plan, parsed), as_json)
 
 
 @app.command("sweep")
@@ -246,7 +291,13 @@ def _fail(message: str) -> None:
 
 
 def optional_resume_value(args: list[str]) -> list[str]:
-    """Let `--resume` stand alone (newest checkpoint) or take a PATH, as click options cannot."""
+    """Let `--resume` stand alone (newest checkpoint) or take a PATH, as click options cannot.
+
+    Only `finetune` and `pretrain` take a PATH; elsewhere (`predict --resume`) it is a plain flag.
+    """
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command not in ("finetune", "pretrain"):
+        return list(args)
     out = []
     for index, arg in enumerate(args):
         if arg != "--resume":
@@ -257,6 +308,9 @@ def optional_resume_value(args: list[str]) -> list[str]:
         is_path = is_path and not following.endswith((".yaml", ".yml"))
         out.append("--resume" if is_path else "--resume=latest")
     return out
+
+
+from sft_cli import cli_batch, cli_use  # noqa: E402, F401 - they register their commands on `app`
 
 
 def run() -> None:

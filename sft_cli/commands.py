@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,12 +17,15 @@ from accelerate.utils import set_seed
 
 from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
 from sft_cli.device import make_accelerator
-from sft_cli.engine import Trainer
+from sft_cli.engine import Interrupted, Trainer
 from sft_cli.errors import SftError
 from sft_cli.evaluation import evaluate
+from sft_cli.lock import RunLock
+from sft_cli.model_card import write_card
 from sft_cli.plots import report_png
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml
+from sft_cli.runs import write_status
 from sft_cli.tasks import build_task
 
 log = logging.getLogger("sft")
@@ -36,6 +40,7 @@ RUN_FILES = (
     "best-model",
     "checkpoints",
     "report.png",
+    "status.json",
 )
 
 
@@ -69,13 +74,34 @@ def clear_previous_run(run_dir: Path) -> None:
 def train(
     recipe: Recipe, command: str, resume: Optional[str] = None, overwrite: bool = False, resume_command: str = ""
 ) -> dict[str, Any]:
-    """`sft pretrain` / `sft finetune`: train, keep the best (or last) model in model/, write summary.json."""
+    """`sft pretrain` / `sft finetune`: train, keep the best (or last) model in model/, write summary.json.
+
+    The run directory is locked for the whole run (rank 0 holds it); `status.json` says how it ended.
+    """
     wants_pretrain = recipe.task in PRETRAIN_TASKS
     if (command == "pretrain") != wants_pretrain:
         other = "pretrain" if wants_pretrain else "finetune"
         raise SftError(f"task: '{recipe.task}' runs with `sft {other}`, not `sft {command}`")
     run_dir = Path(recipe.output.dir)
-    check_output_dir(run_dir, overwrite, resume is not None)
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    with RunLock(run_dir, command) if rank_zero else nullcontext():
+        check_output_dir(run_dir, overwrite, resume is not None)
+        started: dict[str, bool] = {"training": False}
+        try:
+            return _train(recipe, run_dir, resume, resume_command, started)
+        except Interrupted as stop:
+            if rank_zero:
+                write_status(run_dir, "interrupted", checkpoint=str(stop.checkpoint), resume=resume_command)
+            raise
+        except BaseException as err:
+            if rank_zero and started["training"]:  # before that point nothing in output.dir changed
+                write_status(run_dir, "failed", error=" ".join(str(err).split())[:500] or type(err).__name__)
+            raise
+
+
+def _train(
+    recipe: Recipe, run_dir: Path, resume: Optional[str], resume_command: str, started: dict[str, bool]
+) -> dict[str, Any]:
     resume_from = find_resume_point(run_dir, resume or None) if resume is not None else None
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
@@ -86,6 +112,8 @@ def train(
         if resume_from is None:
             clear_previous_run(run_dir)
         write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
+        write_status(run_dir, "running", pid=os.getpid())
+    started["training"] = True
     trainer = Trainer(
         task,
         accelerator,
@@ -128,7 +156,10 @@ def train(
         )
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "summary.json", summary)
+        for directory in (run_dir / "model", run_dir / "best-model"):
+            write_card(recipe, run_dir, directory, getattr(task, "names", None))
         report_png([run_dir], run_dir / "report.png")
+        write_status(run_dir, "finished")
         print_table(f"{recipe.name}: training summary", {k: v for k, v in summary.items() if k != "eval"})
     accelerator.end_training()
     return summary
@@ -155,6 +186,8 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
         run_dir.mkdir(parents=True, exist_ok=True)
         task.report(metrics, run_dir)  # plots, predictions.jsonl (moved out of the metrics)
         write_json_atomic(run_dir / "eval.json", metrics)
+        if directory.resolve() == (run_dir / "model").resolve():  # the card quotes eval.json's metrics
+            write_card(recipe, run_dir, directory, getattr(task, "names", None))
         if (run_dir / "metrics.jsonl").exists():
             report_png([run_dir], run_dir / "report.png")
         print_table(

@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -23,6 +24,7 @@ log = logging.getLogger("sft")
 
 # A hub dataset id, optionally with a split: `imdb`, `trl-lib/Capybara`, `trl-lib/Capybara:test`.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -37,6 +39,20 @@ def _check_utf8(path: Path, key: str) -> None:
             raise SftError(f"{key}: {path} is not UTF-8 text (byte {err.start}) — re-save it as UTF-8") from None
 
 
+_CACHE: dict[str, Optional[str]] = {"dir": None}  # None: the datasets library's own cache
+
+
+@contextmanager
+def use_cache_dir(directory: Path) -> Iterator[None]:
+    """Send the datasets cache (parsed files, tokenized maps) to `directory` for a while (`sft check`)."""
+    previous = _CACHE["dir"]
+    _CACHE["dir"] = str(directory)
+    try:
+        yield
+    finally:
+        _CACHE["dir"] = previous
+
+
 def load_table(location: str, key: str) -> datasets.Dataset:
     """Load one split from a file, a `save_to_disk` directory, an image folder, or a hub name."""
     path = Path(location).expanduser()
@@ -45,8 +61,8 @@ def load_table(location: str, key: str) -> datasets.Dataset:
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
                 raise SftError(f"{key}: {path} holds several splits ({', '.join(table)}); point at one")
-        elif any(child.is_dir() for child in path.iterdir()):
-            table = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        elif any(child.is_dir() or child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir()):
+            table = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=_CACHE["dir"])
         else:
             raise SftError(f"{key}: {path} is neither a saved dataset nor an image folder")
     elif path.suffix.lower() in EXTENSIONS:
@@ -74,7 +90,7 @@ def _load_file(path: Path, key: str) -> datasets.Dataset:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return datasets.Dataset.from_dict({"text": [line for line in lines if line]})
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_CACHE["dir"])
     except Exception as err:  # datasets raises many types for malformed files
         if path.suffix.lower() == ".jsonl":
             _raise_on_bad_json_line(path, key)
@@ -104,7 +120,7 @@ def _load_hub(location: str, key: str) -> datasets.Dataset:
     """A dataset from the Hugging Face hub (or its local cache when offline); `org/name:split` picks a split."""
     name, _, split = location.partition(":")
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split or "train", cache_dir=_CACHE["dir"])
     except Exception:
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if _offline() else ""
         raise SftError(
@@ -118,10 +134,14 @@ def _offline() -> bool:
 
 def require_columns(table: datasets.Dataset, columns: Sequence[str], key: str, source: str) -> None:
     """Fail, listing what exists, when a needed column is missing."""
+    require_columns_named(table.column_names, columns, key, source)
+
+
+def require_columns_named(present: Sequence[str], columns: Sequence[str], key: str, source: str) -> None:
+    """`require_columns` over a list of column names."""
     for column in columns:
-        if column not in table.column_names:
-            have = ", ".join(table.column_names)
-            raise SftError(f"{key}='{column}': no such column in {source} (columns: {have})")
+        if column not in present:
+            raise SftError(f"{key}='{column}': no such column in {source} (columns: {', '.join(present)})")
 
 
 class SkipCounter:

@@ -53,6 +53,10 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**config.distributed.fsdp)
+    if world == 1:  # one process may run several recipes (sft check, sweeps, tests): start from a clean state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
     check_process_group(accelerator.num_processes, world, config.device)
     return accelerator

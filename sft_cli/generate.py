@@ -7,8 +7,6 @@ from typing import Any, Optional
 
 import torch
 
-from sft_cli.tasks.text import pad_sequences
-
 
 @dataclass
 class DecodeSettings:
@@ -40,8 +38,11 @@ def generate(
     model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], settings: DecodeSettings, streamer: Any = None
 ) -> list[Generated]:
     """Decode a batch of tokenized prompts (left padded, so every continuation starts at the same column)."""
+    from sft_cli.tasks.text import pad_sequences  # here, not at the top: sft_cli.tasks imports this module
+
     device = next(model.parameters()).device
-    input_ids = pad_sequences(prompts, tokenizer.pad_token_id, max(len(p) for p in prompts), side="left")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = pad_sequences(prompts, pad, max(len(p) for p in prompts), side="left")
     mask = pad_sequences([[1] * len(p) for p in prompts], 0, input_ids.shape[1], side="left")
     stops = stop_ids(tokenizer)
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
@@ -54,7 +55,7 @@ def generate(
         num_beams=settings.num_beams,
         do_sample=settings.do_sample,
         eos_token_id=stops or None,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad,
         streamer=streamer,
         **sampling,
     )

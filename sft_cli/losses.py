@@ -7,12 +7,14 @@ import torch.nn.functional as F
 
 
 def summed_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Cross-entropy summed over items whose label is not -100 (optionally weighted per item)."""
+    """Cross-entropy summed over items whose label is not -100 (optionally weighted per item, label-smoothed)."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     flat_labels = labels.reshape(-1)
-    per_item = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="none")
+    per_item = F.cross_entropy(
+        flat_logits, flat_labels, ignore_index=-100, reduction="none", label_smoothing=label_smoothing
+    )
     if weights is not None:
         per_item = per_item * weights.reshape(-1)
     return per_item.sum()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Mapping
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -11,6 +12,29 @@ from rich.table import Table
 
 console = Console(stderr=True)
 stdout = Console()
+_QUIET = {"on": False}
+
+
+def json_mode() -> None:
+    """`--json`: everything meant for people goes to stderr; stdout keeps one JSON document."""
+    import sys
+
+    stdout.file = sys.stderr
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bars, progress lines or tables for a while (`sft check` runs many trainings)."""
+    _QUIET["on"] = True
+    try:
+        yield
+    finally:
+        _QUIET["on"] = False
+
+
+def bars_wanted() -> bool:
+    """Live progress bars only on a terminal, and never with NO_COLOR set."""
+    return console.is_terminal and not os.environ.get("NO_COLOR")
 
 
 class TrainProgress:
@@ -26,8 +50,9 @@ class TrainProgress:
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
             TimeRemainingColumn(),
             console=console,
-            disable=not enabled or not sys.stderr.isatty(),
+            disable=not enabled or not bars_wanted(),
         )
+        self.enabled = enabled and not _QUIET["on"]
         self.task_id = None
 
     def start(self, completed: int) -> None:
@@ -85,6 +110,8 @@ def human(value: Any) -> str:
 
 def print_table(title: str, values: Mapping[str, Any]) -> None:
     """A two-column table of scalar results, formatted for people (the JSON files keep raw values)."""
+    if _QUIET["on"]:
+        return
     table = Table(title=title, show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", justify="right")
@@ -96,6 +123,8 @@ def print_table(title: str, values: Mapping[str, Any]) -> None:
 
 def print_per_class(per_class: Mapping[str, Mapping[str, float]]) -> None:
     """Per-class precision/recall/F1/support."""
+    if _QUIET["on"]:
+        return
     table = Table(title="per class")
     for column in ("label", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "label" else "right")

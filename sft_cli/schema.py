@@ -101,6 +101,8 @@ class LossConfig:
     lm: float = 0.0
     prompt: float = 0.0  # generation: weight of untrained tokens (prompt, user turns; 0 = masked)
     train_on: str = "assistant"  # conversations: assistant (every reply) | last (the final reply) | all (every token)
+    class_weights: Any = None  # classification: null | balanced | {label: weight}
+    label_smoothing: float = 0.0  # classification: 0 <= x < 1
 
 
 @dataclass
@@ -191,6 +193,20 @@ class EvalConfig:
 
 
 @dataclass
+class PredictConfig:
+    """`sft predict` / `sft chat`: batching and decoding (greedy unless do_sample)."""
+
+    batch_size: int = 32
+    top_k: int = 5  # classification: how many label -> probability pairs `scores` holds
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None  # sampling seed (default: engine.seed)
+
+
+@dataclass
 class Recipe:
     """A whole run."""
 
@@ -207,4 +223,5 @@ class Recipe:
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     sweep: dict[str, Any] = field(default_factory=dict)

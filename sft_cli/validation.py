@@ -51,6 +51,7 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "loss.supervised": (0, True, None, False),
     "loss.lm": (0, True, None, False),
     "loss.prompt": (0, True, None, False),
+    "loss.label_smoothing": (0, True, 1, False),
     "optim.lr": (0, False, None, False),
     "optim.weight_decay": (0, True, None, False),
     "optim.momentum": (0, True, 1, False),
@@ -75,6 +76,13 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "eval.batch_size": (1, True, None, False),
     "eval.num_beams": (1, True, None, False),
     "eval.max_new_tokens": (1, True, None, False),
+    "predict.batch_size": (1, True, None, False),
+    "predict.top_k": (1, True, None, False),
+    "predict.max_new_tokens": (1, True, None, False),
+    "predict.num_beams": (1, True, None, False),
+    "predict.temperature": (0, False, None, False),
+    "predict.top_p": (0, False, 1, True),
+    "predict.seed": (0, True, 2**32 - 1, True),
 }
 
 
@@ -124,6 +132,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
+    _check_class_weights(recipe.loss.class_weights, source)
     check_ranges(recipe, source)
     sched, optim = recipe.schedule, recipe.optim
     _check(len(optim.betas) == 2, source, "'optim.betas' must be two numbers, e.g. [0.9, 0.999]")
@@ -142,3 +151,14 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _check_choice(sched.early_stopping.mode, ("min", "max"), "schedule.early_stopping.mode", source)
     _check(bool(recipe.output.dir), source, "'output.dir' must be a directory path")
     _check(recipe.data.train is not None, source, "'data.train' is required: a file, directory or hub name")
+
+
+def _check_class_weights(weights: Any, source: str) -> None:
+    """null, 'balanced', or a mapping of label -> positive number."""
+    if weights is None or weights == "balanced":
+        return
+    if not isinstance(weights, dict) or not weights:
+        raise SftError(f"{source}: 'loss.class_weights' must be null, balanced, or {{label: weight}}; got {weights!r}")
+    for label, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise SftError(f"{source}: 'loss.class_weights.{label}' must be a number > 0; got {value!r}")

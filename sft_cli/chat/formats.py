@@ -81,20 +81,27 @@ def _turns(value: Any) -> list:
     return value
 
 
-def to_messages(row: dict[str, Any], fmt: str, column: Optional[str], names: dict[str, str], fields: Any) -> list:
-    """One data row as validated OpenAI-style messages; raises InvalidConversation saying what is wrong."""
+def to_messages(
+    row: dict[str, Any], fmt: str, column: Optional[str], names: dict[str, str], fields: Any, prompt: bool = False
+) -> list:
+    """One data row as validated OpenAI-style messages; raises InvalidConversation saying what is wrong.
+
+    `prompt=True` reads a conversation to continue (`sft predict`, `sft chat`): it ends on a user (or tool)
+    turn, and alpaca / prompt-response rows need no answer.
+    """
     if fmt == "alpaca":
-        instruction, extra, output = row.get("instruction"), row.get("input"), row.get("output")
+        instruction, extra = row.get("instruction"), row.get("input")
         user = str(instruction) + (f"\n\n{extra}" if extra not in (None, "") else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        messages = [{"role": "user", "content": user}]
+        messages += [] if prompt else [{"role": "assistant", "content": row.get("output")}]
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": row["system"]})
     elif fmt == "prompt-response":
-        prompt, response = row.get(fields.prompt_field), row.get(fields.response_field)
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        messages = [{"role": "user", "content": row.get(fields.prompt_field)}]
+        messages += [] if prompt else [{"role": "assistant", "content": row.get(fields.response_field)}]
     else:
         messages = [_message(turn, index, fmt, names) for index, turn in enumerate(_turns(row[column]), 1)]
-    check_conversation(messages)
+    check_conversation(messages, prompt)
     return messages
 
 
@@ -118,8 +125,11 @@ def _message(turn: Any, index: int, fmt: str, names: dict[str, str]) -> dict[str
     return message
 
 
-def check_conversation(messages: list[dict[str, Any]]) -> None:
-    """Roles alternate (system first, user/assistant in turn, tool results after tool calls); text is text."""
+def check_conversation(messages: list[dict[str, Any]], prompt: bool = False) -> None:
+    """Roles alternate (system first, user/assistant in turn, tool results after tool calls); text is text.
+
+    A training conversation needs an assistant turn; a prompt (`prompt=True`) must end on a user or tool turn.
+    """
     previous = None
     for index, message in enumerate(messages, 1):
         role, content = message["role"], message.get("content")
@@ -139,5 +149,8 @@ def check_conversation(messages: list[dict[str, Any]]) -> None:
         if role == "tool" and previous == "assistant" and not messages[index - 2].get("tool_calls"):
             raise InvalidConversation(f"turn {index} is a tool result but turn {index - 1} made no tool call")
         previous = role
-    if not any(m["role"] == "assistant" for m in messages):
+    if prompt:
+        if previous not in ("user", "tool"):
+            raise InvalidConversation(f"the conversation ends on a '{previous}' turn, not a user turn to answer")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise InvalidConversation("no assistant turn to train on")

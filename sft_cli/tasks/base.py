@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sft_cli.data import SkipCounter
+from sft_cli.errors import SftError
 from sft_cli.schema import Recipe
 
 Batch = dict[str, torch.Tensor]
@@ -89,3 +90,29 @@ class Task(ABC):
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:
         """Extra artefacts after `sft eval` (plots); nothing by default."""
+
+    # -- using a trained model (`sft predict`, `sft chat`) ----------------------------------------------
+
+    def load_for_inference(self, model_dir: str) -> None:
+        """Tokenizer (or image preprocessing) and model from a trained model directory, without any data."""
+        raise SftError(f"task: {self.recipe.task} models cannot predict")
+
+    def prediction_table(self, location: str) -> Any:
+        """The rows `sft predict` reads, loaded like training data (labels are not needed)."""
+        from sft_cli.data import load_table
+
+        return load_table(location, "--input")
+
+    def check_input(self, columns: list[str]) -> None:
+        """Fail, naming the recipe key, when the input lacks a column the task needs."""
+
+    def check_rows(self, rows: list[dict], first: int) -> None:
+        """Fail with the (1-based) row number on a row that cannot be predicted; `first` numbers rows[0]."""
+
+    def predict_length(self, row: dict) -> int:
+        """A cheap size of a row, to batch similar rows together (0: no sorting)."""
+        return 0
+
+    def predict(self, model: nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        """The prediction fields for each row (`prediction` and the task's extras), in the rows' order."""
+        raise SftError(f"task: {self.recipe.task} models cannot predict")

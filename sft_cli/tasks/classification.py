@@ -9,13 +9,19 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns, require_columns_named
 from sft_cli.errors import SftError
 from sft_cli.losses import summed_cross_entropy
 from sft_cli.metrics import classification_metrics
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import AuxiliaryLM
 from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, text_batch
+
+
+def _on(model: torch.nn.Module, batch: Batch) -> Batch:
+    """A CPU batch moved to the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def label_names(values: list[Any]) -> list[str]:
@@ -51,9 +57,8 @@ class ClassificationTask(Task):
             self.tokenizer = backbone_tokenizer(resolved, spec)
             self.model = self.new_classifier(resolved, names)
         else:
-            self.tokenizer = load_tokenizer(model_dir, spec)
-            self.model = bb.load_trained(self.auto_class, model_dir)
-            names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+            self.load_for_inference(model_dir)
+            names = self.names
         self.names = names
         self.label2id = {n: i for i, n in enumerate(names)}
         self.aux = AuxiliaryLM.maybe(self.recipe, self.model, self.tokenizer) if train else None
@@ -63,6 +68,7 @@ class ClassificationTask(Task):
             self.model = self.aux.attach(self.model)
         if self.train_set is not None:
             self.train_set = self._tokenize(self.train_set, "data.train")
+            self.set_class_weights(self.train_set["label"])
         if data.eval:
             eval_raw = load_table(data.eval, "data.eval")
             require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
@@ -121,8 +127,37 @@ class ClassificationTask(Task):
             batch.update(self.aux.make_inputs(batch))
         return batch
 
+    def set_class_weights(self, label_ids: list[int]) -> None:
+        """`loss.class_weights`: balanced (n / (classes * count)), a {label: weight} map, or none."""
+        requested, self.class_weight = self.recipe.loss.class_weights, None
+        if requested is None:
+            return
+        if requested == "balanced":
+            counts = torch.bincount(torch.tensor(label_ids), minlength=len(self.names)).float()
+            weights = len(label_ids) / (len(self.names) * counts.clamp(min=1))
+        else:
+            unknown = sorted(set(map(str, requested)) - set(self.names))
+            if unknown:
+                raise SftError(
+                    f"loss.class_weights: no such label(s) {', '.join(unknown)} (labels: {', '.join(self.names[:10])})"
+                )
+            given = {str(k): float(v) for k, v in requested.items()}
+            weights = torch.tensor([given.get(name, 1.0) for name in self.names])
+        self.class_weight = weights
+
+    def item_weights(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """Each example's class weight (None without class weights)."""
+        weight = getattr(self, "class_weight", None)
+        return None if weight is None else weight.to(labels.device)[labels.clamp(min=0)]
+
+    def summary_extras(self) -> dict[str, Any]:
+        weight = getattr(self, "class_weight", None)
+        weights = None if weight is None else {n: round(float(w), 6) for n, w in zip(self.names, weight)}
+        return {"class_weights": weights, "label_smoothing": self.recipe.loss.label_smoothing}
+
     def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
-        counts = {"sup": torch.tensor(batch["labels"].shape[0])}
+        weights = self.item_weights(batch["labels"])
+        counts = {"sup": torch.tensor(batch["labels"].shape[0]) if weights is None else weights.sum()}
         if "lm_labels" in batch:
             counts["lm"] = (batch["lm_labels"] != -100).sum()
         return counts
@@ -132,10 +167,11 @@ class ClassificationTask(Task):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
-        logits = self.logits(model, batch)
-        terms = {
-            "sup": (summed_cross_entropy(logits, batch["labels"]), batch["labels"].new_tensor(batch["labels"].shape[0]))
-        }
+        logits, labels = self.logits(model, batch), batch["labels"]
+        weights = self.item_weights(labels)
+        smoothing = self.recipe.loss.label_smoothing
+        summed = summed_cross_entropy(logits, labels, weights, label_smoothing=smoothing)
+        terms = {"sup": (summed, labels.new_tensor(labels.shape[0]) if weights is None else weights.sum())}
         if self.aux is not None and "lm_labels" in batch:
             terms["lm"] = self.aux.loss(model, batch)
         return terms
@@ -153,6 +189,37 @@ class ClassificationTask(Task):
         metrics = classification_metrics(labels, preds, self.names)
         metrics["loss"] = sum(losses) / max(len(labels), 1)
         return metrics
+
+    # -- sft predict ----------------------------------------------------------------------------
+
+    def load_for_inference(self, model_dir: str) -> None:
+        self.tokenizer = load_tokenizer(model_dir, self.recipe.backbone)
+        self.model = bb.load_trained(self.auto_class, model_dir)
+        self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.label2id = {n: i for i, n in enumerate(self.names)}
+
+    def check_input(self, columns: list[str]) -> None:
+        require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
+
+    def predict_length(self, row: dict) -> int:
+        return len(str(row.get(self.recipe.data.text_field) or ""))
+
+    def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        field, max_length = self.recipe.data.text_field, self.recipe.data.max_length
+        texts = ["" if r.get(field) is None else str(r[field]) for r in rows]
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        batch = text_batch([{"input_ids": ids} for ids in encoded], self.tokenizer.pad_token_id or 0)
+        return self.label_scores(self.logits(model, _on(model, batch)), settings.top_k)
+
+    def label_scores(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+        """Per row: the predicted label name, its probability, and the top-k label -> probability."""
+        probabilities = logits.float().softmax(-1)
+        top = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+        out = []
+        for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+            scores = {self.names[i]: round(v, 6) for v, i in zip(values, indices)}
+            out.append({"prediction": self.names[indices[0]], "score": round(values[0], 6), "scores": scores})
+        return out
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         model = getattr(model, "main", model)

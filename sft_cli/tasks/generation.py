@@ -25,13 +25,14 @@ from sft_cli.metrics import generation_metrics, perplexity
 from sft_cli.packing import PackedRows, isolation_mode, pack_best_fit, packed_attention, packing_efficiency
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.generation_data import RowReader, encode_split, eval_turns, render_prompt, trained_tokens_per_role
+from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationInference, set_stop_tokens
 from sft_cli.tasks.language_modeling import pack_texts
 from sft_cli.tasks.text import backbone_tokenizer, ensure_pad_token, load_tokenizer, pad_sequences
 
 VERIFY_ROWS = 32  # real rows whose prefixes are tokenized on their own at start-up
 
 
-class GenerationTask(Task):
+class GenerationTask(GenerationInference, Task):
     """Causal-LM fine-tuning on pairs or conversations; eval with exact match, BLEU, ROUGE-L, stop rate."""
 
     main_metric = "eval_loss"
@@ -48,21 +49,23 @@ class GenerationTask(Task):
             if location and (train or key == "data.eval")
         }
         self.chat = self._chat_encoder(next(iter(tables.values())).column_names, model_dir or spec.name)
+        readers = {key: self._reader(table, key) for key, table in tables.items()}  # columns, template, mask checks
         ensure_pad_token(self.tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise SftError("backbone: generation needs a tokenizer with an EOS token so the model learns to stop")
         self.model = self._build_model(resolved) if train else bb.load_trained(AutoModelForCausalLM, model_dir)
-        _set_stop_tokens(bb.unwrap(self.model), self.tokenizer)
+        set_stop_tokens(bb.unwrap(self.model), self.tokenizer)
         self.isolation = None
         if train:
-            reader = self._reader(tables["data.train"], "data.train")
-            encoded, _ = encode_split(tables["data.train"], reader, "data.train", data.train, self.skipped)
+            encoded, _ = encode_split(
+                tables["data.train"], readers["data.train"], "data.train", data.train, self.skipped
+            )
             self.role_tokens = trained_tokens_per_role(encoded)
             self.train_set = self._maybe_pack(encoded)
             self.unlabeled = self._unlabeled() if recipe.loss.lm > 0 else None
-            self.model = bb.apply_freeze(self.model, recipe.freeze)
+            self.model = bb.apply_freeze(self.model, recipe.freeze, self.new_tokens)
         if "data.eval" in tables:
-            reader = self._reader(tables["data.eval"], "data.eval")
+            reader = readers["data.eval"]
             self.eval_set, kept = encode_split(tables["data.eval"], reader, "data.eval", data.eval, self.skipped)
             self.eval_prompts = self._eval_prompts(tables["data.eval"].select(kept), reader)
 
@@ -85,7 +88,9 @@ class GenerationTask(Task):
             _fit_config_to_tokenizer(resolved.config, tokenizer, self.recipe.data.max_length)
         attention = bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device)
         model = bb.load_model(AutoModelForCausalLM, resolved, spec, attention)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # template or pad tokens were added
+        rows = model.get_input_embeddings().num_embeddings
+        self.new_tokens = list(range(rows, len(tokenizer))) if not spec.from_scratch else []
+        if rows < len(tokenizer):  # template or pad tokens were added
             model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
@@ -102,6 +107,8 @@ class GenerationTask(Task):
         reader = RowReader(fmt, column, role_names(dict(data.roles)), data, self.chat, self.tokenizer)
         if self.chat is not None:
             self._verify(table, reader, key)
+        else:
+            render_prompt(str(table[0][data.prompt_field]), data.template)  # a bad format string fails here, once
         return reader
 
     def _verify(self, table: Any, reader: RowReader, key: str) -> None:
@@ -305,19 +312,8 @@ class GenerationTask(Task):
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
         self.tokenizer.save_pretrained(directory)
-
-    def report(self, metrics: dict[str, Any], directory: Path) -> None:
-        predictions = metrics.pop("predictions", [])
-        with open(directory / "predictions.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-
-
-def _set_stop_tokens(model: torch.nn.Module, tokenizer: Any) -> None:
-    """Generation stops at the (end-of-turn) EOS and pads with the pad token, in config and generation_config."""
-    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
-        if config is not None:
-            config.eos_token_id = tokenizer.eos_token_id
-            config.pad_token_id = tokenizer.pad_token_id
+        info = {"chat": self.chat is not None, "template": self.recipe.data.template}
+        (directory / GENERATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:

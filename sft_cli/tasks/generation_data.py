@@ -38,8 +38,8 @@ class RowReader:
     chat: Optional[ChatEncoder]
     tokenizer: Any
 
-    def messages(self, row: dict) -> list:
-        return to_messages(row, self.fmt, self.column, self.roles, self.data)
+    def messages(self, row: dict, prompt: bool = False) -> list:
+        return to_messages(row, self.fmt, self.column, self.roles, self.data, prompt)
 
     def null_reason(self, row: dict) -> Optional[str]:
         fields = [self.column] if self.column else self._pair_fields()

@@ -86,10 +86,11 @@ class ImageClassificationTask(ClassificationTask):
             self.model = self.new_classifier(resolved, names)
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)
         else:
-            self.model = bb.load_trained(self.auto_class, model_dir)
-            self.preprocess = json.loads((Path(model_dir) / PREPROCESS_FILE).read_text())
-            names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+            self.load_for_inference(model_dir)
+            names = self.names
         self.names, self.label2id, self.aux = names, {n: i for i, n in enumerate(names)}, None
+        if train:
+            self.set_class_weights([self.label2id[str(v)] for v in self.train_set[data.label_field]])
         if data.eval:
             self.eval_set = self._table(data.eval, "data.eval")
             require_columns(self.eval_set, fields, "data.image_field/label_field", f"data.eval ({data.eval})")
@@ -99,7 +100,47 @@ class ImageClassificationTask(ClassificationTask):
                     f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})"
                 )
 
-    def _table(self, location: str, key: str) -> Any:
+    def load_for_inference(self, model_dir: str) -> None:
+        self.model = bb.load_trained(self.auto_class, model_dir)
+        self.preprocess = json.loads((Path(model_dir) / PREPROCESS_FILE).read_text())
+        self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.label2id = {n: i for i, n in enumerate(self.names)}
+
+    def prediction_table(self, location: str) -> Any:
+        """Image folders (with or without class sub-folders) or rows of paths; every image is checked first."""
+        import datasets
+
+        table = self._table(location, "--input", skip_invalid=False)
+        field = self._image_column(table)
+        return table.cast_column(field, datasets.Image(decode=False))  # paths in the output, decoded per batch
+
+    def check_input(self, columns: list[str]) -> None:
+        if self.recipe.data.image_field not in columns:
+            raise SftError(
+                f"data.image_field='{self.recipe.data.image_field}': no such column in --input ({', '.join(columns)})"
+            )
+
+    def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        import io
+
+        from PIL import Image
+
+        images = []
+        for row in rows:
+            value = row[self.recipe.data.image_field]
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with Image.open(source) as image:
+                images.append(image.copy())
+        pixels = self.pixels(images, train=False).to(next(model.parameters()).device)
+        return self.label_scores(self.logits(model, {"pixel_values": pixels}), settings.top_k)
+
+    def _image_column(self, table: Any) -> str:
+        field = self.recipe.data.image_field
+        if field not in table.column_names and "image" in table.column_names:
+            return "image"
+        return field
+
+    def _table(self, location: str, key: str, skip_invalid: Optional[bool] = None) -> Any:
         """Rows with a decodable image column; relative image paths resolve against the data file."""
         import datasets
 
@@ -121,7 +162,8 @@ class ImageClassificationTask(ClassificationTask):
             )
             table = table.cast_column(field, datasets.Image())
         if field in table.column_names:
-            table = check_images(table, field, key, self.recipe.data.skip_invalid, self.skipped)
+            skip = self.recipe.data.skip_invalid if skip_invalid is None else skip_invalid
+            table = check_images(table, field, key, skip, self.skipped)
         label_feature = table.features.get(self.recipe.data.label_field)
         if isinstance(label_feature, datasets.ClassLabel):  # image folders: keep class names, not indices
             names = label_feature.names

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns, require_columns_named
 from sft_cli.errors import SftError
 from sft_cli.metrics import perplexity
 from sft_cli.tasks.base import Batch, LossTerms, Task
@@ -93,10 +93,7 @@ class LanguageModelingTask(Task):
             self.model, self.tokenizer, self.objective = build_lm(recipe, recipe.objective)
             self.model = bb.apply_freeze(self.model, recipe.freeze)
         else:
-            config = AutoConfig.from_pretrained(model_dir)
-            self.objective = pick_objective(recipe.objective, config)
-            self.tokenizer = load_tokenizer(model_dir, recipe.backbone)
-            self.model = bb.load_trained(lm_class(self.objective), model_dir)
+            self._load(model_dir)
         self.auto_class = lm_class(self.objective)
         if train:
             self.train_set = self._blocks(data.train, "data.train")
@@ -155,6 +152,38 @@ class LanguageModelingTask(Task):
             "num_tokens": sum(n for _, n in totals),
             "objective": self.objective,
         }
+
+    def _load(self, model_dir: str) -> None:
+        config = AutoConfig.from_pretrained(model_dir)
+        self.objective = pick_objective(self.recipe.objective, config)
+        self.tokenizer = load_tokenizer(model_dir, self.recipe.backbone)
+        self.model = bb.load_trained(lm_class(self.objective), model_dir)
+
+    # -- sft predict: a causal LM continues each text ---------------------------------------------
+
+    def load_for_inference(self, model_dir: str) -> None:
+        self._load(model_dir)
+        if self.objective != "clm":
+            raise SftError("a masked-LM model has no continuation to predict — use `sft eval` for its perplexity")
+
+    def check_input(self, columns: list[str]) -> None:
+        require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
+
+    def predict_length(self, row: dict) -> int:
+        return len(str(row.get(self.recipe.data.text_field) or ""))
+
+    def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        from sft_cli.generate import generate
+        from sft_cli.tasks.generation_infer import decode_settings
+
+        field, limit = self.recipe.data.text_field, self.recipe.data.max_length
+        prompts = [
+            self.tokenizer(str(r.get(field) or ""), add_special_tokens=False)["input_ids"][-limit:]
+            or [self.tokenizer.eos_token_id]
+            for r in rows
+        ]
+        outputs = generate(bb.unwrap(model), self.tokenizer, prompts, decode_settings(settings))
+        return [{"prediction": o.text, "stopped": o.stopped, "num_tokens": len(o.ids)} for o in outputs]
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         bb.save_pretrained(model, directory, self.recipe.output.merge_lora)

@@ -247,23 +247,53 @@ def test_at_least_25_cases():
     assert len(CASES) >= 25
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_gets_one_clear_line(tmp_path, name):
+def invoke(args: list[str], cwd: Path, monkeypatch) -> tuple[int, str]:
+    """Run the CLI in this process (the same app, argv handling and error path as `sft`); (exit code, stderr)."""
+    from typer.testing import CliRunner
+
+    from sft_cli.cli import app, optional_resume_value, state
+
+    monkeypatch.chdir(cwd)
+    state["debug"] = False
+    result = CliRunner().invoke(app, optional_resume_value(args), env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stderr
+
+
+def prepared(tmp_path: Path, name: str) -> tuple[list[str], str, Path, dict[str, bytes]]:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (run_dir / "notes.txt").write_text("mine")
     args, expected = CASES[name](tmp_path)
-    before = snapshot(run_dir)
+    return args, expected, run_dir, snapshot(run_dir)
+
+
+def assert_one_clear_line(code: int, stderr: str, expected: str) -> None:
+    assert code == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_gets_one_clear_line(tmp_path, name, monkeypatch):
+    args, expected, run_dir, before = prepared(tmp_path, name)
+    assert_one_clear_line(*invoke(args, tmp_path, monkeypatch), expected)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("name", ["unknown_key", "malformed_jsonl", "eval_without_model"])
+def test_the_installed_command_gives_the_same_one_line(tmp_path, name):
+    """A few cases through a real `python -m sft_cli` process: the entry point, not just the app."""
+    args, expected, run_dir, before = prepared(tmp_path, name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     done = subprocess.run(
         [sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
     )
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
-    assert "Traceback" not in done.stderr
+    assert_one_clear_line(done.returncode, done.stderr, expected)
     assert snapshot(run_dir) == before
 
 

@@ -28,7 +28,7 @@ def chat_values(tmp: Path, model: Path, **data) -> dict:
         "backbone": {"name": str(model)},
         "data": {"train": str(train), "eval": str(test), "chat_template": "chatml", "max_length": 96, **data},
         "optim": {"lr": 3e-3, "weight_decay": 0.0},
-        "schedule": {"max_steps": 40, "epochs": 2, "batch_size": 16, "warmup": 0.0, "log_every": 10},
+        "schedule": {"max_steps": 90, "epochs": 6, "batch_size": 16, "warmup": 0.0, "log_every": 10},
         "engine": {"device": "cpu", "precision": "fp32", "seed": 0},
         "eval": {"max_new_tokens": 12, "batch_size": 8},
         "output": {"dir": str(tmp / "run")},
@@ -150,3 +150,94 @@ def test_a_conversational_dataset_without_a_template_asks_for_one(tmp_path, tiny
     values["data"]["chat_template"] = None
     with pytest.raises(SftError, match="set data.chat_template: chatml"):
         build_task(load_recipe(write_recipe(tmp_path / "r.yaml", values))).setup(train=True)
+
+
+# -- use the trained model: sft predict, sft chat, sft export ------------------------------------------------
+
+
+def cli(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "sft_cli", *args], input=stdin, capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_generation_predict_matches_sft_evals_greedy_predictions(trained):
+    tmp, recipe, _, _ = trained
+    histories = [{"messages": r["messages"][:-1]} for r in read_jsonl(Path(recipe.data.eval))]
+    source = write_jsonl(tmp / "histories.jsonl", histories)
+    limit = f"predict.max_new_tokens={recipe.eval.max_new_tokens}"
+    cli("predict", str(tmp / "run"), "--input", str(source), limit, "predict.batch_size=5", cwd=tmp)
+    rows = read_jsonl(tmp / "run" / "histories.predictions.jsonl")
+    evaluated = read_jsonl(tmp / "run" / "predictions.jsonl")
+    assert [r["messages"] for r in rows] == [h["messages"] for h in histories]
+    assert [r["prediction"] for r in rows] == [e["prediction"] for e in evaluated]
+    assert all(isinstance(r["num_tokens"], int) and isinstance(r["stopped"], bool) for r in rows)
+
+
+def test_predict_refuses_a_conversation_that_does_not_end_on_a_user_turn(trained):
+    tmp, recipe, _, _ = trained
+    done = subprocess.run(
+        [sys.executable, "-m", "sft_cli", "predict", str(tmp / "run"), "--input", recipe.data.eval],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
+    )
+    assert done.returncode == 2 and "row 1" in done.stderr and "not a user turn" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_chat_over_stdin_keeps_history(trained):
+    tmp, _, _, _ = trained
+    run = str(tmp / "run")
+    saved = tmp / "saved.jsonl"
+    first = cli(
+        "chat", run, cwd=tmp, stdin=f"What does `json.dumps` do?\nWhich module is that in?\n/save {saved}\n"
+    ).stdout
+    second = cli(
+        "chat", run, cwd=tmp, stdin="What does `socket.create_connection` do?\nWhich module is that in?\n"
+    ).stdout
+    a, b = first.splitlines(), second.splitlines()
+    assert len(a) == len(b) == 2  # one reply per line
+    assert a[1] != b[1]  # the same second question, answered from a different first turn
+    row = read_jsonl(saved)[0]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert row["messages"][1]["content"] == a[0] and row["messages"][3]["content"] == a[1]
+    reset = cli("chat", run, cwd=tmp, stdin="What does `json.dumps` do?\n/reset\nWhich module is that in?\n").stdout
+    alone = cli("chat", run, cwd=tmp, stdin="Which module is that in?\n").stdout
+    assert reset.splitlines()[1] == alone.splitlines()[0]  # /reset forgets the first turn
+
+
+def test_export_loads_in_a_fresh_process_with_only_transformers(trained, tmp_path):
+    tmp, recipe, _, _ = trained
+    cli("export", str(tmp / "run"), "--to", str(tmp_path / "export"), cwd=tmp)
+    card = (tmp_path / "export" / "README.md").read_text()
+    front = __import__("yaml").safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "text-generation" and "conversational" in front["tags"]
+    history = read_jsonl(Path(recipe.data.eval))[0]["messages"][:-1]
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "d, history = sys.argv[1], json.loads(sys.argv[2])\n"
+        "tok = AutoTokenizer.from_pretrained(d); model = AutoModelForCausalLM.from_pretrained(d).eval()\n"
+        "inputs = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "with torch.no_grad(): logits = model(**inputs).logits[0, -1]\n"
+        "out = model.generate(**inputs, max_new_tokens=12, do_sample=False)\n"
+        "print(json.dumps([logits[:50].tolist(), tok.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)]))\n"
+    )
+    outputs = []
+    for directory in (tmp_path / "export", tmp / "run" / "model"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(directory), json.dumps(history)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout))
+    assert outputs[0][0] == pytest.approx(outputs[1][0], abs=1e-5)
+    assert outputs[0][1] == outputs[1][1]
+    assert outputs[0][1].strip() == read_jsonl(tmp / "run" / "predictions.jsonl")[0]["prediction"]

@@ -102,3 +102,35 @@ def test_lora_trains_adapters_and_reloads(tmp_path, merge):
         assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
         model = load_trained(AutoModelForSequenceClassification, str(model_dir))
         assert model.config.num_labels == len({r["label"] for r in read_jsonl(tmp_path / "train.jsonl")})
+
+
+def test_export_merges_a_lora_adapter_and_refuses_a_missing_base(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sft_cli.backbone import load_trained
+
+    done = finetune(tmp_path, "freeze.policy=lora", "freeze.lora.r=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run, export = tmp_path / "run", tmp_path / "export"
+    cmd = [sys.executable, "-m", "sft_cli", "export", str(run), "--to", str(export), "--merge-lora"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (export / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    inputs = tokenizer(["read a file line by line"], return_tensors="pt")
+    with torch.no_grad():
+        adapter = load_trained(AutoModelForSequenceClassification, str(run / "model")).eval()(**inputs).logits
+        merged = AutoModelForSequenceClassification.from_pretrained(export).eval()(**inputs).logits
+    assert torch.allclose(adapter, merged, atol=1e-5)
+    # the adapter's base gone: a clear one-line refusal, nothing written
+    adapter_config = run / "model" / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = str(tmp_path / "moved-away")
+    adapter_config.write_text(json.dumps(settings))
+    cmd = [sys.executable, "-m", "sft_cli", "export", str(run), "--to", str(tmp_path / "again"), "--merge-lora"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "base model" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "again").exists()
+    shutil.rmtree(export)

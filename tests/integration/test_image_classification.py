@@ -111,3 +111,61 @@ def test_augmentation_changes_training_pixels_only(image_run):
     assert torch.equal(eval_a, eval_b)
     assert not torch.equal(train_a, eval_a) and not torch.equal(train_a, train_b)
     assert train_a.shape == eval_a.shape == (8, 3, 16, 16)
+
+
+def test_predict_on_a_digits_folder_matches_eval(tmp_path):
+    """sft predict over an image folder: one row per image, its path and folder label kept, eval's accuracy."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split, indices in (("train", range(0, 300)), ("test", range(1500, 1560))):
+        for i in indices:
+            folder = tmp_path / "digits" / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((digits.images[i] * 16).astype(np.uint8)).save(folder / f"{i}.png")
+    recipe = tmp_path / "digits.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "task": "image-classification",
+                "backbone": {"arch": "resnet", "from_scratch": True, "config": TINY_RESNET},
+                "data": {
+                    "train": str(tmp_path / "digits" / "train"),
+                    "eval": str(tmp_path / "digits" / "test"),
+                    "image_size": 8,
+                },
+                "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                "schedule": {"epochs": 3, "batch_size": 32},
+                "engine": {"device": "cpu", "precision": "fp32"},
+                "output": {"dir": str(tmp_path / "run")},
+            }
+        )
+    )
+    for args in (("finetune", str(recipe)), ("eval", str(recipe))):
+        done = subprocess.run([sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "digits-predictions.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sft_cli",
+            "predict",
+            str(tmp_path / "run"),
+            "--input",
+            str(tmp_path / "digits" / "test"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 60 and all(
+        Path(r["image"]).is_file() and Path(r["image"]).parent.name == r["label"] for r in rows
+    )
+    accuracy = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+    assert accuracy == json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"]
+    assert all(set(r["scores"]) <= {str(d) for d in range(10)} and len(r["scores"]) == 5 for r in rows)

@@ -35,9 +35,20 @@ def finetune(tmp: Path, name: str, **sections) -> Path:
     return tmp / name
 
 
+def train_here(tmp: Path, name: str, **sections) -> Path:
+    """The same training as `sft finetune`, in this process (the LR logged per step is what is checked)."""
+    from sft_cli import commands
+    from sft_cli.recipe import load_recipe
+
+    sections.setdefault("output", {"dir": str(tmp / name)})
+    commands.train(load_recipe(write_recipe(tmp / f"{name}.yaml", recipe_values(tmp, **sections))), "finetune")
+    return tmp / name
+
+
 def test_schedulers_shape_the_learning_rate(tmp_path):
     base = {"epochs": 1, "batch_size": 16, "log_every": 1, "warmup": 0.0}  # 16 steps
     lr = 2e-3
+    finetune = train_here
     constant = lrs(finetune(tmp_path, "constant", schedule={**base, "scheduler": "constant"}))
     assert constant == pytest.approx([lr] * 16)
     linear = lrs(finetune(tmp_path, "linear", schedule={**base, "scheduler": "linear"}))
@@ -75,7 +86,7 @@ def test_plateau_reduces_lr_when_the_metric_stalls(tmp_path):
 def test_optimizers_all_train(tmp_path):
     for name in ("sgd", "adam", "adamw"):
         optim = {"name": name, "lr": 0.05 if name == "sgd" else 2e-3, "momentum": 0.9, "nesterov": name == "sgd"}
-        run = finetune(
+        run = train_here(
             tmp_path, name, optim=optim, schedule={"epochs": 6, "batch_size": 16, "warmup": 0.0, "log_every": 8}
         )
         losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]

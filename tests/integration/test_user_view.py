@@ -63,10 +63,13 @@ def test_plan_shows_the_masked_prompt_and_the_trained_response(tmp_path):
 
 
 def test_report_images_are_written_and_overlay_runs(tmp_path):
-    for name in ("a", "b"):
+    from sft_cli import commands
+    from sft_cli.recipe import load_recipe
+
+    for name in ("a", "b"):  # trained in this process; the report command itself runs as `sft report`
         recipe = write_recipe(tmp_path / f"{name}.yaml", recipe_values(tmp_path, output={"dir": str(tmp_path / name)}))
-        cli("finetune", str(recipe))
-    cli("eval", str(tmp_path / "a.yaml"))
+        commands.train(load_recipe(recipe), "finetune")
+    commands.evaluate_model(load_recipe(tmp_path / "a.yaml"))
     single = tmp_path / "a" / "report.png"
     assert single.read_bytes()[:4] == b"\x89PNG" and single.stat().st_size > 20_000
     combined = tmp_path / "both.png"

@@ -1,0 +1,75 @@
+"""CLI commands that use a trained model: `sft predict`, `sft chat`, `sft export` (registered on the app)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sft_cli.cli import NPROC, OVERRIDES, _launch, _quiet_libraries, _run, _setup_logging, app
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., metavar="RUN_OR_RECIPE", help="A run directory, or a recipe (its output.dir)."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    input: str = typer.Option(..., "--input", help="Rows to predict: jsonl/csv/parquet/txt, an image folder, ..."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", help="JSONL to write (default: RUN/<input>.predictions.jsonl)."
+    ),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: RUN/model)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the rows already in --output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output."),
+    nproc: int = NPROC,
+) -> None:
+    """Predict every input row with a trained model: one JSON line per row, in input order."""
+    from sft_cli.predict import default_output
+    from sft_cli.predict import predict as run_predict
+    from sft_cli.rundir import model_directory, resolve_run
+
+    _launch(nproc)
+    _quiet_libraries()
+    _setup_logging()
+    recipe, run_dir = _run(resolve_run, run, list(overrides or []))
+    model_dir = _run(model_directory, run_dir, model)
+    target = output or default_output(run_dir, input)
+    result = _run(run_predict, recipe, model_dir, input, target, resume, overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"{result['written']:,} rows predicted -> {result['output']}\n")
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., metavar="RUN_OR_RECIPE", help="A run directory, or a recipe (its output.dir)."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: RUN/model)."),
+) -> None:
+    """Talk to a trained generation model (history kept). Without a terminal: one stdin line per turn."""
+    from sft_cli.chat_session import chat as run_chat
+    from sft_cli.rundir import model_directory, resolve_run
+
+    _quiet_libraries()
+    _setup_logging()
+    recipe, run_dir = _run(resolve_run, run, list(overrides or []))
+    _run(run_chat, recipe, _run(model_directory, run_dir, model))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (or its recipe)."),
+    to: Path = typer.Option(..., "--to", help="The directory to write."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge LoRA adapters into the base weights."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: as trained)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: RUN/model)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --to directory."),
+) -> None:
+    """Write a self-contained Hugging Face model directory (weights, config, tokenizer, model card)."""
+    from sft_cli.export import export as run_export
+
+    _quiet_libraries()
+    _setup_logging()
+    result = _run(run_export, run, to, merge_lora, dtype, model, overwrite)
+    typer.echo(result["to"])

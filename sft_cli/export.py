@@ -1,0 +1,76 @@
+"""`sft export`: a self-contained Hugging Face model directory that plain transformers loads (no sft needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sft_cli import backbone as bb
+from sft_cli.checkpoint import atomic_directory
+from sft_cli.errors import SftError
+from sft_cli.model_card import write_card
+from sft_cli.rundir import model_directory, resolve_run
+from sft_cli.tasks import build_task
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SIDE_FILES = ("sft_preprocess.json", "sft_generation.json")
+
+
+def export(
+    run: Path,
+    target: Path,
+    merge_lora: bool,
+    dtype: Optional[str],
+    model: Optional[Path] = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the run's model (merged LoRA on request) with tokenizer, generation config and a model card."""
+    if dtype is not None and dtype not in DTYPES:
+        raise SftError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise SftError(f"--to: {target} exists and is not empty — choose a new directory or pass --overwrite")
+    recipe, run_dir = resolve_run(run)
+    source = model_directory(run_dir, model)
+    adapter = (source / "adapter_config.json").exists()
+    task = build_task(recipe)
+    task.load_for_inference(str(source))
+    network = bb.unwrap(task.model)
+    if adapter and merge_lora:
+        network = network.merge_and_unload()
+    if dtype is not None:
+        network = network.to(DTYPES[dtype])
+    with atomic_directory(target) as tmp:
+        network.save_pretrained(tmp, safe_serialization=True)
+        if adapter and not merge_lora:  # an adapter export stays an adapter: keep the task config beside it
+            network.get_base_model().config.save_pretrained(tmp)
+        tokenizer = getattr(task, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name in SIDE_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, tmp / name)
+        if (source / "sft_preprocess.json").exists():
+            _image_processor(json.loads((source / "sft_preprocess.json").read_text()), tmp)
+        write_card(recipe, run_dir, tmp, getattr(task, "names", None))
+    return {"to": str(target), "merged": adapter and merge_lora, "adapter": adapter and not merge_lora, "dtype": dtype}
+
+
+def _image_processor(settings: dict[str, Any], directory: Path) -> None:
+    """A preprocessor_config.json doing what sft did (resize, scale to [0, 1], normalize), for pipelines."""
+    from transformers import ViTImageProcessor
+
+    size = settings["image_size"]
+    ViTImageProcessor(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=3,  # bicubic, PIL's resize default that training used
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=settings["mean"],
+        image_std=settings["std"],
+    ).save_pretrained(directory)

@@ -1,0 +1,139 @@
+"""`sft runs`: one row per run directory — status, steps, time, the task's main metric — for many runs at once.
+
+Status comes from the run lock (a live holder: `running`), `status.json` (written by `sft finetune` /
+`sft pretrain` as the run starts and ends) and what is on disk: a run killed with -9 that left a checkpoint is
+`interrupted` (resumable), one that left none is `failed`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from sft_cli.checkpoint import list_checkpoints, write_json_atomic
+from sft_cli.errors import SftError
+from sft_cli.lock import holder
+
+STATUS_FILE = "status.json"
+STATUSES = ("finished", "interrupted", "running", "failed")
+COLUMNS = ("dir", "name", "task", "status", "step", "train_s", "metric", "value", "tokens_per_s")
+MAIN_METRIC = {  # what a person compares runs by
+    "classification": "accuracy",
+    "image-classification": "accuracy",
+    "generation": "loss",
+    "language-modeling": "perplexity",
+}
+
+
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """Record how a training run stands (rank 0 only)."""
+    write_json_atomic(run_dir / STATUS_FILE, {"status": status, **extra})
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_records(path: Path) -> tuple[Optional[dict], Optional[dict]]:
+    """The last training record and the last evaluation record of metrics.jsonl."""
+    train = evaluation = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record:
+                train = record
+            if any(k.startswith("eval_") for k in record):
+                evaluation = record
+    return train, evaluation
+
+
+def status_of(run_dir: Path) -> str:
+    """finished | interrupted | running | failed."""
+    if holder(run_dir) is not None:
+        return "running"
+    recorded = _read(run_dir / STATUS_FILE).get("status")
+    if recorded in ("finished", "interrupted", "failed"):
+        return recorded
+    if recorded is None and (run_dir / "summary.json").exists():
+        return "finished"
+    return "interrupted" if list_checkpoints(run_dir / "checkpoints") else "failed"  # killed, or never got far
+
+
+def describe(run_dir: Path, name: Optional[str] = None) -> dict[str, Any]:
+    """One row of the table for a run directory."""
+    import yaml
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    task = recipe.get("task", "?")
+    summary = _read(run_dir / "summary.json")
+    train, evaluation = _last_records(run_dir / "metrics.jsonl")
+    metric = MAIN_METRIC.get(task, "loss")
+    value = _read(run_dir / "eval.json").get(metric)
+    if value is None and evaluation is not None:
+        value = evaluation.get(f"eval_{metric}")
+    step = summary.get("steps") or (train or evaluation or {}).get("step")
+    return {
+        "dir": str(run_dir),
+        "name": name or recipe.get("name") or run_dir.name,
+        "task": task,
+        "status": status_of(run_dir),
+        "step": step,
+        "train_s": summary.get("train_seconds"),
+        "metric": metric,
+        "value": value,
+        "tokens_per_s": summary.get("tokens_per_s") or (train or {}).get("tokens_per_s"),
+    }
+
+
+def find_runs(roots: list[Path]) -> list[tuple[Path, str]]:
+    """Run directories under the given roots (a run itself, its children, and sweep trials)."""
+    found: list[tuple[Path, str]] = []
+    for root in roots:
+        if not root.is_dir():
+            raise SftError(f"DIR: {root} is not a directory — pass run directories or a folder of them")
+        candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+        for candidate in candidates:
+            if (candidate / "recipe.yaml").exists():
+                found.append((candidate, ""))
+            for trial in sorted(candidate.glob("trial-*")):  # a sweep's trials
+                if (trial / "recipe.yaml").exists():
+                    found.append((trial, f"{candidate.name}/{trial.name}"))
+    return list(dict.fromkeys(found))
+
+
+def table_rows(roots: list[Path], sort: str = "dir", descending: bool = False) -> list[dict[str, Any]]:
+    """Every run's row, sorted by a column (missing values last)."""
+    if sort not in COLUMNS:
+        raise SftError(f"--sort: '{sort}' is not a column ({', '.join(COLUMNS)})")
+    rows = [describe(path, name or None) for path, name in find_runs(roots)]
+    present = [r for r in rows if r[sort] is not None]
+    present.sort(key=lambda r: r[sort], reverse=descending)
+    return present + [r for r in rows if r[sort] is None]
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    """rows as table | md | csv | json text."""
+    from sft_cli.progress import human
+
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    cells = [[human(r[c]) if c not in ("dir", "name") else str(r[c]) for c in COLUMNS] for r in rows]
+    if fmt == "md":
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+    raise SftError(f"--format: '{fmt}' is not one of table, md, csv, json")

@@ -1,0 +1,121 @@
+"""`sft predict` and `sft chat` for generation models: prompts rendered as in training, then decoded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from sft_cli import backbone as bb
+from sft_cli.chat.formats import conversation_column, detect_format, role_names
+from sft_cli.chat.masks import ChatEncoder
+from sft_cli.chat.templates import prepare_tokenizer
+from sft_cli.data import require_columns_named
+from sft_cli.errors import SftError
+from sft_cli.generate import DecodeSettings, generate
+from sft_cli.tasks.generation_data import RowReader, render_prompt
+from sft_cli.tasks.text import ensure_pad_token, load_tokenizer
+
+GENERATION_FILE = "sft_generation.json"  # in model/: chat template or format string, for predict and chat
+
+
+class GenerationInference:
+    """The inference half of GenerationTask (mixed in): load a trained model, read prompts, decode."""
+
+    def load_for_inference(self, model_dir: str) -> None:
+        self.tokenizer = load_tokenizer(model_dir, self.recipe.backbone)
+        info = _generation_info(Path(model_dir), self.recipe, self.tokenizer)
+        self.chat = None
+        if info["chat"]:
+            self.chat = ChatEncoder(self.tokenizer, prepare_tokenizer(self.tokenizer, None, model_dir), "assistant")
+        self.prompt_template = info["template"]
+        ensure_pad_token(self.tokenizer)
+        self.model = bb.load_trained(AutoModelForCausalLM, model_dir)
+        set_stop_tokens(bb.unwrap(self.model), self.tokenizer)
+
+    def check_input(self, columns: list[str]) -> None:
+        data = self.recipe.data
+        self.input_format = detect_format(columns, data.format, data.messages_field) if self.chat else "prompt-response"
+        column = conversation_column(self.input_format, data.messages_field)
+        needed = {"alpaca": ["instruction"], "prompt-response": [data.prompt_field]}.get(self.input_format, [column])
+        require_columns_named(columns, needed, "data.messages_field" if column else "data.prompt_field", "--input")
+        self.input_reader = RowReader(
+            self.input_format, column, role_names(dict(data.roles)), data, self.chat, self.tokenizer
+        )
+
+    def predict_length(self, row: dict) -> int:
+        key = self.input_reader.column or (
+            "instruction" if self.input_format == "alpaca" else self.recipe.data.prompt_field
+        )
+        return len(str(row.get(key) or ""))
+
+    def check_rows(self, rows: list[dict], first: int) -> None:
+        """Every row is something to continue: a prompt, or a conversation that ends on a user turn."""
+        from sft_cli.chat.formats import InvalidConversation
+
+        for number, row in enumerate(rows, first):
+            if self.chat is None:
+                if row.get(self.recipe.data.prompt_field) is None:
+                    raise SftError(f"--input row {number}: '{self.recipe.data.prompt_field}' is null")
+                continue
+            try:
+                self.input_reader.messages(row, prompt=True)
+            except InvalidConversation as err:
+                raise SftError(f"--input row {number}: {err}") from None
+
+    def prompt_ids(self, messages: list, tools: Any = None) -> list[int]:
+        """Token ids of a conversation (or a lone prompt) with the generation prompt, as training rendered it."""
+        if self.chat is not None:
+            return self.chat.prompt_ids(messages, tools)
+        text, eos = "", self.tokenizer.eos_token
+        for turn in messages:  # a format-string model: each exchange rendered as trained, joined
+            if turn["role"] == "user":
+                text += render_prompt(turn["content"], self.prompt_template)
+            elif turn["role"] == "assistant":
+                text += (turn["content"] or "") + eos
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.recipe.data.max_length :]
+
+    def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        prompts = [self.prompt_ids(self.input_reader.messages(row, prompt=True), row.get("tools")) for row in rows]
+        outputs = generate(bb.unwrap(model), self.tokenizer, prompts, decode_settings(settings))
+        return [{"prediction": o.text, "stopped": o.stopped, "num_tokens": len(o.ids)} for o in outputs]
+
+    def report(self, metrics: dict[str, Any], directory: Path) -> None:
+        predictions = metrics.pop("predictions", [])
+        with open(directory / "predictions.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+
+
+def decode_settings(settings: Any) -> DecodeSettings:
+    """DecodeSettings from a recipe's `predict:` section."""
+    return DecodeSettings(
+        max_new_tokens=settings.max_new_tokens,
+        num_beams=settings.num_beams,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=settings.seed,
+    )
+
+
+def _generation_info(model_dir: Path, recipe: Any, tokenizer: Any) -> dict[str, Any]:
+    """How the model was trained to be prompted: recorded in model/, else inferred from the recipe."""
+    path = model_dir / GENERATION_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    data = recipe.data
+    chat = bool(getattr(tokenizer, "chat_template", None)) and (
+        data.chat_template is not None or data.template == "chat" or data.format not in ("auto", "prompt-response")
+    )
+    return {"chat": chat, "template": data.template}
+
+
+def set_stop_tokens(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Generation stops at the (end-of-turn) EOS and pads with the pad token, in config and generation_config."""
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if config is not None:
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
