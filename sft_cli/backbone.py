@@ -253,6 +253,10 @@ def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str], new_toke
         raise SftError(f"freeze.lora.target_modules: no default for '{model_type}'; list the linear layers to adapt")
     prefix = _base_prefix(model)
     head_modules = sorted({n.split(".")[0] for n in head if not prefix or not n.startswith(prefix + ".")})
+    output = _embeddings(model, "output")
+    if output is not None:  # a pretrained LM head (lm_head) stays frozen under LoRA; only new heads train whole
+        pretrained = {name.split(".")[0] for name, module in model.named_modules() if module is output}
+        head_modules = [m for m in head_modules if m not in pretrained]
     config = LoraConfig(
         r=policy.lora.r,
         lora_alpha=policy.lora.alpha,
@@ -281,7 +285,9 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
 def unwrap(model: nn.Module) -> nn.Module:
     """The underlying transformers model (through DDP, compile, PEFT wrappers)."""
     while True:
-        inner: Optional[nn.Module] = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner: Optional[nn.Module] = (
+            getattr(model, "module", None) or getattr(model, "_orig_mod", None) or getattr(model, "wrapped", None)
+        )
         if inner is None:
             return model
         model = inner

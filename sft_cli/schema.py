@@ -167,6 +167,7 @@ class EngineConfig:
     compile: bool = False
     num_workers: int = 0
     attention: str = "auto"  # auto: eager on CPU (faster for short sequences), sdpa on GPU; or eager | sdpa
+    kernels: str = "auto"  # auto: fused kernels (Liger) on CUDA when installed; none: plain PyTorch everywhere
     peak_tflops: Optional[float] = None  # for MFU in summary.json; None: measured with a short matmul
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

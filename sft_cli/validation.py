@@ -129,6 +129,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.precision, PRECISIONS, "engine.precision", source)
     _check_choice(recipe.engine.device, DEVICES, "engine.device", source)
     _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
+    _check_choice(recipe.engine.kernels, ("auto", "none"), "engine.kernels", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)

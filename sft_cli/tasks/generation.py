@@ -20,7 +20,8 @@ from sft_cli.chat.templates import prepare_tokenizer
 from sft_cli.data import load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.generate import DecodeSettings, generate
-from sft_cli.losses import shift_for_next_token, summed_cross_entropy
+from sft_cli.lm_loss import causal_lm_loss, with_loss
+from sft_cli.losses import shift_for_next_token
 from sft_cli.metrics import generation_metrics, perplexity
 from sft_cli.packing import PackedRows, isolation_mode, pack_best_fit, packed_attention, packing_efficiency
 from sft_cli.tasks.base import Batch, LossTerms, Task
@@ -64,6 +65,7 @@ class GenerationTask(GenerationInference, Task):
             self.train_set = self._maybe_pack(encoded)
             self.unlabeled = self._unlabeled() if recipe.loss.lm > 0 else None
             self.model = bb.apply_freeze(self.model, recipe.freeze, self.new_tokens)
+        self.model, self.chunked = with_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
         if "data.eval" in tables:
             reader = readers["data.eval"]
             self.eval_set, kept = encode_split(tables["data.eval"], reader, "data.eval", data.eval, self.skipped)
@@ -229,26 +231,35 @@ class GenerationTask(GenerationInference, Task):
             counts["lm"] = (batch["lm_labels"] != -100).sum()
         return counts
 
-    def _forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    def _attention(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """position_ids, plus the attention mask unless the model isolates packed examples from position_ids."""
+        inputs = {"position_ids": batch["position_ids"]}
         if int(batch["segment_ids"].max()) > 0 and self.isolation == "position_ids":
-            return model(**inputs).logits  # padding-free: the model isolates examples from position_ids
+            return inputs  # padding-free: no T x T mask at all
         if int(batch["segment_ids"].max()) > 0:
             inputs["attention_mask"] = packed_attention(
                 batch["segment_ids"], _compute_dtype(model, batch["input_ids"].device)
             )
         else:
             inputs["attention_mask"] = batch["attention_mask"]
-        return model(**inputs).logits
+        return inputs
+
+    def _forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Full logits (the reference path; tests compare the chunked loss against it)."""
+        network = bb.unwrap(model)
+        return network(input_ids=batch["input_ids"], use_cache=False, **self._attention(model, batch)).logits
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
-        weights = batch["label_weights"].masked_fill(batch["labels"] == -100, 0)
-        terms = {"sup": (summed_cross_entropy(self._forward(model, batch), batch["labels"], weights), weights.sum())}
+        labels = batch["labels"]
+        weights = batch["label_weights"].masked_fill(labels == -100, 0)
+        chunked = getattr(self, "chunked", False)
+        summed = causal_lm_loss(model, chunked, batch["input_ids"], labels, weights, **self._attention(model, batch))
+        terms = {"sup": (summed, weights.sum())}
         if "lm_labels" in batch:
-            logits = model(
-                input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"], use_cache=False
-            ).logits
-            terms["lm"] = (summed_cross_entropy(logits, batch["lm_labels"]), (batch["lm_labels"] != -100).sum())
+            lm = causal_lm_loss(
+                model, chunked, batch["lm_input_ids"], batch["lm_labels"], attention_mask=batch["lm_attention_mask"]
+            )
+            terms["lm"] = (lm, (batch["lm_labels"] != -100).sum())
         return terms
 
     def tokens(self, batch: Batch) -> int:

@@ -95,6 +95,11 @@ class LanguageModelingTask(Task):
         else:
             self._load(model_dir)
         self.auto_class = lm_class(self.objective)
+        self.chunked = False
+        if self.objective == "clm":  # next-token loss without the full logits (checked against them)
+            from sft_cli.lm_loss import with_loss
+
+            self.model, self.chunked = with_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
         if train:
             self.train_set = self._blocks(data.train, "data.train")
         if data.eval:
@@ -131,10 +136,14 @@ class LanguageModelingTask(Task):
         return int(batch["lm_attention_mask"].sum())
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
-        from sft_cli.losses import summed_cross_entropy
+        from sft_cli.lm_loss import causal_lm_loss
 
-        logits = model(input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]).logits
-        return {"lm": (summed_cross_entropy(logits, batch["lm_labels"]), (batch["lm_labels"] != -100).sum())}
+        labels = batch["lm_labels"]
+        chunked = getattr(self, "chunked", False)
+        summed = causal_lm_loss(
+            model, chunked, batch["lm_input_ids"], labels, attention_mask=batch["lm_attention_mask"]
+        )
+        return {"lm": (summed, (labels != -100).sum())}
 
     def evaluate(
         self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True

@@ -97,10 +97,12 @@ def share_backbone(main: nn.Module, lm: nn.Module) -> nn.Module:
 class AuxiliaryLM:
     """λ × LM loss on the same input texts, for tasks whose main loss is supervised."""
 
-    def __init__(self, objective: str, tokenizer: Any, unlabeled: Any = None):
+    def __init__(self, objective: str, tokenizer: Any, unlabeled: Any = None, kernels: str = "auto"):
         self.objective = objective
         self.tokenizer = tokenizer
         self.unlabeled = unlabeled  # packed blocks of data.unlabeled, or None: the labeled texts themselves
+        self.kernels = kernels
+        self.chunked = False
 
     @classmethod
     def maybe(cls, recipe: Recipe, model: nn.Module, tokenizer: Any) -> Optional[AuxiliaryLM]:
@@ -118,7 +120,7 @@ class AuxiliaryLM:
             unlabeled = pack_texts(
                 table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled"
             )
-        return cls(objective, tokenizer, unlabeled)
+        return cls(objective, tokenizer, unlabeled, recipe.engine.kernels)
 
     def attach(self, main: nn.Module) -> WithAuxiliaryLM:
         """Build the LM head model for `main`'s config and share the backbone."""
@@ -128,7 +130,12 @@ class AuxiliaryLM:
             raise SftError(
                 f"loss.lm: {main.config.model_type} has no {self.objective} head — set objective or loss.lm: 0"
             ) from None
-        return WithAuxiliaryLM(main, share_backbone(main, lm))
+        lm = share_backbone(main, lm)
+        if self.objective == "clm":  # the next-token term without full logits, where it matches them
+            from sft_cli.lm_loss import with_loss
+
+            lm, self.chunked = with_loss(lm, len(self.tokenizer), self.kernels)
+        return WithAuxiliaryLM(main, lm)
 
     def make_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LM inputs from the batch's own texts, or from as many blocks drawn from data.unlabeled."""
@@ -140,6 +147,10 @@ class AuxiliaryLM:
         return lm_inputs(self.objective, batch, self.tokenizer)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(aux=True, input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]).logits
-        labels = batch["lm_labels"]
-        return summed_cross_entropy(logits, labels), (labels != -100).sum()
+        labels, inputs = (
+            batch["lm_labels"],
+            {"input_ids": batch["lm_input_ids"], "attention_mask": batch["lm_attention_mask"]},
+        )
+        if self.chunked:
+            return model(aux=True, labels=labels, **inputs), (labels != -100).sum()
+        return summed_cross_entropy(model(aux=True, **inputs).logits, labels), (labels != -100).sum()
