@@ -63,7 +63,8 @@ format: install  ## Apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix sft_cli tests benchmarks scripts
 	$(VENV)/bin/ruff format sft_cli tests benchmarks scripts
 
-bench: install  ## Benchmark sft against the Hugging Face Trainer (writes benchmarks/RESULTS.md)
+bench: install  ## Benchmark sft against the Hugging Face Trainer and TRL (writes benchmarks/RESULTS.md)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/run.py
 
 clean:  ## Remove run outputs (keeps .venv)

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from sft_cli import losses
-from sft_cli.backbone import count_parameters, unwrap
+from sft_cli.backbone import compile_blocks, compile_seconds, count_parameters, unwrap
 from sft_cli.checkpoint import (
     atomic_directory,
     load_trainer_state,
@@ -40,6 +40,7 @@ from sft_cli.optim import build_optimizer, build_scheduler
 from sft_cli.progress import TrainProgress
 from sft_cli.schema import EngineConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig
 from sft_cli.tasks.base import Batch, Task
+from sft_cli.tasks.text import set_length_buckets
 
 log = logging.getLogger("sft")
 
@@ -117,8 +118,9 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.optim_config)
         self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        set_length_buckets(self.engine.compile)
         if self.engine.compile:
-            self.model = torch.compile(self.model)
+            self.model = compile_blocks(self.model)
         self.flops_per_token = estimate_flops_per_token(self.model)
         if resume_from is not None:
             self._restore(resume_from)
@@ -413,7 +415,15 @@ class Trainer:
             "device": str(self.accelerator.device),
             "precision": self.accelerator.mixed_precision,
             "num_processes": self.accelerator.num_processes,
+            **self._compile_report(),
         }
+
+    def _compile_report(self) -> dict[str, Any]:
+        """engine.compile: seconds spent compiling (training and evaluation graphs) and how many were built."""
+        if not self.engine.compile:
+            return {}
+        seconds, graphs = compile_seconds()
+        return {"compile_seconds": round(seconds, 3), "compiled_graphs": graphs}
 
     # -- signals -------------------------------------------------------------------------------
 

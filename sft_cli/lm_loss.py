@@ -36,17 +36,22 @@ def _chunks(hidden, weight, bias, labels, weights, rows, compute, total, grad_hi
         logits = (h @ w_compute.T).float()
         if bias is not None:
             logits += bias.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        total += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * w).sum()
+        # One exp pass, in place (elementwise passes over [rows x vocab] cost as much as the matmuls on CPU):
+        # loss = logsumexp - target; d(sum w*CE)/d logits = w * softmax - w * onehot.
+        target = logits.gather(1, y[:, None]).squeeze(1)
+        peak = logits.amax(dim=-1, keepdim=True)
+        logits.sub_(peak).exp_()
+        norm = logits.sum(dim=-1)
+        total += ((peak.squeeze(1) + norm.log() - target) * w).sum()
         if grad_hidden is None and grad_weight is None and grad_bias is None:
             continue
-        grad = torch.softmax(logits, dim=-1)  # d(sum w*CE)/d logits = w * (softmax - onehot)
-        grad[torch.arange(len(y), device=grad.device), y] -= 1
-        grad *= w[:, None]
+        grad = logits.mul_((w / norm)[:, None])
+        grad[torch.arange(len(y), device=grad.device), y] -= w
+        low = grad.to(compute)
         if grad_hidden is not None:
-            grad_hidden[start : start + rows] = (grad.to(compute) @ w_compute).to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight += (grad.to(compute).T @ h).float()
+            grad_hidden[start : start + rows] = (low @ w_compute).to(grad_hidden.dtype)
+        if grad_weight is not None:  # accumulated in the compute dtype, in place: no [vocab x hidden] copies
+            grad_weight.addmm_(low.T, h)
         if grad_bias is not None:
             grad_bias += grad.sum(0)
 
@@ -59,14 +64,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
         grad_bias = (
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
             if bias is not None and bias.requires_grad
             else None
         )
-        device = hidden.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):  # explicit dtypes: matmuls in `compute`, softmax in fp32
             _chunks(hidden, weight, bias, labels, weights, rows, compute, total, grad_hidden, grad_weight, grad_bias)
         ctx.save_for_backward(

@@ -12,6 +12,12 @@ from sft_cli.errors import SftError
 from sft_cli.schema import BackboneConfig
 
 PAD_MULTIPLE = 8  # tensor-core / vector friendly shapes at almost no padding cost
+_BUCKETS = {"on": False}  # engine.compile: lengths in powers of two, so a compiled graph is reused, not rebuilt
+
+
+def set_length_buckets(enabled: bool) -> None:
+    """Pad batch lengths to powers of two (>= 16) instead of multiples of 8 (set by the engine for compile)."""
+    _BUCKETS["on"] = enabled
 
 
 def load_tokenizer(location: str, spec: BackboneConfig) -> PreTrainedTokenizerBase:
@@ -33,7 +39,9 @@ def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreT
 
 
 def pad_multiple(length: int, multiple: int = PAD_MULTIPLE) -> int:
-    """Round a length up to a multiple."""
+    """Round a length up to a multiple (or, with length buckets, to the next power of two)."""
+    if _BUCKETS["on"]:
+        return max(16, 1 << max(0, length - 1).bit_length())
     return ((length + multiple - 1) // multiple) * multiple
 
 

@@ -108,3 +108,17 @@ def test_layer_lr_decay_and_no_decay_groups(tiny_recipe):
     assert group_of[id(params["bert.encoder.layer.0.output.dense.bias"])]["weight_decay"] == 0.0
     assert group_of[id(params["bert.encoder.layer.0.output.LayerNorm.weight"])]["weight_decay"] == 0.0
     assert group_of[id(params["bert.encoder.layer.0.output.dense.weight"])]["weight_decay"] == 0.1
+
+
+def test_compile_length_buckets_bound_the_number_of_shapes():
+    """With engine.compile the batch lengths fall in a few power-of-two buckets (no recompile per length)."""
+    from sft_cli.tasks.text import pad_multiple, set_length_buckets
+
+    assert [pad_multiple(n) for n in (1, 9, 17)] == [8, 16, 24]
+    set_length_buckets(True)
+    try:
+        shapes = {pad_multiple(n) for n in range(1, 1025)}
+        assert shapes == {16, 32, 64, 128, 256, 512, 1024}
+        assert all(pad_multiple(n) >= n for n in range(1, 1025))
+    finally:
+        set_length_buckets(False)
