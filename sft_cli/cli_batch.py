@@ -1,4 +1,4 @@
-"""CLI commands for CI and batch use: `sft check`, `sft runs` (registered on the app)."""
+"""CLI commands for CI and batch use: `sft prepare`, `sft check`, `sft runs` (registered on the app)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,27 @@ from typing import List, Optional
 
 import typer
 
-from sft_cli.cli import JSON, _emit, _json_mode, _quiet_libraries, _run, _setup_logging, app
+from sft_cli.cli import JSON, OVERRIDES, _emit, _json_mode, _load, _quiet_libraries, _run, _setup_logging, app
+
+
+@app.command("prepare")
+def prepare_command(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    as_json: bool = JSON,
+) -> None:
+    """Parse and tokenize (pretraining: pack) the recipe's data once into data.cache_dir, for every later run."""
+    from sft_cli.prepare import prepare
+    from sft_cli.progress import print_table
+
+    _quiet_libraries()
+    _setup_logging()
+    _json_mode(as_json)
+    parsed = _run(_load, recipe, overrides)
+    result = _run(prepare, parsed)
+    if not as_json:
+        print_table(f"{parsed.name}: prepared data", result)
+    _emit(result, as_json)
 
 
 @app.command("check")

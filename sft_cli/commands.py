@@ -13,9 +13,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
+from sft_cli.data import tokenizing_stats
 from sft_cli.device import make_accelerator
 from sft_cli.engine import Interrupted, Trainer
 from sft_cli.errors import SftError
@@ -23,6 +24,7 @@ from sft_cli.evaluation import evaluate
 from sft_cli.lock import RunLock
 from sft_cli.model_card import write_card
 from sft_cli.plots import report_png
+from sft_cli.prepare import tokenize_once
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml
 from sft_cli.runs import write_status
@@ -106,8 +108,10 @@ def _train(
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
-    with accelerator.main_process_first():  # rank 0 fills the tokenization cache, the others read it
+    before = tokenizing_stats()
+    with tokenize_once(recipe):  # the first process fills the data cache (file lock, no collective); the rest read it
         task.setup(train=True)
+    tokenized = gather_object([tokenizing_stats() - before])
     if accelerator.is_main_process:
         if resume_from is None:
             clear_previous_run(run_dir)
@@ -147,6 +151,7 @@ def _train(
     summary.update(task.summary_extras())
     summary["skipped_rows"] = task.skipped.total()
     summary["skipped_rows_by_split"] = task.skipped.by_split
+    summary["tokenized_rows_by_rank"] = tokenized
     history = trainer.state.history
     if history and history[0]["step"] == 0:
         summary["initial_eval"] = history[0]
@@ -176,7 +181,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
-    with accelerator.main_process_first():
+    with tokenize_once(recipe):
         task.setup(model_dir=str(directory), train=False)
     model = accelerator.prepare_model(task.model, evaluation_mode=True)
     metrics = evaluate(task, model, accelerator, recipe.eval.batch_size)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import datasets
 import numpy as np
 
+from sft_cli.data_files import EXTENSIONS, is_data_location, open_text, resolve_files, split_suffix
 from sft_cli.errors import SftError
 
 log = logging.getLogger("sft")
@@ -25,11 +27,19 @@ log = logging.getLogger("sft")
 # A hub dataset id, optionally with a split: `imdb`, `trl-lib/Capybara`, `trl-lib/Capybara:test`.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 def _check_utf8(path: Path, key: str) -> None:
     """Fail early, naming the file, when a text file is not UTF-8."""
+    if split_suffix(path)[1] is not None:  # compressed: check the decompressed head
+        try:
+            with open_text(path) as f:
+                f.read(1 << 20)
+        except UnicodeDecodeError as err:
+            raise SftError(f"{key}: {path} is not UTF-8 text ({err.reason}) — re-save it as UTF-8") from None
+        except (OSError, EOFError, ValueError) as err:
+            raise SftError(f"{key}: {path} could not be decompressed ({err}) — is the file complete?") from None
+        return
     with open(path, "rb") as f:
         chunk = f.read(1 << 20)
     try:
@@ -39,7 +49,29 @@ def _check_utf8(path: Path, key: str) -> None:
             raise SftError(f"{key}: {path} is not UTF-8 text (byte {err.start}) — re-save it as UTF-8") from None
 
 
-_CACHE: dict[str, Optional[str]] = {"dir": None}  # None: the datasets library's own cache
+_CACHE: dict[str, Any] = {"dir": None, "num_proc": None}  # dir None: the datasets library's own cache
+
+
+def _num_proc(work_items: int) -> Optional[int]:
+    """data.num_proc workers when there is enough work to share (datasets refuses more workers than shards)."""
+    wanted = _CACHE["num_proc"]
+    return min(wanted, work_items) if wanted and wanted > 1 and work_items > 1 else None
+
+
+def cache_directory() -> Optional[str]:
+    """The data cache in use (data.cache_dir during a run), None for the datasets library's default."""
+    return _CACHE["dir"]
+
+
+@contextmanager
+def data_settings(cache_dir: Optional[str], num_proc: Optional[int]) -> Iterator[None]:
+    """Where parsed and tokenized data is cached (data.cache_dir) and how many workers fill it (data.num_proc)."""
+    previous = dict(_CACHE)
+    _CACHE.update({"dir": previous["dir"] or cache_dir, "num_proc": num_proc})  # `sft check`'s temp cache wins
+    try:
+        yield
+    finally:
+        _CACHE.update(previous)
 
 
 @contextmanager
@@ -53,54 +85,75 @@ def use_cache_dir(directory: Path) -> Iterator[None]:
         _CACHE["dir"] = previous
 
 
-def load_table(location: str, key: str) -> datasets.Dataset:
-    """Load one split from a file, a `save_to_disk` directory, an image folder, or a hub name."""
-    path = Path(location).expanduser()
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            table = datasets.load_from_disk(str(path))
-            if isinstance(table, datasets.DatasetDict):
-                raise SftError(f"{key}: {path} holds several splits ({', '.join(table)}); point at one")
-        elif any(child.is_dir() or child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir()):
-            table = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=_CACHE["dir"])
-        else:
-            raise SftError(f"{key}: {path} is neither a saved dataset nor an image folder")
-    elif path.suffix.lower() in EXTENSIONS:
-        if not path.is_file():
-            raise SftError(f"{key}: file not found: {path}")
-        if EXTENSIONS[path.suffix.lower()] in ("json", "csv", "text"):
-            _check_utf8(path, key)
-        table = _load_file(path, key)
-    elif HUB_ID.match(location) and not path.exists() and not location.startswith((".", "/", "~")):
-        table = _load_hub(location, key)
+def load_table(location: Any, key: str) -> datasets.Dataset:
+    """Load one split: data files (a file, glob, list or directory of shards, compressed or not), a
+    `save_to_disk` directory, an image folder, or a hub name."""
+    if is_data_location(location):
+        table = _load_files(location, key)
     else:
-        known = ", ".join(EXTENSIONS)
-        raise SftError(f"{key}: {location} — not found or unsupported format; use one of {known}, or a directory")
+        path = Path(str(location)).expanduser()
+        if path.is_dir():
+            table = _load_directory(path, key)
+        elif HUB_ID.match(str(location)) and not path.exists() and not str(location).startswith((".", "/", "~")):
+            table = _load_hub(str(location), key)
+        else:
+            known = ", ".join(EXTENSIONS)
+            raise SftError(
+                f"{key}: {location} — not found or unsupported format; use one of {known}, a glob, or a directory"
+            )
     if len(table) == 0:
         raise SftError(f"{key}: {location} has no examples")
     return table
 
 
-def _load_file(path: Path, key: str) -> datasets.Dataset:
-    """Read a local data file, turning parser failures into one-line errors."""
-    builder = EXTENSIONS[path.suffix.lower()]
-    if path.stat().st_size == 0:
-        raise SftError(f"{key}: {path} is empty")
-    if builder == "text":
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        return datasets.Dataset.from_dict({"text": [line for line in lines if line]})
+def _load_directory(path: Path, key: str) -> datasets.Dataset:
+    """A `save_to_disk` dataset or an image folder."""
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            raise SftError(f"{key}: {path} holds several splits ({', '.join(table)}); point at one")
+        return table
+    if any(child.is_dir() or child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir()):
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=_CACHE["dir"])
+    raise SftError(f"{key}: {path} is neither a saved dataset, a directory of data files, nor an image folder")
+
+
+def _load_files(location: Any, key: str) -> datasets.Dataset:
+    """Read data files through the datasets library (Arrow on disk, memory-mapped), one-line errors."""
+    builder, files = resolve_files(location, key)
+    if builder in ("json", "csv", "text"):
+        for path in files:
+            _check_utf8(path, key)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_CACHE["dir"])
+        table = datasets.load_dataset(
+            builder,
+            data_files=[str(p) for p in files],
+            split="train",
+            cache_dir=_CACHE["dir"],
+            num_proc=_num_proc(len(files)),
+        )
+    except SftError:
+        raise
     except Exception as err:  # datasets raises many types for malformed files
-        if path.suffix.lower() == ".jsonl":
-            _raise_on_bad_json_line(path, key)
+        for path in files:
+            if split_suffix(path)[0] == ".jsonl":
+                _raise_on_bad_json_line(path, key)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SftError(f"{key}: could not read {path} as {builder}: {first}") from None
+        shown = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        raise SftError(f"{key}: could not read {shown} as {builder}: {first}") from None
+    if builder == "text":  # one example per non-blank line, stripped
+        table = table.map(
+            lambda rows: {"text": [t.strip() for t in rows["text"] if t.strip()]},
+            batched=True,
+            num_proc=_num_proc(len(table) // 10_000),
+            desc="reading lines",
+        )
+    return table
 
 
 def _raise_on_bad_json_line(path: Path, key: str) -> None:
     """Name the first line of a .jsonl file that is not a JSON object."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -192,18 +245,42 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_TOKENIZED = {"rows": 0}  # rows this process tokenized (not read from the cache): proves "tokenize once"
+
+
+def tokenizing_stats() -> int:
+    """How many rows this process has tokenized itself so far (cache hits excluded)."""
+    return _TOKENIZED["rows"]
+
+
 def cached_map(
     table: datasets.Dataset, fn: Callable[..., dict], key: str, remove: bool = True, with_indices: bool = False
 ) -> datasets.Dataset:
-    """`datasets.map` in batches with a cache fingerprint that names data + tokenizer + settings."""
+    """`datasets.map` in batches with a cache fingerprint that names data + tokenizer + settings.
+
+    The result is stored beside the parsed data (under data.cache_dir); a later call with the same
+    fingerprint reads it back instead of tokenizing.
+    """
+    new_fingerprint = fingerprint(table._fingerprint, key)
+    if not _cached(table, new_fingerprint):
+        _TOKENIZED["rows"] += len(table)
     return table.map(
         fn,
         batched=True,
         with_indices=with_indices,
         remove_columns=table.column_names if remove else None,
-        new_fingerprint=fingerprint(table._fingerprint, key),
+        new_fingerprint=new_fingerprint,
+        num_proc=_num_proc(len(table) // 1000),
         desc="tokenizing",
     )
+
+
+def _cached(table: datasets.Dataset, new_fingerprint: str) -> bool:
+    """Whether `map` will read this result from its cache file (datasets names it cache-<fingerprint>*)."""
+    if not table.cache_files:
+        return False  # in-memory tables are mapped in memory every time
+    directory = Path(table.cache_files[0]["filename"]).parent
+    return any(directory.glob(f"cache-{new_fingerprint}*.arrow"))
 
 
 def epoch_batches(
@@ -225,3 +302,35 @@ def epoch_batches(
         perm = rng.permutation(len(batches))
         return [batches[i] for i in perm]
     return [order[i : i + batch_size].tolist() for i in range(0, num_examples, batch_size)]
+
+
+def shard_batches(batches: list[list[int]], world: int) -> list[list[list[int]]]:
+    """Each rank's batches: the same number per rank (so no rank waits in a collective at the epoch end),
+    none empty, and every example exactly once (no wrap-around padding).
+
+    Batches go round-robin (a short batch moved last); a final round with fewer batches than ranks is pooled and split evenly
+    (when it holds fewer examples than ranks, they join the previous round's batches instead).
+    """
+    if world == 1:
+        return [batches]
+    size = max(len(b) for b in batches)
+    batches = [b for b in batches if len(b) == size] + [b for b in batches if len(b) < size]  # the short one last
+    full = len(batches) // world * world
+    rounds, tail = batches[:full], [i for batch in batches[full:] for i in batch]
+    if tail and len(tail) < world:
+        if not rounds:
+            raise SftError(f"data.train: {len(tail)} example(s) cannot feed {world} processes — use fewer processes")
+        rounds = [list(b) for b in rounds]
+        for k, index in enumerate(tail):
+            rounds[full - world + k].append(index)
+        tail = []
+    if tail:
+        rounds += [part.tolist() for part in np.array_split(np.asarray(tail), world)]
+    return [rounds[rank::world] for rank in range(world)]
+
+
+def batches_per_rank(num_examples: int, batch_size: int, world: int) -> int:
+    """How many batches `shard_batches` gives each rank for an epoch of `epoch_batches` (all full but the last)."""
+    full = math.ceil(num_examples / batch_size) // world
+    tail = num_examples - full * world * batch_size
+    return full + (1 if tail >= world or (tail and not full) else 0)

@@ -30,7 +30,7 @@ from sft_cli.checkpoint import (
     set_rng_state,
     untie_shared,
 )
-from sft_cli.data import epoch_batches
+from sft_cli.data import batches_per_rank, epoch_batches, shard_batches
 from sft_cli.device import estimate_flops_per_token, measure_peak_flops
 from sft_cli.errors import SftError
 from sft_cli.evaluation import evaluate
@@ -105,8 +105,8 @@ class Trainer:
         """Seed, size the schedule, build optimizer and scheduler, place on device, maybe resume."""
         set_seed(self.engine.seed)
         world = self.accelerator.num_processes
-        num_batches = math.ceil(len(self.task.train_set) / self.schedule.batch_size)
-        self.windows_per_epoch = max(1, math.ceil(math.ceil(num_batches / world) / self.schedule.grad_accum))
+        per_rank = batches_per_rank(len(self.task.train_set), self.schedule.batch_size, world)
+        self.windows_per_epoch = max(1, math.ceil(per_rank / self.schedule.grad_accum))
         epochs_steps = math.ceil(self.schedule.epochs * self.windows_per_epoch)
         self.total_steps = min(self.schedule.max_steps or epochs_steps, epochs_steps or self.schedule.max_steps)
         if self.schedule.max_steps and not self.schedule.epochs:
@@ -132,6 +132,12 @@ class Trainer:
         weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
         unwrap(self.model).load_state_dict(weights, strict=True)
         saved = load_trainer_state(checkpoint)
+        world = saved.get("num_processes", 1)
+        if world != self.accelerator.num_processes:
+            raise SftError(
+                f"--resume: {checkpoint.name} was written by {world} process(es) and this run has "
+                f"{self.accelerator.num_processes}; the data position is per process — resume with --nproc {world}"
+            )
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler") is not None and self.accelerator.scaler is not None:
@@ -220,9 +226,7 @@ class Trainer:
             epoch,
             self.task.groups_by_length(self.schedule.group_by_length),
         )
-        per_rank = math.ceil(len(batches) / world)
-        batches = (batches * 2)[: per_rank * world]  # pad by wrapping so every rank steps together
-        mine = batches[rank::world]
+        mine = shard_batches(batches, world)[rank]  # as many batches on every rank, each example once
         accum = self.schedule.grad_accum
         windows = [mine[i : i + accum] for i in range(0, len(mine), accum)][skip:]
         loader = DataLoader(
@@ -373,6 +377,8 @@ class Trainer:
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                 "rng": rng_state(),
                 "train_state": self.state.__dict__.copy(),
+                # the data position (epoch, window_in_epoch) is per rank: it holds at this world size only
+                "num_processes": self.accelerator.num_processes,
             }
 
             def write_model(target: Path) -> None:

@@ -49,8 +49,10 @@ class AugmentConfig:
 class DataConfig:
     """Where the examples are and which fields hold what."""
 
-    train: Optional[str] = None  # .jsonl/.json/.csv/.parquet/.txt, a save_to_disk dir, or a hub name
-    eval: Optional[str] = None
+    # a file (.jsonl/.json/.csv/.parquet/.txt, optionally .gz/.bz2/.xz/.zst), a glob, a list of files, a
+    # directory of data files, a save_to_disk dir, an image folder, or a hub name
+    train: Any = None
+    eval: Any = None
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = "prompt"
@@ -63,7 +65,9 @@ class DataConfig:
     chat_template: Optional[str] = None  # null: the tokenizer's own; chatml | llama3 | qwen2.5 | mistral; a .jinja path
     max_length: int = 128
     packing: bool = False
-    unlabeled: Optional[str] = None  # an unlabeled corpus for the auxiliary LM loss
+    unlabeled: Any = None  # an unlabeled corpus for the auxiliary LM loss (same forms as train)
+    cache_dir: Optional[str] = None  # parsed + tokenized data (`sft prepare`); null: .sft-cache beside output.dir
+    num_proc: int = 1  # worker processes for parsing and tokenizing
     image_size: Optional[int] = None
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None

@@ -40,6 +40,7 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -
 RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "tokenizer.vocab_size": (16, True, None, False),
     "data.max_length": (1, True, None, False),
+    "data.num_proc": (1, True, 256, True),
     "data.image_size": (1, True, None, False),
     "data.mean": (None, False, None, False),  # any finite number
     "data.std": (0, False, None, False),
@@ -152,6 +153,15 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _check_choice(sched.early_stopping.mode, ("min", "max"), "schedule.early_stopping.mode", source)
     _check(bool(recipe.output.dir), source, "'output.dir' must be a directory path")
     _check(recipe.data.train is not None, source, "'data.train' is required: a file, directory or hub name")
+    for name in ("train", "eval", "unlabeled"):
+        value = getattr(recipe.data, name)
+        _check(
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)),
+            source,
+            f"'data.{name}' must be a path, glob, hub name or a non-empty list of paths; got {value!r}",
+        )
 
 
 def _check_class_weights(weights: Any, source: str) -> None:

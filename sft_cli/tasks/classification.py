@@ -15,7 +15,7 @@ from sft_cli.losses import summed_cross_entropy
 from sft_cli.metrics import classification_metrics
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import AuxiliaryLM
-from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, text_batch
+from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
 
 
 def _on(model: torch.nn.Module, batch: Batch) -> Batch:
@@ -110,8 +110,7 @@ class ClassificationTask(Task):
             data.text_field,
             data.label_field,
             data.max_length,
-            tokenizer.name_or_path,
-            len(tokenizer),
+            tokenizer_fingerprint(tokenizer),
             sorted(label2id.items()),
         )
         return cached_map(table, encode, str(cache_key))

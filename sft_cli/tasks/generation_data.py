@@ -14,6 +14,7 @@ from sft_cli.chat.formats import InvalidConversation, to_messages
 from sft_cli.chat.masks import ROLE_IDS, ROLE_NAMES, ChatEncoder, MaskError, role_token_counts
 from sft_cli.data import SkipCounter, cached_map
 from sft_cli.errors import SftError
+from sft_cli.tasks.text import tokenizer_fingerprint
 
 DEFAULT_TEMPLATE = "{prompt}\n"
 NO_TRAINED_TOKEN = "no trained token within data.max_length"
@@ -98,8 +99,7 @@ def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped
         skip_invalid,
         reader.chat.template.text if reader.chat else None,
         reader.chat.train_on if reader.chat else None,
-        reader.tokenizer.name_or_path,
-        len(reader.tokenizer),
+        tokenizer_fingerprint(reader.tokenizer),
     )
     encoded = cached_map(table, encode, str(fingerprint), with_indices=True)
     reasons = encoded["skip"]

@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from sft_cli import backbone as bb
+from sft_cli.checkpoint import atomic_directory
 from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns, require_columns_named
 from sft_cli.errors import SftError
 from sft_cli.metrics import perplexity
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import lm_class, lm_inputs, pick_objective
-from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, train_bpe_tokenizer
+from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 
 def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
@@ -24,9 +25,7 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     if recipe.tokenizer.train:
         texts = load_table(recipe.data.train, "data.train")
         require_columns(texts, [recipe.data.text_field], "data.text_field", f"data.train ({recipe.data.train})")
-        tokenizer = train_bpe_tokenizer(
-            (str(t) for t in texts[recipe.data.text_field] if t), recipe.tokenizer.vocab_size
-        )
+        tokenizer = trained_tokenizer(texts, recipe.data.text_field, recipe.tokenizer.vocab_size)
         if not spec.from_scratch:
             raise SftError("tokenizer.train: a new tokenizer needs fresh embeddings — set backbone.from_scratch: true")
     else:
@@ -38,6 +37,21 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
     model = bb.load_model(lm_class(objective), resolved, spec, attention)
     return model, tokenizer, objective
+
+
+def trained_tokenizer(table: Any, field: str, vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on a corpus, kept in the data cache so no later run trains it again."""
+    from sft_cli.data import cache_directory, fingerprint
+
+    root = cache_directory()
+    target = Path(root) / "tokenizers" / fingerprint(table._fingerprint, field, vocab_size) if root else None
+    if target is not None and (target / "tokenizer_config.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(target))
+    tokenizer = train_bpe_tokenizer((str(t) for t in table[field] if t), vocab_size)
+    if target is not None:
+        with atomic_directory(target) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return tokenizer
 
 
 def _fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> None:
@@ -66,18 +80,7 @@ def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: st
         usable = (len(stream) // block) * block or len(stream)
         return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
 
-    fingerprint = str(
-        (
-            "pack",
-            field,
-            block,
-            objective,
-            tokenizer.name_or_path,
-            len(tokenizer),
-            tokenizer.init_kwargs.get("vocab_file"),
-        )
-    )
-    return cached_map(table, encode, fingerprint)
+    return cached_map(table, encode, str(("pack", field, block, objective, tokenizer_fingerprint(tokenizer))))
 
 
 class LanguageModelingTask(Task):

@@ -38,6 +38,15 @@ def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreT
     return tokenizer
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what a tokenizer does (vocabulary, merges, added tokens, normalizer, template): keys caches."""
+    from sft_cli.data import fingerprint
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return fingerprint(body, getattr(tokenizer, "chat_template", None), tokenizer.model_max_length)
+
+
 def pad_multiple(length: int, multiple: int = PAD_MULTIPLE) -> int:
     """Round a length up to a multiple (or, with length buckets, to the next power of two)."""
     if _BUCKETS["on"]:
