@@ -48,11 +48,7 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
     precision = resolve_precision(config.precision, on_gpu)
     if precision == "fp16" and not on_gpu:
         raise SftError("engine.precision: fp16 needs a CUDA GPU — use bf16 or fp32 on this device")
-    kwargs: dict[str, Any] = {}
-    if config.distributed.strategy == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**config.distributed.fsdp)
+    kwargs = sharding_plugins(config, on_gpu)
     if world == 1:  # one process may run several recipes (sft check, sweeps, tests): start from a clean state
         from accelerate.state import AcceleratorState
 
@@ -60,6 +56,38 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
     accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
     check_process_group(accelerator.num_processes, world, config.device)
     return accelerator
+
+
+def sharding_plugins(config: EngineConfig, on_gpu: bool) -> dict[str, Any]:
+    """Accelerate's FSDP2 or DeepSpeed plugin for engine.distributed.strategy (nothing for ddp).
+
+    Both need CUDA: Accelerate's CPU path (gloo) ignores an FSDP plugin and wraps the model in DDP, so on a
+    machine without CUDA sft refuses rather than train DDP under an FSDP recipe.
+    """
+    distributed = config.distributed
+    if distributed.strategy == "ddp":
+        return {}
+    if not on_gpu:
+        raise SftError(
+            f"engine.distributed.strategy: {distributed.strategy} runs on CUDA GPUs only (Accelerate's CPU path "
+            "would silently fall back to DDP) — use strategy: ddp on this machine"
+        )
+    if distributed.strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise SftError(
+                "engine.distributed.strategy: deepspeed needs the DeepSpeed package — pip install 'sft[deepspeed]'"
+            ) from None
+        from accelerate import DeepSpeedPlugin
+
+        if distributed.deepspeed_config:
+            return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=distributed.deepspeed_config)}
+        return {"deepspeed_plugin": DeepSpeedPlugin(zero_stage=distributed.zero_stage)}
+    from accelerate import FullyShardedDataParallelPlugin
+
+    settings = {"fsdp_version": 2, "reshard_after_forward": True, **distributed.fsdp}
+    return {"fsdp_plugin": FullyShardedDataParallelPlugin(**settings)}
 
 
 def check_process_group(num_processes: int, world_size: int, device: str) -> None:

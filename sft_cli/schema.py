@@ -15,7 +15,7 @@ SCHEDULERS = ("constant", "linear", "cosine", "step", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OBJECTIVES = ("auto", "clm", "mlm")
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -155,8 +155,10 @@ class ScheduleConfig:
 class DistributedConfig:
     """Multi-process settings, passed to Accelerate."""
 
-    strategy: str = "ddp"
-    fsdp: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed; fsdp and deepspeed need CUDA
+    fsdp: dict[str, Any] = field(default_factory=dict)  # FullyShardedDataParallelPlugin options (cpu_offload, ...)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1 | 2 | 3 (when no deepspeed_config)
+    deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON config file instead of zero_stage
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 from sft_cli.chat.formats import FORMATS
@@ -41,6 +42,7 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "tokenizer.vocab_size": (16, True, None, False),
     "data.max_length": (1, True, None, False),
     "data.num_proc": (1, True, 256, True),
+    "engine.distributed.zero_stage": (1, True, 3, True),
     "data.image_size": (1, True, None, False),
     "data.mean": (None, False, None, False),  # any finite number
     "data.std": (0, False, None, False),
@@ -132,6 +134,12 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
     _check_choice(recipe.engine.kernels, ("auto", "none"), "engine.kernels", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
+    ds_config = recipe.engine.distributed.deepspeed_config
+    _check(
+        ds_config is None or Path(ds_config).expanduser().is_file(),
+        source,
+        f"'engine.distributed.deepspeed_config': file not found: {ds_config}",
+    )
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
     _check_class_weights(recipe.loss.class_weights, source)

@@ -53,3 +53,30 @@ def test_a_launch_that_ends_with_one_process_stops_before_any_compute(monkeypatc
     assert "2 processes" in message and "joined 1" in message and "\n" not in message
     device.check_process_group(2, 2, "auto")  # a real group passes
     device.check_process_group(1, 1, "auto")
+
+
+def test_sharded_strategies_refuse_a_machine_without_cuda_instead_of_falling_back_to_ddp():
+    for strategy in ("fsdp", "deepspeed"):
+        config = EngineConfig()
+        config.distributed.strategy = strategy
+        with pytest.raises(SftError, match=f"strategy: {strategy} runs on CUDA GPUs only"):
+            device.sharding_plugins(config, on_gpu=False)
+    assert device.sharding_plugins(EngineConfig(), on_gpu=False) == {}
+
+
+def test_deepspeed_without_its_package_is_a_one_line_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    config = EngineConfig()
+    config.distributed.strategy = "deepspeed"
+    with pytest.raises(SftError, match=r"pip install 'sft\[deepspeed\]'"):
+        device.sharding_plugins(config, on_gpu=True)
+
+
+def test_fsdp_on_gpu_asks_accelerate_for_fsdp2():
+    config = EngineConfig()
+    config.distributed.strategy = "fsdp"
+    config.distributed.fsdp = {"cpu_offload": False}
+    plugin = device.sharding_plugins(config, on_gpu=True)["fsdp_plugin"]
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
