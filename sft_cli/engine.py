@@ -39,6 +39,7 @@ from sft_cli.metrics import MetricLog
 from sft_cli.optim import build_optimizer, build_scheduler
 from sft_cli.progress import TrainProgress
 from sft_cli.schema import EngineConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig
+from sft_cli.streaming import stream_loader
 from sft_cli.tasks.base import Batch, Task
 from sft_cli.tasks.text import set_length_buckets
 
@@ -104,13 +105,7 @@ class Trainer:
     def setup(self, resume_from: Optional[Path]) -> None:
         """Seed, size the schedule, build optimizer and scheduler, place on device, maybe resume."""
         set_seed(self.engine.seed)
-        world = self.accelerator.num_processes
-        per_rank = batches_per_rank(len(self.task.train_set), self.schedule.batch_size, world)
-        self.windows_per_epoch = max(1, math.ceil(per_rank / self.schedule.grad_accum))
-        epochs_steps = math.ceil(self.schedule.epochs * self.windows_per_epoch)
-        self.total_steps = min(self.schedule.max_steps or epochs_steps, epochs_steps or self.schedule.max_steps)
-        if self.schedule.max_steps and not self.schedule.epochs:
-            self.total_steps = self.schedule.max_steps
+        self.total_steps, self.windows_per_epoch = self._schedule_length()
         model = self.task.model
         if self.engine.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
@@ -124,6 +119,27 @@ class Trainer:
         self.flops_per_token = estimate_flops_per_token(self.model)
         if resume_from is not None:
             self._restore(resume_from)
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """(optimizer steps, steps per epoch): from the epochs, capped by max_steps and the max_tokens budget.
+
+        A stream has no length: its run is max_steps / max_tokens long and counts as one epoch.
+        """
+        world, accum = self.accelerator.num_processes, self.schedule.grad_accum
+        caps = [self.schedule.max_steps] if self.schedule.max_steps else []
+        if self.schedule.max_tokens:
+            per_step = (self.task.tokens_per_example or 0) * self.schedule.batch_size * world * accum
+            if not per_step:
+                raise SftError("schedule.max_tokens: this task's examples have no fixed length — use max_steps")
+            caps.append(math.ceil(self.schedule.max_tokens / per_step))
+        if self.task.streaming:
+            total = min(caps)
+            return total, total
+        per_rank = batches_per_rank(len(self.task.train_set), self.schedule.batch_size, world)
+        windows_per_epoch = max(1, math.ceil(per_rank / accum))
+        if self.schedule.epochs:
+            caps.append(math.ceil(self.schedule.epochs * windows_per_epoch))
+        return min(caps), windows_per_epoch
 
     def _restore(self, checkpoint: Path) -> None:
         """Load model weights and trainer state so the run continues as if never stopped."""
@@ -218,6 +234,12 @@ class Trainer:
     def _windows(self, epoch: int, skip: int):
         """This process's accumulation windows for an epoch, skipping those already done."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        accum = self.schedule.grad_accum
+        if self.task.streaming:  # one endless stream; the position is the batches already trained
+            stream = self.task.train_stream(rank, world, self.schedule.batch_size, skip * accum)
+            iterator = iter(stream_loader(stream, self.engine.num_workers))
+            while True:
+                yield [next(iterator) for _ in range(accum)]
         batches = epoch_batches(
             self.task.lengths("train"),
             len(self.task.train_set),
@@ -227,7 +249,6 @@ class Trainer:
             self.task.groups_by_length(self.schedule.group_by_length),
         )
         mine = shard_batches(batches, world)[rank]  # as many batches on every rank, each example once
-        accum = self.schedule.grad_accum
         windows = [mine[i : i + accum] for i in range(0, len(mine), accum)][skip:]
         loader = DataLoader(
             self.task.train_set,

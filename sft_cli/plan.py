@@ -24,6 +24,8 @@ def plan(recipe: Recipe) -> dict[str, Any]:
 
     task = build_task(recipe)
     task.setup(train=True)
+    if task.streaming:
+        return _stream_plan(recipe, task)
     params = count_parameters(task.model)
     lengths = task.lengths("train")
     num_rows = len(task.train_set)
@@ -123,3 +125,29 @@ def print_role_shares(shares: dict[str, dict[str, Any]]) -> None:
     for role, row in shares.items():
         table.add_row(role, f"{row['tokens']:,}", f"{row['trained']:,}", f"{row['share']:.1%}")
     stdout.print(table)
+
+
+def _stream_plan(recipe: Recipe, task: Any) -> dict[str, Any]:
+    """data.streaming: the corpus is not read ahead, so the plan has the files and the budget, not counts."""
+    schedule = recipe.schedule
+    builder, files = task.stream_files
+    per_step = recipe.data.max_length * schedule.batch_size * schedule.grad_accum
+    steps = [n for n in (schedule.max_steps, math.ceil((schedule.max_tokens or 0) / per_step)) if n]
+    info = {
+        **count_parameters(task.model),
+        "streaming": True,
+        "train_files": len(files),
+        "train_format": builder,
+        "train_bytes": sum(p.stat().st_size for p in files),
+        "eval_examples": len(task.eval_set) if task.eval_set is not None else 0,
+        "total_steps": min(steps),
+        "tokens_per_step": per_step,
+        "skipped_rows": task.skipped.total(),
+    }
+    stdout.rule("recipe (resolved)")
+    stdout.print(to_yaml(recipe), highlight=False, markup=False)
+    table = Table(title=f"plan: {recipe.name} (streaming {recipe.task})", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, human(value))
+    stdout.print(table)
+    return info

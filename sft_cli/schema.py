@@ -68,6 +68,10 @@ class DataConfig:
     unlabeled: Any = None  # an unlabeled corpus for the auxiliary LM loss (same forms as train)
     cache_dir: Optional[str] = None  # parsed + tokenized data (`sft prepare`); null: .sft-cache beside output.dir
     num_proc: int = 1  # worker processes for parsing and tokenizing
+    streaming: bool = (
+        False  # pretraining: read data.train as a stream (never all in memory); needs max_steps/max_tokens
+    )
+    shuffle_buffer: int = 1000  # streaming: token blocks held by the seeded shuffle buffer
     image_size: Optional[int] = None
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
@@ -138,6 +142,7 @@ class ScheduleConfig:
 
     epochs: float = 3
     max_steps: Optional[int] = None  # caps epochs
+    max_tokens: Optional[int] = None  # language-modeling: a token budget (caps epochs and max_steps)
     batch_size: int = 32  # per process
     grad_accum: int = 1
     max_grad_norm: Optional[float] = 1.0

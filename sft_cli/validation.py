@@ -42,6 +42,8 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "tokenizer.vocab_size": (16, True, None, False),
     "data.max_length": (1, True, None, False),
     "data.num_proc": (1, True, 256, True),
+    "data.shuffle_buffer": (1, True, None, False),
+    "schedule.max_tokens": (1, True, None, False),
     "engine.distributed.zero_stage": (1, True, 3, True),
     "data.image_size": (1, True, None, False),
     "data.mean": (None, False, None, False),  # any finite number
@@ -161,6 +163,18 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _check_choice(sched.early_stopping.mode, ("min", "max"), "schedule.early_stopping.mode", source)
     _check(bool(recipe.output.dir), source, "'output.dir' must be a directory path")
     _check(recipe.data.train is not None, source, "'data.train' is required: a file, directory or hub name")
+    if recipe.data.streaming or sched.max_tokens:
+        what = "'data.streaming'" if recipe.data.streaming else "'schedule.max_tokens'"
+        _check(
+            recipe.task == "language-modeling",
+            source,
+            f"{what} is for pretraining (task: language-modeling); task {recipe.task} loads its data in full",
+        )
+    _check(
+        not recipe.data.streaming or bool(sched.max_steps or sched.max_tokens),
+        source,
+        "'data.streaming': a stream has no length — set 'schedule.max_steps' or 'schedule.max_tokens'",
+    )
     for name in ("train", "eval", "unlabeled"):
         value = getattr(recipe.data, name)
         _check(

@@ -32,6 +32,10 @@ class Task(ABC):
     #: length-grouped batches unless the recipe says otherwise: measured per task in benchmarks/GROUPING.md
     #: (classification: 2.4x tokens/s, quality within noise; generation: eval loss 2.59 grouped vs 1.96)
     group_by_length: bool = False
+    #: tokens in every training example when fixed (packed pretraining blocks): lets schedule.max_tokens size the run
+    tokens_per_example: Optional[int] = None
+    #: the training data is a stream (data.streaming): `train_stream` replaces `train_set`
+    streaming: bool = False
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -51,6 +55,10 @@ class Task(ABC):
     def lengths(self, split: str) -> Optional[list[int]]:
         """Example lengths used for length-grouped batching (None: no grouping)."""
         return None
+
+    def train_stream(self, rank: int, world: int, batch_size: int, skip_batches: int) -> Any:
+        """This rank's endless stream of collated training batches, after `skip_batches` (data.streaming)."""
+        raise SftError(f"data.streaming: not supported by task {self.recipe.task}")
 
     @abstractmethod
     def collate(self, rows: list[dict], train: bool) -> Batch:

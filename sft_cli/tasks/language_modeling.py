@@ -23,9 +23,7 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     spec = recipe.backbone
     resolved = bb.resolve(spec)
     if recipe.tokenizer.train:
-        texts = load_table(recipe.data.train, "data.train")
-        require_columns(texts, [recipe.data.text_field], "data.text_field", f"data.train ({recipe.data.train})")
-        tokenizer = trained_tokenizer(texts, recipe.data.text_field, recipe.tokenizer.vocab_size)
+        tokenizer = _corpus_tokenizer(recipe)
         if not spec.from_scratch:
             raise SftError("tokenizer.train: a new tokenizer needs fresh embeddings — set backbone.from_scratch: true")
     else:
@@ -39,15 +37,31 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     return model, tokenizer, objective
 
 
-def trained_tokenizer(table: Any, field: str, vocab_size: int) -> Any:
+def _corpus_tokenizer(recipe: Any) -> Any:
+    """tokenizer.train: a tokenizer trained on data.train (read as a stream when data.streaming)."""
+    field = recipe.data.text_field
+    if recipe.data.streaming:
+        from sft_cli.data_files import content_hash, resolve_files
+        from sft_cli.streaming import read_texts
+
+        builder, files = resolve_files(recipe.data.train, "data.train")
+        texts = (text for path in files for text in read_texts(path, builder, field))
+        return trained_tokenizer(texts, content_hash(files) + field, recipe.tokenizer.vocab_size)
+    table = load_table(recipe.data.train, "data.train")
+    require_columns(table, [field], "data.text_field", f"data.train ({recipe.data.train})")
+    texts = (str(t) for t in table[field] if t)
+    return trained_tokenizer(texts, table._fingerprint + field, recipe.tokenizer.vocab_size)
+
+
+def trained_tokenizer(texts: Iterable[str], corpus_key: str, vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained on a corpus, kept in the data cache so no later run trains it again."""
     from sft_cli.data import cache_directory, fingerprint
 
     root = cache_directory()
-    target = Path(root) / "tokenizers" / fingerprint(table._fingerprint, field, vocab_size) if root else None
+    target = Path(root) / "tokenizers" / fingerprint(corpus_key, vocab_size) if root else None
     if target is not None and (target / "tokenizer_config.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(target))
-    tokenizer = train_bpe_tokenizer((str(t) for t in table[field] if t), vocab_size)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size)
     if target is not None:
         with atomic_directory(target) as tmp:
             tokenizer.save_pretrained(tmp)
@@ -68,9 +82,7 @@ def _fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> No
 
 def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: str, key: str) -> Any:
     """Tokenize once, join documents with EOS (SEP for encoders), cut into full blocks of `block` tokens."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if separator is None:
-        raise SftError("backbone: the tokenizer has neither an EOS nor a SEP token to separate documents")
+    separator = document_separator(tokenizer)
 
     def encode(rows: dict[str, list]) -> dict[str, list]:
         stream: list[int] = []
@@ -81,6 +93,14 @@ def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: st
         return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
 
     return cached_map(table, encode, str(("pack", field, block, objective, tokenizer_fingerprint(tokenizer))))
+
+
+def document_separator(tokenizer: Any) -> int:
+    """The token between packed documents: EOS (decoders) or SEP (encoders)."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if separator is None:
+        raise SftError("backbone: the tokenizer has neither an EOS nor a SEP token to separate documents")
+    return separator
 
 
 class LanguageModelingTask(Task):
@@ -103,7 +123,13 @@ class LanguageModelingTask(Task):
             from sft_cli.lm_loss import with_loss
 
             self.model, self.chunked = with_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
-        if train:
+        self.tokens_per_example = data.max_length
+        if train and data.streaming:
+            from sft_cli.data_files import resolve_files
+
+            self.streaming = True
+            self.stream_files = resolve_files(data.train, "data.train")
+        elif train:
             self.train_set = self._blocks(data.train, "data.train")
         if data.eval:
             self.eval_set = self._blocks(data.eval, "data.eval")
@@ -121,6 +147,27 @@ class LanguageModelingTask(Task):
 
     def loss_weights(self) -> dict[str, float]:
         return {"lm": 1.0}
+
+    def train_stream(self, rank: int, world: int, batch_size: int, skip_batches: int) -> Any:
+        from sft_cli.streaming import BlockStream
+
+        builder, files = self.stream_files
+        tokenizer, data = self.tokenizer, self.recipe.data
+        return BlockStream(
+            files,
+            builder,
+            data.text_field,
+            encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            block=data.max_length,
+            separator=document_separator(tokenizer),
+            batch_size=batch_size,
+            collate=lambda rows: self.collate(rows, train=True),
+            seed=self.recipe.engine.seed,
+            rank=rank,
+            world=world,
+            buffer=data.shuffle_buffer,
+            skip_batches=skip_batches,
+        )
 
     def collate(self, rows: list[dict], train: bool) -> Batch:
         from sft_cli.tasks.text import text_batch
