@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import decoder  # noqa: E402  (the decoder rows: sft vs TRL vs Trainer at a 151,936 vocabulary)
+import streaming  # noqa: E402  (the streaming rows: peak RSS against corpus size)
 
 WORK = REPO / "benchmarks" / ".work"
 TOPICS = REPO / "data" / "stdlib-topics"
@@ -260,6 +261,9 @@ RUNS = {
     "dec/trl-sfttrainer": decoder.trl_run,
     "dec/sft": decoder.sft_run,
     "dec/sft-seed2": decoder.sft_run,
+    "stream/sft-1x-streaming": streaming.pretrain_run,
+    "stream/sft-10x-streaming": streaming.pretrain_run,
+    "stream/sft-10x-in-memory": streaming.pretrain_run,
 }
 
 
@@ -373,6 +377,7 @@ def write_report(results: dict) -> None:
             f"tokens: {ref.get('eval_loss_all_tokens', float('nan')):.4f}); sft trains on response tokens only.",
         ]
     lines += decoder_report(results)
+    lines += streaming.streaming_report(results)
     text = "\n".join(lines) + "\n"
     print(text)
     (REPO / "benchmarks" / "RESULTS.md").write_text(text)
