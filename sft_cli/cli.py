@@ -50,7 +50,7 @@ def _setup_logging() -> None:
 
 def _run(action, *args, **kwargs):
     """Call a command: a user error is one line and exit 2, a bug one line and exit 1 (tracebacks with --debug)."""
-    from sft_cli.engine import Interrupted
+    from sft_cli.checkpointing import Interrupted
 
     try:
         return action(*args, **kwargs)

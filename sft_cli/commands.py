@@ -16,9 +16,10 @@ from typing import Any, Optional
 from accelerate.utils import gather_object, set_seed
 
 from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
+from sft_cli.checkpointing import Interrupted
 from sft_cli.data import tokenizing_stats
 from sft_cli.device import make_accelerator
-from sft_cli.engine import Interrupted, Trainer
+from sft_cli.engine import Trainer
 from sft_cli.errors import SftError
 from sft_cli.evaluation import evaluate
 from sft_cli.lock import RunLock

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from sft_cli import losses
-from sft_cli.backbone import compile_blocks, compile_seconds, count_parameters, unwrap
-from sft_cli.checkpoint import (
-    atomic_directory,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    untie_shared,
-)
+from sft_cli.backbone import compile_blocks, compile_seconds, count_parameters
+from sft_cli.checkpointing import CheckpointingMixin
 from sft_cli.data import batches_per_rank, epoch_batches, shard_batches
 from sft_cli.device import estimate_flops_per_token, measure_peak_flops
 from sft_cli.errors import SftError
@@ -44,15 +36,6 @@ from sft_cli.tasks.base import Batch, Task
 from sft_cli.tasks.text import set_length_buckets
 
 log = logging.getLogger("sft")
-
-
-class Interrupted(Exception):
-    """Raised after a signal: a checkpoint was saved; carries the exit code (130 or 143)."""
-
-    def __init__(self, code: int, checkpoint: Path):
-        super().__init__(f"interrupted; checkpoint saved at {checkpoint}")
-        self.code = code
-        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -72,7 +55,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Trainer:
+class Trainer(CheckpointingMixin):
     """Trains `task.model` on `task.train_set` with the recipe's schedule, optimizer and engine."""
 
     def __init__(
@@ -140,28 +123,6 @@ class Trainer:
         if self.schedule.epochs:
             caps.append(math.ceil(self.schedule.epochs * windows_per_epoch))
         return min(caps), windows_per_epoch
-
-    def _restore(self, checkpoint: Path) -> None:
-        """Load model weights and trainer state so the run continues as if never stopped."""
-        from safetensors.torch import load_file
-
-        weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
-        unwrap(self.model).load_state_dict(weights, strict=True)
-        saved = load_trainer_state(checkpoint)
-        world = saved.get("num_processes", 1)
-        if world != self.accelerator.num_processes:
-            raise SftError(
-                f"--resume: {checkpoint.name} was written by {world} process(es) and this run has "
-                f"{self.accelerator.num_processes}; the data position is per process — resume with --nproc {world}"
-            )
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
-        self.state = TrainState(**saved["train_state"])
-        self.log.truncate_after(self.state.step)
-        log.info("resumed from %s at step %d", checkpoint, self.state.step)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -373,44 +334,6 @@ class Trainer:
             self.state.bad_evals += 1
         return bool(es and self.state.bad_evals >= es.patience)
 
-    # -- saving --------------------------------------------------------------------------------
-
-    def save_model(self, directory: Path) -> None:
-        """Atomically write a loadable model (rank 0 only)."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            with atomic_directory(directory) as tmp:
-                self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp)
-        self.accelerator.wait_for_everyone()
-
-    def save_checkpoint(self) -> Path:
-        """Model weights + optimizer/scheduler/scaler/RNG/progress, atomically; keeps `output.keep`."""
-        from safetensors.torch import save_file
-
-        directory = self.run_dir / "checkpoints"
-        self.accelerator.wait_for_everyone()
-        state_dict = unwrap(self.accelerator.unwrap_model(self.model)).state_dict()
-        path = directory / f"step-{self.state.step:08d}"
-        if self.accelerator.is_main_process:
-            trainer_state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
-                "rng": rng_state(),
-                "train_state": self.state.__dict__.copy(),
-                # the data position (epoch, window_in_epoch) is per rank: it holds at this world size only
-                "num_processes": self.accelerator.num_processes,
-            }
-
-            def write_model(target: Path) -> None:
-                target.mkdir(parents=True)
-                tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-                save_file(untie_shared(tensors), str(target / "weights.safetensors"))
-
-            path = save_checkpoint(directory, self.state.step, trainer_state, write_model, self.output.keep)
-        self.accelerator.wait_for_everyone()
-        return path
-
     def summary(self) -> dict[str, Any]:
         """What summary.json records about the training run."""
         seconds = max(self.state.train_seconds, 1e-9)
@@ -451,27 +374,3 @@ class Trainer:
             return {}
         seconds, graphs = compile_seconds()
         return {"compile_seconds": round(seconds, 3), "compiled_graphs": graphs}
-
-    # -- signals -------------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> None:
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self._signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._signal = signum
-
-    def _interrupt(self) -> Interrupted:
-        path = self.save_checkpoint()
-        code = 130 if self._signal == signal.SIGINT else 143
-        return Interrupted(code, path)
