@@ -307,14 +307,19 @@ def save_pretrained(model: nn.Module, directory: Path, merge_lora: bool) -> None
     """Write `model` so `from_pretrained` loads it: merged weights, or a LoRA adapter + the task config."""
     import copy
 
+    from sft_cli.fsdp import state_dict_override
+
+    gathered = state_dict_override()  # an FSDP2-sharded model: its weights gathered onto rank 0
     if is_adapter(model):
+        if merge_lora and gathered is not None:
+            raise SftError("output.merge_lora: not under FSDP — run `sft export --merge-lora` on model/ afterwards")
         if merge_lora:
             model = copy.deepcopy(model).merge_and_unload()
         else:
-            model.save_pretrained(directory)  # adapter_config.json names the base model
+            model.save_pretrained(directory, state_dict=gathered)  # adapter_config.json names the base model
             model.get_base_model().config.save_pretrained(directory)  # labels, sizes: what eval rebuilds
             return
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=gathered)
 
 
 def load_trained(auto_class: Any, directory: str) -> nn.Module:

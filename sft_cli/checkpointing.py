@@ -7,20 +7,36 @@ position (TrainState), written atomically; Ctrl-C / SIGTERM saves one and stops 
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sft_cli.backbone import unwrap
 from sft_cli.checkpoint import (
+    COMPLETE_MARK,
     atomic_directory,
+    list_checkpoints,
     load_trainer_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
     untie_shared,
+    write_json_atomic,
 )
 from sft_cli.errors import SftError
+from sft_cli.fsdp import (
+    SHARDED_DIR,
+    full_state_dict,
+    is_sharded,
+    load_sharded,
+    publish,
+    save_sharded,
+    saving_state_dict,
+    shared_tmp_dir,
+)
 
 log = logging.getLogger("sft")
 
@@ -52,8 +68,6 @@ class CheckpointingMixin:
         """Load model weights and trainer state so the run continues as if never stopped."""
         from safetensors.torch import load_file
 
-        weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
-        unwrap(self.model).load_state_dict(weights, strict=True)
         saved = load_trainer_state(checkpoint)
         world = saved.get("num_processes", 1)
         if world != self.accelerator.num_processes:
@@ -61,7 +75,16 @@ class CheckpointingMixin:
                 f"--resume: {checkpoint.name} was written by {world} process(es) and this run has "
                 f"{self.accelerator.num_processes}; the data position is per process — resume with --nproc {world}"
             )
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if (checkpoint / SHARDED_DIR).is_dir():
+            if not is_sharded(self.model):
+                raise SftError(
+                    f"--resume: {checkpoint.name} is FSDP-sharded — resume with engine.distributed.strategy: fsdp"
+                )
+            load_sharded(checkpoint, self.model, self.optimizer)
+        else:
+            weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
+            unwrap(self.model).load_state_dict(weights, strict=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
@@ -73,10 +96,11 @@ class CheckpointingMixin:
     # -- saving --------------------------------------------------------------------------------
 
     def save_model(self, directory: Path) -> None:
-        """Atomically write a loadable model (rank 0 only)."""
+        """Atomically write a loadable model (rank 0; a sharded model is gathered first, by every rank)."""
         self.accelerator.wait_for_everyone()
+        gathered = full_state_dict(self.model) if is_sharded(self.model) else None
         if self.accelerator.is_main_process:
-            with atomic_directory(directory) as tmp:
+            with atomic_directory(directory) as tmp, saving_state_dict(gathered):
                 self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp)
         self.accelerator.wait_for_everyone()
 
@@ -86,18 +110,12 @@ class CheckpointingMixin:
 
         directory = self.run_dir / "checkpoints"
         self.accelerator.wait_for_everyone()
+        if is_sharded(self.model):
+            return self._save_sharded_checkpoint(directory)
         state_dict = unwrap(self.accelerator.unwrap_model(self.model)).state_dict()
         path = directory / f"step-{self.state.step:08d}"
         if self.accelerator.is_main_process:
-            trainer_state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
-                "rng": rng_state(),
-                "train_state": self.state.__dict__.copy(),
-                # the data position (epoch, window_in_epoch) is per rank: it holds at this world size only
-                "num_processes": self.accelerator.num_processes,
-            }
+            trainer_state = self._trainer_state()
 
             def write_model(target: Path) -> None:
                 target.mkdir(parents=True)
@@ -107,6 +125,32 @@ class CheckpointingMixin:
             path = save_checkpoint(directory, self.state.step, trainer_state, write_model, self.output.keep)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _trainer_state(self, with_optimizer: bool = True) -> dict[str, Any]:
+        return {
+            **({"optimizer": self.optimizer.state_dict()} if with_optimizer else {}),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+            "rng": rng_state(),
+            "train_state": self.state.__dict__.copy(),
+            # the data position (epoch, window_in_epoch) is per rank: it holds at this world size only
+            "num_processes": self.accelerator.num_processes,
+        }
+
+    def _save_sharded_checkpoint(self, directory: Path) -> Path:
+        """FSDP2: every rank writes its shard of model + optimizer (nothing gathered); rank 0 the rest."""
+        final = directory / f"step-{self.state.step:08d}"
+        tmp = shared_tmp_dir(final, self.accelerator.is_main_process)
+        save_sharded(tmp, self.model, self.optimizer)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            torch.save(self._trainer_state(with_optimizer=False), tmp / "trainer_state.pt")
+            write_json_atomic(tmp / COMPLETE_MARK, {"step": self.state.step, "sharded": True})
+            publish(tmp, final)
+            for old in list_checkpoints(directory)[: -self.output.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
 
     # -- signals -------------------------------------------------------------------------------
 

@@ -61,16 +61,15 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
 def sharding_plugins(config: EngineConfig, on_gpu: bool) -> dict[str, Any]:
     """Accelerate's FSDP2 or DeepSpeed plugin for engine.distributed.strategy (nothing for ddp).
 
-    Both need CUDA: Accelerate's CPU path (gloo) ignores an FSDP plugin and wraps the model in DDP, so on a
-    machine without CUDA sft refuses rather than train DDP under an FSDP recipe.
+    Off CUDA, Accelerate's CPU path (gloo) ignores an FSDP plugin and would wrap the model in DDP, so there
+    the engine shards with PyTorch's FSDP2 itself (sft_cli/fsdp.py); DeepSpeed needs CUDA.
     """
     distributed = config.distributed
-    if distributed.strategy == "ddp":
+    if distributed.strategy == "ddp" or (distributed.strategy == "fsdp" and not on_gpu):
         return {}
     if not on_gpu:
         raise SftError(
-            f"engine.distributed.strategy: {distributed.strategy} runs on CUDA GPUs only (Accelerate's CPU path "
-            "would silently fall back to DDP) — use strategy: ddp on this machine"
+            "engine.distributed.strategy: deepspeed runs on CUDA GPUs only — use fsdp or ddp on this machine"
         )
     if distributed.strategy == "deepspeed":
         try:

@@ -26,6 +26,7 @@ from sft_cli.data import batches_per_rank, epoch_batches, shard_batches
 from sft_cli.device import estimate_flops_per_token, measure_peak_flops
 from sft_cli.errors import SftError
 from sft_cli.evaluation import evaluate
+from sft_cli.fsdp import shard_model
 from sft_cli.meter import Meter
 from sft_cli.metrics import MetricLog
 from sft_cli.optim import build_optimizer, build_scheduler
@@ -93,15 +94,36 @@ class Trainer(CheckpointingMixin):
         if self.engine.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.params = count_parameters(model)
+        own_fsdp = self._shards_itself()
+        if own_fsdp:  # FSDP2 by PyTorch where Accelerate would not shard (CPU/gloo); optimizer on the shards
+            model = shard_model(model, self.accelerator.num_processes)
         self.optimizer = build_optimizer(model, self.optim_config)
         self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if own_fsdp:
+            self.model, self.optimizer = model, self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         set_length_buckets(self.engine.compile)
         if self.engine.compile:
             self.model = compile_blocks(self.model)
         self.flops_per_token = estimate_flops_per_token(self.model)
         if resume_from is not None:
             self._restore(resume_from)
+
+    def _shards_itself(self) -> bool:
+        """strategy fsdp with several processes where Accelerate does not shard (its CPU path)."""
+        from accelerate.utils import DistributedType
+
+        if self.engine.distributed.strategy != "fsdp" or self.accelerator.num_processes == 1:
+            return False
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return False
+        if not self.task.shardable:
+            raise SftError(
+                f"engine.distributed.strategy: fsdp on CPU does not run task {self.task.recipe.task} yet "
+                "(its decoding is not synchronized across shards) — use strategy: ddp"
+            )
+        return True
 
     def _schedule_length(self) -> tuple[int, int]:
         """(optimizer steps, steps per epoch): from the epochs, capped by max_steps and the max_tokens budget.

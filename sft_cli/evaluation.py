@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
+from sft_cli.errors import SftError
+from sft_cli.fsdp import is_sharded
 from sft_cli.tasks.base import Batch, Task
+
+
+def even_batches(total: int, indices: list[int], batch_size: int, world: int) -> list[list[int]]:
+    """This rank's examples in as many batches as every other rank has (sizes differ by at most one)."""
+    if total < world:
+        raise SftError(f"data.eval: {total} example(s) cannot be sharded over {world} processes")
+    count = min(math.ceil(math.ceil(total / world) / batch_size), total // world)  # rank 0's count, none empty
+    return [part.tolist() for part in np.array_split(np.asarray(indices), count)]
 
 
 def evaluate(
@@ -22,6 +34,8 @@ def evaluate(
     if lengths is not None:  # sorted by length: least padding, and order does not matter for metrics
         indices.sort(key=lambda i: -lengths[i])
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if world > 1 and is_sharded(model):  # FSDP2 forwards are collective: as many batches on every rank
+        batches = even_batches(len(task.eval_set), indices, batch_size, world)
     loader = DataLoader(
         task.eval_set,
         batch_sampler=batches,
@@ -37,5 +51,7 @@ def evaluate(
         return gather_object(items) if world > 1 else items
 
     model.eval()
-    with torch.inference_mode(), accelerator.autocast():
+    # FSDP2 keeps its all-gather buffers across calls: tensors made under inference_mode would poison training
+    no_grad = torch.no_grad() if is_sharded(model) else torch.inference_mode()
+    with no_grad, accelerator.autocast():
         return task.evaluate(model, (on_device(b) for b in loader), gather, final)

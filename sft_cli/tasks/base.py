@@ -36,6 +36,8 @@ class Task(ABC):
     tokens_per_example: Optional[int] = None
     #: the training data is a stream (data.streaming): `train_stream` replaces `train_set`
     streaming: bool = False
+    #: its evaluation runs under FSDP2 sharding (every rank the same forward passes; no free-running decoding)
+    shardable: bool = True
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -39,6 +39,7 @@ class GenerationTask(GenerationInference, Task):
     main_metric = "eval_loss"
     main_mode = "min"
     auto_class = AutoModelForCausalLM
+    shardable = False  # eval decodes free-running per rank
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         recipe, data, spec = self.recipe, self.recipe.data, self.recipe.backbone

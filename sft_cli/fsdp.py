@@ -1,0 +1,115 @@
+"""`engine.distributed.strategy: fsdp` where Accelerate will not shard: PyTorch's FSDP2 (`fully_shard`).
+
+Accelerate's CPU path (gloo) ignores its FSDP plugin and wraps the model in DDP; PyTorch's own FSDP2 runs on
+gloo, so on CPU the engine shards with it directly: each transformer block, then the root. Checkpoints are
+sharded with torch.distributed.checkpoint (every rank writes its own part, nothing is gathered), and the final
+model is consolidated once into a plain `from_pretrained` directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sft_cli.backbone import block_lists, unwrap
+
+SHARDED_DIR = "sharded"  # inside checkpoints/step-N/: model + optimizer, one file per rank + .metadata
+
+
+def shard_model(model: nn.Module, world: int) -> nn.Module:
+    """FSDP2 over a CPU mesh of `world` ranks: every transformer block its own unit, the rest in the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for _, blocks in block_lists(unwrap(model)):
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, gathered onto rank 0 on CPU (a collective: every rank calls it).
+
+    Keys are those of `unwrap(model)` (the transformers model), so `save_pretrained` can write them.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    prefix = next((f"{name}." for name, module in model.named_modules() if module is inner and name), "")
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def save_sharded(checkpoint_tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shard of the model and optimizer state (no gather) under `checkpoint_tmp`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint_tmp / SHARDED_DIR))
+
+
+def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read this rank's shards back into the model and optimizer (the same world size wrote them)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def shared_tmp_dir(final: Path, is_main: bool) -> Path:
+    """A temporary directory beside `final` that every rank writes into (rank 0 makes it; all wait)."""
+    tmp = final.with_name(f".tmp-{final.name}-sharded")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rank 0: replace `final` with the finished `tmp` in one rename (the old copy removed after)."""
+    old: Optional[Path] = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_OVERRIDE: dict[str, Any] = {"state_dict": None}
+
+
+@contextmanager
+def saving_state_dict(state: Optional[dict[str, torch.Tensor]]) -> Iterator[None]:
+    """While saving a sharded model, `save_pretrained` writes these gathered weights instead of the shards."""
+    _OVERRIDE["state_dict"] = state
+    try:
+        yield
+    finally:
+        _OVERRIDE["state_dict"] = None
+
+
+def state_dict_override() -> Optional[dict[str, torch.Tensor]]:
+    """The gathered weights to save, when a sharded model is being saved."""
+    return _OVERRIDE["state_dict"]

@@ -1,0 +1,107 @@
+"""FSDP2 on CPU/gloo through the real CLI: 2 sharded processes train like 1, sharded checkpoints resume,
+and the consolidated model/ loads with from_pretrained."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, read_jsonl, write_recipe
+
+pytestmark = pytest.mark.integration
+TOLERANCE = 1e-4  # gloo reduce-scatter sums in another order than one process does
+
+
+def sft(*args: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "sft_cli", *args]
+    if not wait:
+        return subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def recipe(tmp: Path, name: str, strategy: str, batch: int) -> Path:
+    values = {
+        "name": name,
+        "task": "language-modeling",
+        "objective": "clm",
+        "backbone": {
+            "arch": "llama",
+            "from_scratch": True,
+            "config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+        },
+        "tokenizer": {"train": True, "vocab_size": 300},
+        "data": {
+            "train": str(REPO / "data" / "python-docs" / "eval.txt"),
+            "eval": str(REPO / "data" / "python-docs" / "eval.txt"),
+            "max_length": 32,
+        },
+        "optim": {"lr": 3e-3},
+        "schedule": {"max_steps": 10, "batch_size": batch, "log_every": 1, "warmup": 0.0, "eval_every": "5"},
+        "engine": {"device": "cpu", "precision": "fp32", "seed": 0, "distributed": {"strategy": strategy}},
+        "output": {"dir": str(tmp / name), "save_every": 4, "keep": 3, "keep_best": False},
+    }
+    return write_recipe(tmp / f"{name}.yaml", values)
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    sft("pretrain", str(recipe(tmp, "one", "ddp", 8)))  # global batch 8 = 2 ranks x 4
+    sft("pretrain", str(recipe(tmp, "two", "fsdp", 4)), "--nproc", "2")
+    return tmp
+
+
+def test_two_sharded_processes_train_like_one(runs):
+    one, two = losses(runs / "one"), losses(runs / "two")
+    assert len(one) == len(two) == 10
+    assert two == pytest.approx(one, abs=TOLERANCE)  # gradients averaged, not summed, over the shards
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(runs / "one" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs / "two" / "model").state_dict()
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOLERANCE
+    assert not any(isinstance(v, torch.Tensor) and v.is_meta for v in b.values())
+
+
+def test_checkpoints_are_sharded_one_file_per_rank(runs):
+    checkpoint = runs / "two" / "checkpoints" / "step-00000008"
+    shards = sorted(p.name for p in (checkpoint / "sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "model").exists()  # nothing gathered on rank 0
+
+
+def test_a_killed_sharded_run_resumes_to_the_same_losses(runs):
+    from tests.integration.test_schedules_resume import _wait_for_checkpoint
+
+    killed = recipe(runs, "killed", "fsdp", 4)
+    process = sft("pretrain", str(killed), "--nproc", "2", wait=False)
+    _wait_for_checkpoint(runs / "killed", process, 4)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, as a node crash would
+    process.wait()
+    sft("pretrain", str(killed), "--nproc", "2", "--resume")
+    assert losses(runs / "killed") == pytest.approx(losses(runs / "two"), abs=1e-6)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "sft_cli", "pretrain", str(killed), "--resume"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "resume with --nproc 2" in wrong.stderr
