@@ -43,6 +43,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Put the finished `tmp` in place of `final` in one rename (the old copy is removed afterwards)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `final` in one rename."""
@@ -50,13 +61,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
         yield tmp
-        old = None
-        if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SftError(f"could not write {final}: {err.strerror or err} — the previous copy is intact") from None

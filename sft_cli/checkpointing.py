@@ -20,6 +20,7 @@ from sft_cli.checkpoint import (
     atomic_directory,
     list_checkpoints,
     load_trainer_state,
+    replace_directory,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -32,7 +33,6 @@ from sft_cli.fsdp import (
     full_state_dict,
     is_sharded,
     load_sharded,
-    publish,
     save_sharded,
     saving_state_dict,
     shared_tmp_dir,
@@ -146,7 +146,7 @@ class CheckpointingMixin:
         if self.accelerator.is_main_process:
             torch.save(self._trainer_state(with_optimizer=False), tmp / "trainer_state.pt")
             write_json_atomic(tmp / COMPLETE_MARK, {"step": self.state.step, "sharded": True})
-            publish(tmp, final)
+            replace_directory(tmp, final)
             for old in list_checkpoints(directory)[: -self.output.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()

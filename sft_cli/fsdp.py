@@ -8,7 +8,6 @@ model is consolidated once into a plain `from_pretrained` directory.
 
 from __future__ import annotations
 
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,17 +83,6 @@ def shared_tmp_dir(final: Path, is_main: bool) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     return tmp
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rank 0: replace `final` with the finished `tmp` in one rename (the old copy removed after)."""
-    old: Optional[Path] = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 _OVERRIDE: dict[str, Any] = {"state_dict": None}

@@ -77,9 +77,11 @@ class BlockStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # the DataLoader takes batches from its workers in turn: worker w made every workers-th batch
-        skip = self.skip_batches // workers + (1 if worker < self.skip_batches % workers else 0)
-        blocks = self.blocks(self.rank * workers + worker, self.world * workers)
+        # The DataLoader takes batches from its workers in turn, starting with worker 0: after k batches the
+        # next one is role k mod workers's, so worker w of a resumed loader plays role (w + k) mod workers.
+        role = (worker + self.skip_batches) % workers
+        skip = self.skip_batches // workers + (1 if role < self.skip_batches % workers else 0)
+        blocks = self.blocks(self.rank * workers + role, self.world * workers)
         for _ in range(skip * self.batch_size):  # fast-forward: tokenized again, not trained on
             next(blocks)
         while True:

@@ -112,3 +112,14 @@ def test_two_processes_stream_their_own_shards_to_a_token_budget(tmp_path):
     summary = json.loads(sft("pretrain", str(recipe), "--nproc", "2", "--json").stdout.strip().splitlines()[-1])
     assert summary["num_processes"] == 2 and summary["steps"] == 6
     assert summary["train_tokens"] == 6 * 2 * 4 * 32
+
+
+def test_dataloader_workers_split_the_stream_and_skip_their_own_share(tmp_path):
+    from sft_cli.streaming import stream_loader
+
+    files = sorted(write_corpus(tmp_path / "c", LINES[:400], 3).glob("*.gz"))
+    full = iter(stream_loader(stream(files), num_workers=2))
+    expected = [next(full) for _ in range(30)]
+    assert len({str(b) for b in expected}) > 20  # two workers, different documents
+    resumed = iter(stream_loader(stream(files, skip_batches=13), num_workers=2))
+    assert [next(resumed) for _ in range(17)] == expected[13:]
