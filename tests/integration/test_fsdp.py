@@ -66,7 +66,10 @@ def losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    sft("pretrain", str(recipe(tmp, "one", "ddp", 8)))  # global batch 8 = 2 ranks x 4
+    from sft_cli import commands
+    from sft_cli.recipe import load_recipe
+
+    commands.train(load_recipe(recipe(tmp, "one", "ddp", 8)), "pretrain")  # global batch 8 = 2 ranks x 4, in-process
     sft("pretrain", str(recipe(tmp, "two", "fsdp", 4)), "--nproc", "2")
     return tmp
 

@@ -68,7 +68,7 @@ def lm_recipe(tmp_path: Path, name: str, **schedule) -> Path:
         "backbone": {"arch": "gpt2", "from_scratch": True, "config": {"n_layer": 1, "n_embd": 32, "n_head": 2}},
         "tokenizer": {"train": True, "vocab_size": 400},
         "data": {"train": str(corpus / "*.txt.gz"), "max_length": 32, "streaming": True, "shuffle_buffer": 20},
-        "schedule": {"max_steps": 36, "batch_size": 4, "log_every": 1, "warmup": 0.1, **schedule},
+        "schedule": {"max_steps": 24, "batch_size": 4, "log_every": 1, "warmup": 0.1, **schedule},
         "engine": {"device": "cpu", "precision": "fp32", "seed": 1},
         "output": {"dir": str(tmp_path / name), "save_every": 4, "keep": 2},
     }
@@ -93,18 +93,20 @@ def kill_after_checkpoint(run: Path, process: subprocess.Popen, step: int) -> No
 
 
 def test_streaming_kill_9_and_resume_twice_gives_the_same_losses(tmp_path):
-    whole = lm_recipe(tmp_path, "whole")
-    sft("pretrain", str(whole))
+    from sft_cli import commands
+    from sft_cli.recipe import load_recipe
+
+    commands.train(load_recipe(lm_recipe(tmp_path, "whole")), "pretrain")  # the uninterrupted run, in-process
     killed = lm_recipe(tmp_path, "killed")
     kill_after_checkpoint(tmp_path / "killed", sft("pretrain", str(killed), wait=False), 8)
-    kill_after_checkpoint(tmp_path / "killed", sft("pretrain", str(killed), "--resume", wait=False), 20)
+    kill_after_checkpoint(tmp_path / "killed", sft("pretrain", str(killed), "--resume", wait=False), 16)
     sft("pretrain", str(killed), "--resume")
     a = [r["loss"] for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
     b = [r["loss"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
-    assert len(a) == len(b) == 36
+    assert len(a) == len(b) == 24
     assert b == pytest.approx(a, abs=1e-6)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert summary["steps"] == 36 and summary["train_tokens"] == 36 * 4 * 32
+    assert summary["steps"] == 24 and summary["train_tokens"] == 24 * 4 * 32
 
 
 def test_two_processes_stream_their_own_shards_to_a_token_budget(tmp_path):
