@@ -62,23 +62,25 @@ def _directory_stamp(path: Path) -> str:
 
 
 @contextmanager
-def tokenize_once(recipe: Recipe) -> Iterator[Path]:
-    """Run the data setup inside this: the first process to need the key fills the cache, the rest reuse it."""
+def tokenize_once(recipe: Recipe) -> Iterator[tuple[Path, str]]:
+    """Run the data setup inside this: the first process to need the key fills the cache, the rest reuse it.
+
+    Yields (cache root, data key)."""
     root = cache_root(recipe)
     root.mkdir(parents=True, exist_ok=True)
     key = data_key(recipe)
     ready = root / f"{key}.ready"
     with data_settings(str(root / "datasets"), recipe.data.num_proc):
         if ready.exists():
-            yield root
+            yield root, key
             return
         with open(root / f"{key}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process tokenizes (no timeout)
             if ready.exists():
                 fcntl.flock(handle, fcntl.LOCK_UN)
-                yield root
+                yield root, key
                 return
-            yield root
+            yield root, key
             tmp = ready.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(key)
             os.replace(tmp, ready)
@@ -90,11 +92,11 @@ def prepare(recipe: Recipe) -> dict[str, Any]:
 
     before = tokenizing_stats()
     task = build_task(recipe)
-    with tokenize_once(recipe) as root:
+    with tokenize_once(recipe) as (root, key):
         task.setup(train=True)
     return {
         "cache_dir": str(root),
-        "key": data_key(recipe),
+        "key": key,
         "tokenized_rows": tokenizing_stats() - before,
         "train_examples": len(task.train_set) if task.train_set is not None else 0,
         "eval_examples": len(task.eval_set) if task.eval_set is not None else 0,

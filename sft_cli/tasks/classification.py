@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from sft_cli import backbone as bb
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns, require_columns_named
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.losses import summed_cross_entropy
 from sft_cli.metrics import classification_metrics
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import AuxiliaryLM
-from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
+from sft_cli.tasks.text import TextFieldInput, backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
 
 
 def _on(model: torch.nn.Module, batch: Batch) -> Batch:
@@ -33,7 +33,7 @@ def label_names(values: list[Any]) -> list[str]:
         return sorted(distinct)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(TextFieldInput, Task):
     """Sequence classification with accuracy / macro-F1 / confusion matrix."""
 
     main_metric = "eval_loss"
@@ -196,12 +196,6 @@ class ClassificationTask(Task):
         self.model = bb.load_trained(self.auto_class, model_dir)
         self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.label2id = {n: i for i, n in enumerate(self.names)}
-
-    def check_input(self, columns: list[str]) -> None:
-        require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
-
-    def predict_length(self, row: dict) -> int:
-        return len(str(row.get(self.recipe.data.text_field) or ""))
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
         field, max_length = self.recipe.data.text_field, self.recipe.data.max_length

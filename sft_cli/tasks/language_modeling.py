@@ -10,12 +10,18 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from sft_cli import backbone as bb
 from sft_cli.checkpoint import atomic_directory
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns, require_columns_named
+from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.metrics import perplexity
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import lm_class, lm_inputs, pick_objective
-from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from sft_cli.tasks.text import (
+    TextFieldInput,
+    backbone_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 
 
 def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
@@ -103,7 +109,7 @@ def document_separator(tokenizer: Any) -> int:
     return separator
 
 
-class LanguageModelingTask(Task):
+class LanguageModelingTask(TextFieldInput, Task):
     """`sft pretrain`: loss and perplexity of a causal or masked LM."""
 
     main_metric = "eval_loss"
@@ -224,12 +230,6 @@ class LanguageModelingTask(Task):
         self._load(model_dir)
         if self.objective != "clm":
             raise SftError("a masked-LM model has no continuation to predict — use `sft eval` for its perplexity")
-
-    def check_input(self, columns: list[str]) -> None:
-        require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
-
-    def predict_length(self, row: dict) -> int:
-        return len(str(row.get(self.recipe.data.text_field) or ""))
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
         from sft_cli.generate import generate

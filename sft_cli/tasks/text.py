@@ -38,6 +38,20 @@ def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreT
     return tokenizer
 
 
+class TextFieldInput:
+    """`sft predict` input of the tasks that read one text column (data.text_field)."""
+
+    recipe: Any
+
+    def check_input(self, columns: list[str]) -> None:
+        from sft_cli.data import require_columns_named
+
+        require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
+
+    def predict_length(self, row: dict) -> int:
+        return len(str(row.get(self.recipe.data.text_field) or ""))
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of what a tokenizer does (vocabulary, merges, added tokens, normalizer, template): keys caches."""
     from sft_cli.data import fingerprint
