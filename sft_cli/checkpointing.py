@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sft_cli import zero
 from sft_cli.backbone import unwrap
 from sft_cli.checkpoint import (
     COMPLETE_MARK,
@@ -54,6 +55,7 @@ class CheckpointingMixin:
     """Saving and restoring a Trainer's whole state; expects the Trainer's attributes (model, optimizer, ...)."""
 
     accelerator: Any
+    engine: Any
     model: Any
     optimizer: Any
     scheduler: Any
@@ -75,12 +77,19 @@ class CheckpointingMixin:
                 f"--resume: {checkpoint.name} was written by {world} process(es) and this run has "
                 f"{self.accelerator.num_processes}; the data position is per process — resume with --nproc {world}"
             )
-        if (checkpoint / SHARDED_DIR).is_dir():
-            if not is_sharded(self.model):
-                raise SftError(
-                    f"--resume: {checkpoint.name} is FSDP-sharded — resume with engine.distributed.strategy: fsdp"
-                )
+        written_by = next(
+            (n for n, d in (("fsdp", SHARDED_DIR), ("deepspeed", zero.ENGINE_DIR)) if (checkpoint / d).is_dir()), "ddp"
+        )
+        running = "deepspeed" if zero.is_deepspeed(self.model) else "fsdp" if is_sharded(self.model) else "ddp"
+        if written_by != running:
+            raise SftError(
+                f"--resume: {checkpoint.name} holds {written_by} state and this run trains with {running} — resume "
+                f"with the engine.distributed.strategy and --nproc that wrote it"
+            )
+        if written_by == "fsdp":
             load_sharded(checkpoint, self.model, self.optimizer)
+        elif written_by == "deepspeed":
+            zero.load(checkpoint, self.model)
         else:
             weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
             unwrap(self.model).load_state_dict(weights, strict=True)
@@ -98,7 +107,11 @@ class CheckpointingMixin:
     def save_model(self, directory: Path) -> None:
         """Atomically write a loadable model (rank 0; a sharded model is gathered first, by every rank)."""
         self.accelerator.wait_for_everyone()
-        gathered = full_state_dict(self.model) if is_sharded(self.model) else None
+        gathered = None
+        if is_sharded(self.model):
+            gathered = full_state_dict(self.model)
+        elif zero.zero3(self.model):
+            gathered = zero.full_state_dict(self.accelerator, self.model)
         if self.accelerator.is_main_process:
             with atomic_directory(directory) as tmp, saving_state_dict(gathered):
                 self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp)
@@ -110,7 +123,7 @@ class CheckpointingMixin:
 
         directory = self.run_dir / "checkpoints"
         self.accelerator.wait_for_everyone()
-        if is_sharded(self.model):
+        if is_sharded(self.model) or zero.is_deepspeed(self.model):
             return self._save_sharded_checkpoint(directory)
         state_dict = unwrap(self.accelerator.unwrap_model(self.model)).state_dict()
         path = directory / f"step-{self.state.step:08d}"
@@ -138,10 +151,13 @@ class CheckpointingMixin:
         }
 
     def _save_sharded_checkpoint(self, directory: Path) -> Path:
-        """FSDP2: every rank writes its shard of model + optimizer (nothing gathered); rank 0 the rest."""
+        """FSDP2 / DeepSpeed: every rank writes its shard of the state (nothing gathered); rank 0 the rest."""
         final = directory / f"step-{self.state.step:08d}"
         tmp = shared_tmp_dir(final, self.accelerator.is_main_process)
-        save_sharded(tmp, self.model, self.optimizer)
+        if zero.is_deepspeed(self.model):
+            zero.save(tmp, self.model)
+        else:
+            save_sharded(tmp, self.model, self.optimizer)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             torch.save(self._trainer_state(with_optimizer=False), tmp / "trainer_state.pt")

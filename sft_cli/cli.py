@@ -29,6 +29,10 @@ RESUME_HELP = "Continue from the newest checkpoint in output.dir (or from PATH).
 def _quiet_libraries() -> None:
     """Keep library chatter (load reports, per-file progress bars) off the user's terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks here anyway, without its stdout warning
     import datasets
     import transformers
 
@@ -78,18 +82,22 @@ def _run(action, *args, **kwargs):
 JSON = typer.Option(False, "--json", help="Human output to stderr; stdout gets exactly one JSON document.")
 
 
+_DOCUMENT: dict[str, Any] = {"stream": None}  # where --json writes its one document
+
+
 def _json_mode(enabled: bool) -> None:
     if enabled:
         from sft_cli.progress import json_mode
 
-        json_mode()
+        _DOCUMENT["stream"] = json_mode()
 
 
 def _emit(result: Any, enabled: bool) -> None:
     """The command's result as one JSON document on stdout (rank 0 only)."""
     if enabled and os.environ.get("RANK", "0") == "0":
-        sys.stdout.write(json.dumps(result, default=_jsonable) + "\n")
-        sys.stdout.flush()
+        stream = _DOCUMENT["stream"] or sys.stdout
+        stream.write(json.dumps(result, default=_jsonable) + "\n")
+        stream.flush()
 
 
 def _jsonable(value: Any) -> Any:

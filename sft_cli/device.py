@@ -49,6 +49,8 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
     if precision == "fp16" and not on_gpu:
         raise SftError("engine.precision: fp16 needs a CUDA GPU — use bf16 or fp32 on this device")
     kwargs = sharding_plugins(config, on_gpu)
+    if config.distributed.strategy == "deepspeed":  # Accelerate forms DeepSpeed's group only off its CPU path
+        cpu = False
     if world == 1:  # one process may run several recipes (sft check, sweeps, tests): start from a clean state
         from accelerate.state import AcceleratorState
 
@@ -62,27 +64,15 @@ def sharding_plugins(config: EngineConfig, on_gpu: bool) -> dict[str, Any]:
     """Accelerate's FSDP2 or DeepSpeed plugin for engine.distributed.strategy (nothing for ddp).
 
     Off CUDA, Accelerate's CPU path (gloo) ignores an FSDP plugin and would wrap the model in DDP, so there
-    the engine shards with PyTorch's FSDP2 itself (sft_cli/fsdp.py); DeepSpeed needs CUDA.
+    the engine shards with PyTorch's FSDP2 itself (sft_cli/fsdp.py); DeepSpeed runs on CUDA or its CPU accelerator.
     """
     distributed = config.distributed
-    if distributed.strategy == "ddp" or (distributed.strategy == "fsdp" and not on_gpu):
-        return {}
-    if not on_gpu:
-        raise SftError(
-            "engine.distributed.strategy: deepspeed runs on CUDA GPUs only — use fsdp or ddp on this machine"
-        )
     if distributed.strategy == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise SftError(
-                "engine.distributed.strategy: deepspeed needs the DeepSpeed package — pip install 'sft[deepspeed]'"
-            ) from None
-        from accelerate import DeepSpeedPlugin
+        from sft_cli.zero import accelerator_kwargs
 
-        if distributed.deepspeed_config:
-            return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=distributed.deepspeed_config)}
-        return {"deepspeed_plugin": DeepSpeedPlugin(zero_stage=distributed.zero_stage)}
+        return accelerator_kwargs(distributed, config.device)
+    if distributed.strategy == "ddp" or not on_gpu:
+        return {}
     from accelerate import FullyShardedDataParallelPlugin
 
     settings = {"fsdp_version": 2, "reshard_after_forward": True, **distributed.fsdp}

@@ -35,6 +35,8 @@ from sft_cli.schema import EngineConfig, LossConfig, OptimConfig, OutputConfig, 
 from sft_cli.streaming import stream_loader
 from sft_cli.tasks.base import Batch, Task
 from sft_cli.tasks.text import set_length_buckets
+from sft_cli.zero import backward as deepspeed_backward
+from sft_cli.zero import configure as configure_deepspeed
 
 log = logging.getLogger("sft")
 
@@ -97,6 +99,12 @@ class Trainer(CheckpointingMixin):
         own_fsdp = self._shards_itself()
         if own_fsdp:  # FSDP2 by PyTorch where Accelerate would not shard (CPU/gloo); optimizer on the shards
             model = shard_model(model, self.accelerator.num_processes)
+        self.deepspeed = self.engine.distributed.strategy == "deepspeed"
+        if self.deepspeed:  # DeepSpeed sizes its batches from the config; the loop feeds them itself
+            self._check_collective_decoding(zero_stage=self.accelerator.state.deepspeed_plugin.zero_stage)
+            configure_deepspeed(
+                self.accelerator, self.schedule.batch_size, self.schedule.grad_accum, self.schedule.max_grad_norm
+            )
         self.optimizer = build_optimizer(model, self.optim_config)
         self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
         if own_fsdp:
@@ -118,12 +126,18 @@ class Trainer(CheckpointingMixin):
             return False
         if self.accelerator.distributed_type == DistributedType.FSDP:
             return False
-        if not self.task.shardable:
-            raise SftError(
-                f"engine.distributed.strategy: fsdp on CPU does not run task {self.task.recipe.task} yet "
-                "(its decoding is not synchronized across shards) — use strategy: ddp"
-            )
+        self._check_collective_decoding(zero_stage=3)
         return True
+
+    def _check_collective_decoding(self, zero_stage: int) -> None:
+        """Parameters sharded over ranks (FSDP on CPU, ZeRO-3) need every rank in each forward; decoding isn't."""
+        if zero_stage == 3 and self.accelerator.num_processes > 1 and not self.task.shardable:
+            strategy = self.engine.distributed.strategy
+            raise SftError(
+                f"engine.distributed.strategy: {strategy} shards the parameters and does not run task "
+                f"{self.task.recipe.task} yet (its decoding is not synchronized across shards) — use strategy: ddp"
+                + (" or zero_stage: 2" if strategy == "deepspeed" else "")
+            )
 
     def _schedule_length(self) -> tuple[int, int]:
         """(optimizer steps, steps per epoch): from the epochs, capped by max_steps and the max_tokens budget.
@@ -266,7 +280,10 @@ class Trainer(CheckpointingMixin):
                 with self.accelerator.autocast():
                     terms = self.task.loss_terms(self.model, batch)
                 loss, parts = losses.mix(terms, counts, self.weights, scale=world)
-                self.accelerator.backward(loss)
+                if self.deepspeed:  # steps (and clips) at the window's end; optimizer.step below is a no-op
+                    deepspeed_backward(self.model, loss, boundary=sync)
+                else:
+                    self.accelerator.backward(loss)
             total_loss += loss.detach() / world
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0) + v  # already over the global count: ranks sum to the mean

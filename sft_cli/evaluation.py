@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from sft_cli.errors import SftError
 from sft_cli.fsdp import is_sharded
 from sft_cli.tasks.base import Batch, Task
+from sft_cli.zero import is_deepspeed, zero3
 
 
 def even_batches(total: int, indices: list[int], batch_size: int, world: int) -> list[list[int]]:
@@ -34,7 +35,7 @@ def evaluate(
     if lengths is not None:  # sorted by length: least padding, and order does not matter for metrics
         indices.sort(key=lambda i: -lengths[i])
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    if world > 1 and is_sharded(model):  # FSDP2 forwards are collective: as many batches on every rank
+    if world > 1 and (is_sharded(model) or zero3(model)):  # collective forwards: as many batches on every rank
         batches = even_batches(len(task.eval_set), indices, batch_size, world)
     loader = DataLoader(
         task.eval_set,
@@ -51,7 +52,7 @@ def evaluate(
         return gather_object(items) if world > 1 else items
 
     model.eval()
-    # FSDP2 keeps its all-gather buffers across calls: tensors made under inference_mode would poison training
-    no_grad = torch.no_grad() if is_sharded(model) else torch.inference_mode()
+    # FSDP2 / DeepSpeed keep buffers across calls: tensors made under inference_mode would poison training
+    no_grad = torch.no_grad() if is_sharded(model) or is_deepspeed(model) else torch.inference_mode()
     with no_grad, accelerator.autocast():
         return task.evaluate(model, (on_device(b) for b in loader), gather, final)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -15,11 +16,22 @@ stdout = Console()
 _QUIET = {"on": False}
 
 
-def json_mode() -> None:
-    """`--json`: everything meant for people goes to stderr; stdout keeps one JSON document."""
-    import sys
+def json_mode() -> TextIO:
+    """`--json`: everything meant for people goes to stderr; stdout keeps one JSON document.
 
+    Returns the stream for that document. Libraries that print to stdout (DeepSpeed's logger, compiler output
+    of extensions) would corrupt it, so file descriptor 1 itself is pointed at stderr where it is a real file.
+    """
+    sys.stdout.flush()
     stdout.file = sys.stderr
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stdout (tests): nothing below Python writes there
+        document, sys.stdout = sys.stdout, sys.stderr
+        return document
+    document = os.fdopen(os.dup(fd), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), fd)
+    return document
 
 
 @contextmanager

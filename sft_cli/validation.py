@@ -21,6 +21,7 @@ from sft_cli.schema import (
     TASKS,
     Recipe,
 )
+from sft_cli.zero import config_file_problem
 
 
 def _check(ok: bool, source: str, message: str) -> None:
@@ -136,12 +137,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
     _check_choice(recipe.engine.kernels, ("auto", "none"), "engine.kernels", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
-    ds_config = recipe.engine.distributed.deepspeed_config
-    _check(
-        ds_config is None or Path(ds_config).expanduser().is_file(),
-        source,
-        f"'engine.distributed.deepspeed_config': file not found: {ds_config}",
-    )
+    _check_deepspeed(recipe, source)
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
     _check_class_weights(recipe.loss.class_weights, source)
@@ -184,6 +180,27 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             source,
             f"'data.{name}' must be a path, glob, hub name or a non-empty list of paths; got {value!r}",
         )
+
+
+def _check_deepspeed(recipe: Recipe, source: str) -> None:
+    """The DeepSpeed config file exists, parses and agrees with the recipe; DeepSpeed cannot skip a bad batch."""
+    distributed = recipe.engine.distributed
+    ds_config = distributed.deepspeed_config
+    _check(
+        ds_config is None or Path(ds_config).expanduser().is_file(),
+        source,
+        f"'engine.distributed.deepspeed_config': file not found: {ds_config}",
+    )
+    if distributed.strategy != "deepspeed":
+        return
+    problem = config_file_problem(ds_config, recipe.schedule) if ds_config else None
+    _check(problem is None, source, problem or "")
+    _check(
+        not recipe.engine.skip_nonfinite,
+        source,
+        "'engine.skip_nonfinite': DeepSpeed steps inside backward, so a non-finite batch cannot be skipped — "
+        "set it to false or use strategy ddp/fsdp",
+    )
 
 
 def _check_class_weights(weights: Any, source: str) -> None:

@@ -1,5 +1,8 @@
 """Device choice: several processes without CUDA form a gloo group; a lone process under a launcher is refused."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -55,14 +58,54 @@ def test_a_launch_that_ends_with_one_process_stops_before_any_compute(monkeypatc
     device.check_process_group(1, 1, "auto")
 
 
-def test_deepspeed_refuses_a_machine_without_cuda_and_fsdp_is_left_to_the_engine_there():
+def test_fsdp_off_cuda_is_left_to_the_engine():
     config = EngineConfig()
-    config.distributed.strategy = "deepspeed"
-    with pytest.raises(SftError, match="strategy: deepspeed runs on CUDA GPUs only"):
-        device.sharding_plugins(config, on_gpu=False)
     config.distributed.strategy = "fsdp"  # Accelerate's CPU path would wrap DDP: the engine shards (FSDP2) itself
     assert device.sharding_plugins(config, on_gpu=False) == {}
     assert device.sharding_plugins(EngineConfig(), on_gpu=False) == {}
+
+
+def test_deepspeed_off_cuda_gets_its_plugin_and_a_real_gloo_group(monkeypatch):
+    pytest.importorskip("deepspeed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = EngineConfig()
+    config.distributed.strategy = "deepspeed"
+    config.distributed.zero_stage = 3
+    kwargs = device.sharding_plugins(config, on_gpu=False)
+    assert kwargs["deepspeed_plugin"].zero_stage == 3
+    # without a named backend Accelerate leaves it unset off CUDA and every process believes it is rank 0
+    assert [h.backend for h in kwargs["kwargs_handlers"]] == ["gloo"]
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["LOCAL_RANK"] == "0"  # a run without a launcher
+    config.device = "mps"
+    with pytest.raises(SftError, match="DeepSpeed runs on CUDA or CPU"):
+        device.sharding_plugins(config, on_gpu=False)
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}, None),
+        ({"optimizer": {"type": "AdamW"}}, "remove its 'optimizer' section — sft builds it from the recipe's optim"),
+        ({"scheduler": {"type": "WarmupLR"}}, "remove its 'scheduler' section"),
+        ({"gradient_accumulation_steps": 4}, "'gradient_accumulation_steps' is 4 but schedule.grad_accum is 1"),
+        ({"train_micro_batch_size_per_gpu": 8}, "'train_micro_batch_size_per_gpu' is 8 but schedule.batch_size is 16"),
+        ([1, 2], "must be a JSON object"),
+        ("{not json", "is not a readable JSON file"),
+    ],
+)
+def test_a_deepspeed_config_file_must_agree_with_the_recipe(tmp_path, settings, expected):
+    from sft_cli.schema import ScheduleConfig
+    from sft_cli.zero import config_file_problem
+
+    path = tmp_path / "ds.json"
+    path.write_text(settings if isinstance(settings, str) else json.dumps(settings))
+    problem = config_file_problem(str(path), ScheduleConfig(batch_size=16, grad_accum=1))
+    if expected is None:
+        assert problem is None
+    else:
+        assert expected in problem and str(path) in problem and "\n" not in problem
 
 
 def test_deepspeed_without_its_package_is_a_one_line_error(monkeypatch):

@@ -47,6 +47,12 @@ def test_overrides_win_and_create_nested_keys(tmp_path):
         ("- a\n- b\n", [], "top level must be a mapping"),
         ("data: {train: t\n", [], "line"),
         ("{}\n", [], "'data.train' is required"),
+        (
+            "data: {train: t}\nengine: {skip_nonfinite: true, distributed: {strategy: deepspeed}}\n",
+            [],
+            "'engine.skip_nonfinite': DeepSpeed steps inside backward",
+        ),
+        ("data: {train: t}\n", ["engine.distributed.deepspeed_config=nope.json"], "file not found: nope.json"),
     ],
 )
 def test_bad_recipes_fail_before_compute_naming_the_key(tmp_path, text, overrides, expected):
@@ -161,3 +167,10 @@ def test_out_of_range_numbers_are_one_line_errors_naming_the_key(tmp_path, case)
 def test_negative_warmup_is_refused(tmp_path):
     with pytest.raises(SftError, match=r"'schedule.warmup' must be >= 0; got -1"):
         load_recipe(write(tmp_path, "data: {train: t}\n"), ["schedule.warmup=-1"])
+
+
+def test_a_deepspeed_config_file_that_sets_the_optimizer_is_refused_naming_the_key(tmp_path):
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}')
+    overrides = ["engine.distributed.strategy=deepspeed", f"engine.distributed.deepspeed_config={tmp_path / 'ds.json'}"]
+    with pytest.raises(SftError, match="'engine.distributed.deepspeed_config'.*remove its 'optimizer' section"):
+        load_recipe(write(tmp_path, "data: {train: t}\n"), overrides)

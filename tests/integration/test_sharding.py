@@ -1,8 +1,10 @@
-"""FSDP2 on CPU/gloo through the real CLI: 2 sharded processes train like 1, sharded checkpoints resume,
-and the consolidated model/ loads with from_pretrained."""
+"""Sharded training on CPU/gloo through the real CLI — FSDP2, and DeepSpeed ZeRO-2 where DeepSpeed is
+installed: 2 sharded processes train like 1, every rank writes its part of a checkpoint, a killed run resumes
+to the same losses, and the consolidated model/ loads with from_pretrained."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +18,16 @@ from tests.conftest import REPO, read_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration
 TOLERANCE = 1e-4  # gloo reduce-scatter sums in another order than one process does
+# strategy -> (batch_size, grad_accum): 2 ranks x 4, or 2 ranks x 2 x 2 accumulated (DeepSpeed steps inside backward)
+STRATEGIES = {"fsdp": (4, 1), "deepspeed": (2, 2)}
+# what each rank writes into checkpoints/step-N/ (and nothing is gathered into a model/ there)
+RANK_FILES = {
+    "fsdp": ("sharded/*.distcp", ["__0_0.distcp", "__1_0.distcp"]),
+    "deepspeed": (
+        "deepspeed/state/*optim_states.pt",
+        ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+    ),
+}
 
 
 def sft(*args: str, wait: bool = True):
@@ -29,7 +41,31 @@ def sft(*args: str, wait: bool = True):
     return done
 
 
-def recipe(tmp: Path, name: str, strategy: str, batch: int) -> Path:
+def has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "fsdp",
+        pytest.param(
+            "deepspeed",
+            marks=pytest.mark.skipif(
+                not has_deepspeed(), reason="DeepSpeed not installed (pip install 'sft[deepspeed]')"
+            ),
+        ),
+    ],
+)
+def strategy(request) -> str:
+    return request.param
+
+
+def recipe(tmp: Path, name: str, strategy: str, batch: int, accum: int = 1) -> Path:
     values = {
         "name": name,
         "task": "language-modeling",
@@ -52,7 +88,14 @@ def recipe(tmp: Path, name: str, strategy: str, batch: int) -> Path:
             "max_length": 32,
         },
         "optim": {"lr": 3e-3},
-        "schedule": {"max_steps": 10, "batch_size": batch, "log_every": 1, "warmup": 0.0, "eval_every": "5"},
+        "schedule": {
+            "max_steps": 10,
+            "batch_size": batch,
+            "grad_accum": accum,
+            "log_every": 1,
+            "warmup": 0.0,
+            "eval_every": "5",
+        },
         "engine": {"device": "cpu", "precision": "fp32", "seed": 0, "distributed": {"strategy": strategy}},
         "output": {"dir": str(tmp / name), "save_every": 4, "keep": 3, "keep_best": False},
     }
@@ -64,46 +107,54 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
+def reference(tmp_path_factory) -> Path:
+    """One process, global batch 8, no sharding (in-process): what the sharded runs must reproduce."""
+    tmp = tmp_path_factory.mktemp("sharding")
     from sft_cli import commands
     from sft_cli.recipe import load_recipe
 
-    commands.train(load_recipe(recipe(tmp, "one", "ddp", 8)), "pretrain")  # global batch 8 = 2 ranks x 4, in-process
-    sft("pretrain", str(recipe(tmp, "two", "fsdp", 4)), "--nproc", "2")
+    commands.train(load_recipe(recipe(tmp, "one", "ddp", 8)), "pretrain")
     return tmp
 
 
-def test_two_sharded_processes_train_like_one(runs):
-    one, two = losses(runs / "one"), losses(runs / "two")
+@pytest.fixture(scope="module")
+def runs(reference, strategy) -> Path:
+    sft("pretrain", str(recipe(reference, strategy, strategy, *STRATEGIES[strategy])), "--nproc", "2")
+    return reference
+
+
+def test_two_sharded_processes_train_like_one(runs, strategy):
+    one, two = losses(runs / "one"), losses(runs / strategy)
     assert len(one) == len(two) == 10
     assert two == pytest.approx(one, abs=TOLERANCE)  # gradients averaged, not summed, over the shards
     from transformers import AutoModelForCausalLM
 
     a = AutoModelForCausalLM.from_pretrained(runs / "one" / "model").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(runs / "two" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs / strategy / "model").state_dict()
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOLERANCE
     assert not any(isinstance(v, torch.Tensor) and v.is_meta for v in b.values())
+    summary = json.loads((runs / strategy / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 10
 
 
-def test_checkpoints_are_sharded_one_file_per_rank(runs):
-    checkpoint = runs / "two" / "checkpoints" / "step-00000008"
-    shards = sorted(p.name for p in (checkpoint / "sharded").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+def test_checkpoints_are_sharded_one_file_per_rank(runs, strategy):
+    checkpoint = runs / strategy / "checkpoints" / "step-00000008"
+    pattern, expected = RANK_FILES[strategy]
+    assert sorted(p.name for p in checkpoint.glob(pattern)) == expected
     assert not (checkpoint / "model").exists()  # nothing gathered on rank 0
 
 
-def test_a_killed_sharded_run_resumes_to_the_same_losses(runs):
+def test_a_killed_sharded_run_resumes_to_the_same_losses(runs, strategy):
     from tests.integration.test_schedules_resume import _wait_for_checkpoint
 
-    killed = recipe(runs, "killed", "fsdp", 4)
+    killed = recipe(runs, f"killed-{strategy}", strategy, *STRATEGIES[strategy])
     process = sft("pretrain", str(killed), "--nproc", "2", wait=False)
-    _wait_for_checkpoint(runs / "killed", process, 4)
+    _wait_for_checkpoint(runs / f"killed-{strategy}", process, 4)
     os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, as a node crash would
     process.wait()
     sft("pretrain", str(killed), "--nproc", "2", "--resume")
-    assert losses(runs / "killed") == pytest.approx(losses(runs / "two"), abs=1e-6)
+    assert losses(runs / f"killed-{strategy}") == pytest.approx(losses(runs / strategy), abs=1e-6)
     wrong = subprocess.run(
         [sys.executable, "-m", "sft_cli", "pretrain", str(killed), "--resume"], capture_output=True, text=True
     )

@@ -1,0 +1,159 @@
+"""`engine.distributed.strategy: deepspeed`: ZeRO 1/2/3 through Accelerate's DeepSpeed plugin.
+
+DeepSpeed owns three things the training loop otherwise does itself: the optimizer step (taken inside
+backward at the accumulation boundary, with its gradient clipping), the optimizer state (partitioned over
+ranks, so checkpoints are DeepSpeed's own, one optimizer file per rank) and, under ZeRO-3, the weights
+(gathered once for the final model). The loop calls the functions here at those points. It runs on CUDA,
+and off CUDA on DeepSpeed's CPU accelerator over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from sft_cli.backbone import unwrap
+from sft_cli.errors import SftError
+
+ENGINE_DIR = "deepspeed"  # inside checkpoints/step-N/: DeepSpeed's checkpoint (model + one optimizer file per rank)
+TAG = "state"
+# DeepSpeed config keys the recipe owns: a config file may leave them out or "auto", not contradict them
+RECIPE_OWNED = {
+    "train_micro_batch_size_per_gpu": "schedule.batch_size",
+    "gradient_accumulation_steps": "schedule.grad_accum",
+    "gradient_clipping": "schedule.max_grad_norm",
+}
+OWN_SECTIONS = {"optimizer": "optim", "scheduler": "schedule.scheduler"}
+
+
+def accelerator_kwargs(distributed: Any, device: str) -> dict[str, Any]:
+    """Accelerator arguments for DeepSpeed: its plugin, plus a gloo process group when there is no CUDA.
+
+    Accelerate forms DeepSpeed's group only on its accelerator path and, with no accelerator found, leaves the
+    backend unset so every process believes it is rank 0; naming gloo makes the group real on CPU.
+    """
+    require_deepspeed()
+    from accelerate import DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if torch.cuda.is_available() and device == "cpu":
+        raise SftError(
+            "engine.device: cpu with strategy deepspeed on a CUDA machine — DeepSpeed takes the GPU; "
+            "use device: auto or cuda, or strategy: ddp"
+        )
+    if device == "mps":
+        raise SftError("engine.device: mps — DeepSpeed runs on CUDA or CPU; use device: auto or cpu")
+    set_launcher_environment()
+    if distributed.deepspeed_config:
+        plugin = DeepSpeedPlugin(hf_ds_config=str(Path(distributed.deepspeed_config).expanduser()))
+    else:
+        plugin = DeepSpeedPlugin(zero_stage=distributed.zero_stage, zero3_save_16bit_model=True)
+    kwargs: dict[str, Any] = {"deepspeed_plugin": plugin}
+    if not torch.cuda.is_available():
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return kwargs
+
+
+def require_deepspeed() -> None:
+    """The optional extra must be installed; otherwise one line saying how."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise SftError(
+            "engine.distributed.strategy: deepspeed needs the DeepSpeed package — pip install 'sft[deepspeed]'"
+        ) from None
+
+
+def set_launcher_environment() -> None:
+    """A run without a launcher is a world of one, but Accelerate's DeepSpeed path and DeepSpeed itself read the
+    launcher's variables (LOCAL_RANK, ...): set them for this process as torchrun would."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world_of_one = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**world_of_one, "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(name, value)
+
+
+def config_file_problem(path: str, schedule: Any) -> Optional[str]:
+    """What is wrong with a DeepSpeed JSON config: it must parse, leave optimizer/scheduler to the recipe and agree."""
+    where = f"'engine.distributed.deepspeed_config': {path}"
+    try:
+        config = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as err:
+        return f"{where} is not a readable JSON file ({err}) — fix or remove it"
+    if not isinstance(config, dict):
+        return f"{where} must be a JSON object of DeepSpeed settings"
+    for section, owner in OWN_SECTIONS.items():
+        if section in config:
+            return f"{where}: remove its '{section}' section — sft builds it from the recipe's {owner}"
+    wanted = {
+        "train_micro_batch_size_per_gpu": schedule.batch_size,
+        "gradient_accumulation_steps": schedule.grad_accum,
+        "gradient_clipping": schedule.max_grad_norm or 0.0,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            return f"{where}: '{key}' is {given} but {RECIPE_OWNED[key]} is {value} — set it to \"auto\" or drop it"
+    return None
+
+
+def configure(accelerator: Any, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config from the schedule before `prepare` (the loop feeds batches itself)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = batch_size * grad_accum * accelerator.num_processes
+    config["gradient_clipping"] = max_grad_norm or 0.0
+    config.setdefault("steps_per_print", 10**9)  # progress is sft's to report
+    accelerator.gradient_accumulation_steps = grad_accum
+
+
+def is_deepspeed(model: nn.Module) -> bool:
+    """True for a model `prepare` wrapped in a DeepSpeedEngine."""
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def zero3(model: nn.Module) -> bool:
+    """ZeRO-3: parameters are partitioned, so forwards are collective (every rank must take part)."""
+    return is_deepspeed(model) and model.zero_optimization_stage() == 3
+
+
+def backward(model: Any, loss: torch.Tensor, boundary: bool) -> None:
+    """Backward through DeepSpeed; at the window's last micro-batch it also clips and steps the optimizer.
+
+    The loss is already normalized over the whole window (and ranks), so DeepSpeed must not divide it again.
+    """
+    model.set_gradient_accumulation_boundary(boundary)
+    model.backward(loss, scale_wrt_gas=False)
+    if boundary:
+        model.step()
+
+
+def save(directory: Path, model: Any) -> None:
+    """Every rank writes its partition of the optimizer state; rank 0 the module (a collective)."""
+    model.save_checkpoint(str(directory / ENGINE_DIR), tag=TAG, save_latest=False)
+
+
+def load(checkpoint: Path, model: Any) -> None:
+    """Read the weights and this rank's optimizer partition back (the same world size wrote them)."""
+    path, _ = model.load_checkpoint(str(checkpoint / ENGINE_DIR), tag=TAG, load_lr_scheduler_states=False)
+    if path is None:
+        raise SftError(f"--resume: {checkpoint} has no readable DeepSpeed state — resume from an earlier checkpoint")
+
+
+def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0 with `unwrap(model)`'s keys (ZeRO-3 gathers: every rank calls it)."""
+    state = accelerator.get_state_dict(model)
+    inner = unwrap(model)
+    prefix = next((f"{name}." for name, module in model.module.named_modules() if module is inner and name), "")
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in (state or {}).items()}
