@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,10 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from sft_cli import losses
-from sft_cli.backbone import compile_blocks, compile_seconds, count_parameters
+from sft_cli.backbone import compile_blocks, count_parameters
 from sft_cli.checkpointing import CheckpointingMixin
 from sft_cli.data import batches_per_rank, epoch_batches, shard_batches
-from sft_cli.device import estimate_flops_per_token, measure_peak_flops
+from sft_cli.device import estimate_flops_per_token
 from sft_cli.errors import SftError
 from sft_cli.evaluation import evaluate
 from sft_cli.fsdp import shard_model
@@ -31,6 +30,7 @@ from sft_cli.meter import Meter
 from sft_cli.metrics import MetricLog
 from sft_cli.optim import build_optimizer, build_scheduler
 from sft_cli.progress import TrainProgress
+from sft_cli.run_summary import training_summary
 from sft_cli.schema import EngineConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig
 from sft_cli.streaming import stream_loader
 from sft_cli.tasks.base import Batch, Task
@@ -313,7 +313,7 @@ class Trainer(CheckpointingMixin):
 
     def _log_train(self) -> dict[str, Any]:
         """Write a train record (the only place the loop syncs the loss to the host)."""
-        record: dict[str, Any] = {"step": self.state.step, "epoch": round(self._epoch_float(), 4)}
+        record: dict[str, Any] = {"step": self.state.step, "epoch": round(self.epoch_progress(), 4)}
         if self.accelerator.num_processes > 1:  # one collective per log line: every rank's share of loss and tokens
             self.meter.reduce(self.accelerator)
         self.state.tokens += self.meter.tokens
@@ -328,7 +328,8 @@ class Trainer(CheckpointingMixin):
         self.log.write(record)
         return record
 
-    def _epoch_float(self) -> float:
+    def epoch_progress(self) -> float:
+        """Epochs done so far, fractional within the current one."""
         return self.state.epoch + self.state.window_in_epoch / self.windows_per_epoch
 
     # -- evaluation, best model, early stopping ------------------------------------------------
@@ -347,7 +348,7 @@ class Trainer(CheckpointingMixin):
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         record = {
             "step": self.state.step,
-            "epoch": round(self._epoch_float(), 4),
+            "epoch": round(self.epoch_progress(), 4),
             **{f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in scalars.items()},
         }
         self.log.write(record)
@@ -375,41 +376,4 @@ class Trainer(CheckpointingMixin):
 
     def summary(self) -> dict[str, Any]:
         """What summary.json records about the training run."""
-        seconds = max(self.state.train_seconds, 1e-9)
-        tokens_per_s = self.state.tokens / seconds
-        flops = self.flops_per_token * self.state.tokens
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-        peak = (
-            self.engine.peak_tflops * 1e12
-            if self.engine.peak_tflops
-            else measure_peak_flops(self.accelerator.device, dtype)
-        )
-        return {
-            "train_seconds": round(self.state.train_seconds, 3),
-            "train_tokens": int(self.state.tokens),
-            "tokens_per_s": round(tokens_per_s, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            **self.params,
-            "final_train_loss": self.state.last_loss,
-            "steps": self.state.step,
-            "epochs": round(self._epoch_float(), 4),
-            "best_step": self.state.best_step,
-            "best_metric": self.state.best_metric,
-            "skipped_nonfinite": self.state.skipped_nonfinite,
-            "train_flops": flops,
-            "flops_per_token": self.flops_per_token,
-            "peak_flops": peak,
-            "mfu": round(flops / seconds / peak, 4),
-            "device": str(self.accelerator.device),
-            "precision": self.accelerator.mixed_precision,
-            "num_processes": self.accelerator.num_processes,
-            **self._compile_report(),
-        }
-
-    def _compile_report(self) -> dict[str, Any]:
-        """engine.compile: seconds spent compiling (training and evaluation graphs) and how many were built."""
-        if not self.engine.compile:
-            return {}
-        seconds, graphs = compile_seconds()
-        return {"compile_seconds": round(seconds, 3), "compiled_graphs": graphs}
+        return training_summary(self)
