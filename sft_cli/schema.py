@@ -160,7 +160,7 @@ class ScheduleConfig:
 class DistributedConfig:
     """Multi-process settings, passed to Accelerate."""
 
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed; fsdp and deepspeed need CUDA
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed (ZeRO, `sft[deepspeed]`); CUDA, or CPU over gloo
     fsdp: dict[str, Any] = field(default_factory=dict)  # FullyShardedDataParallelPlugin options (cpu_offload, ...)
     zero_stage: int = 2  # deepspeed: ZeRO stage 1 | 2 | 3 (when no deepspeed_config)
     deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON config file instead of zero_stage
