@@ -50,7 +50,7 @@ demo-chat: install  ## Pretrain a small Llama, chat-tune it on multi-turn conver
 	$(SFT) eval recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all
 
 test: install  ## Run the whole test suite (unit + integration)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: install  ## Unit tests only
 	$(PY) -m pytest -q -m "not integration"
