@@ -51,6 +51,10 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
     kwargs = sharding_plugins(config, on_gpu)
     if config.distributed.strategy == "deepspeed":  # Accelerate forms DeepSpeed's group only off its CPU path
         cpu = False
+    else:  # a ZeRO-3 plugin of an earlier run in this process would make transformers build models partitioned
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if world == 1:  # one process may run several recipes (sft check, sweeps, tests): start from a clean state
         from accelerate.state import AcceleratorState
 

@@ -69,7 +69,8 @@ def test_deepspeed_off_cuda_gets_its_plugin_and_a_real_gloo_group(monkeypatch):
     pytest.importorskip("deepspeed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so what the code under test sets is undone afterwards
+        monkeypatch.delenv(name)
     config = EngineConfig()
     config.distributed.strategy = "deepspeed"
     config.distributed.zero_stage = 3
@@ -124,3 +125,13 @@ def test_fsdp_on_gpu_asks_accelerate_for_fsdp2():
     config.distributed.fsdp = {"cpu_offload": False}
     plugin = device.sharding_plugins(config, on_gpu=True)["fsdp_plugin"]
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+
+
+def test_a_zero3_run_earlier_in_the_process_does_not_partition_the_next_models():
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    pytest.importorskip("deepspeed")
+    left_over = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()  # as after a ZeRO-3 recipe in `sft check` or a sweep
+    device.make_accelerator(EngineConfig(device="cpu", precision="fp32"))
+    assert not is_deepspeed_zero3_enabled() and left_over is not None
