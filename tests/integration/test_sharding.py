@@ -1,6 +1,6 @@
 """Sharded training on CPU/gloo through the real CLI — FSDP2, and DeepSpeed ZeRO-2 where DeepSpeed is
-installed: 2 sharded processes train like 1, every rank writes its part of a checkpoint, a killed run resumes
-to the same losses, and the consolidated model/ loads with from_pretrained."""
+installed: 2 sharded processes, killed with kill -9 and resumed, train like 1; every rank writes its part of a
+checkpoint, and the consolidated model/ loads with from_pretrained."""
 
 from __future__ import annotations
 
@@ -119,14 +119,25 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(reference, strategy) -> Path:
-    sft("pretrain", str(recipe(reference, strategy, strategy, *STRATEGIES[strategy])), "--nproc", "2")
+    """Two sharded processes, killed with kill -9 (launcher and both ranks) after the step-4 checkpoint, resumed."""
+    from tests.integration.test_schedules_resume import _wait_for_checkpoint
+
+    sharded = recipe(reference, strategy, strategy, *STRATEGIES[strategy])
+    process = sft("pretrain", str(sharded), "--nproc", "2", wait=False)
+    _wait_for_checkpoint(reference / strategy, process, 4)
+    os.killpg(process.pid, signal.SIGKILL)  # as a node crash would
+    process.wait()
+    assert not (reference / strategy / "summary.json").exists(), "the run finished before it could be killed"
+    sft("pretrain", str(sharded), "--nproc", "2", "--resume")
     return reference
 
 
-def test_two_sharded_processes_train_like_one(runs, strategy):
+def test_a_killed_and_resumed_sharded_run_trains_like_one_process(runs, strategy):
     one, two = losses(runs / "one"), losses(runs / strategy)
-    assert len(one) == len(two) == 10
-    assert two == pytest.approx(one, abs=TOLERANCE)  # gradients averaged, not summed, over the shards
+    assert len(one) == len(two) == 10  # the steps before the kill logged once, those after it once
+    # equal losses: gradients averaged, not summed, over the shards, and the resume lost no optimizer,
+    # scheduler or data position (either would move the later losses by far more than the tolerance)
+    assert two == pytest.approx(one, abs=TOLERANCE)
     from transformers import AutoModelForCausalLM
 
     a = AutoModelForCausalLM.from_pretrained(runs / "one" / "model").state_dict()
@@ -145,17 +156,12 @@ def test_checkpoints_are_sharded_one_file_per_rank(runs, strategy):
     assert not (checkpoint / "model").exists()  # nothing gathered on rank 0
 
 
-def test_a_killed_sharded_run_resumes_to_the_same_losses(runs, strategy):
-    from tests.integration.test_schedules_resume import _wait_for_checkpoint
-
-    killed = recipe(runs, f"killed-{strategy}", strategy, *STRATEGIES[strategy])
-    process = sft("pretrain", str(killed), "--nproc", "2", wait=False)
-    _wait_for_checkpoint(runs / f"killed-{strategy}", process, 4)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, as a node crash would
-    process.wait()
-    sft("pretrain", str(killed), "--nproc", "2", "--resume")
-    assert losses(runs / f"killed-{strategy}") == pytest.approx(losses(runs / strategy), abs=1e-6)
+def test_resuming_with_another_number_of_processes_is_one_line(runs, strategy):
+    if strategy != "fsdp":
+        pytest.skip("the same world-size check, before any strategy-specific state is read")
     wrong = subprocess.run(
-        [sys.executable, "-m", "sft_cli", "pretrain", str(killed), "--resume"], capture_output=True, text=True
+        [sys.executable, "-m", "sft_cli", "pretrain", str(runs / f"{strategy}.yaml"), "--resume"],
+        capture_output=True,
+        text=True,
     )
-    assert wrong.returncode == 2 and "resume with --nproc 2" in wrong.stderr
+    assert wrong.returncode == 2 and "resume with --nproc 2" in wrong.stderr and "Traceback" not in wrong.stderr
