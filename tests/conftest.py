@@ -64,6 +64,15 @@ def recipe_values(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     return values
 
 
+def train_and_eval_in_process(recipe: Path, command: str = "finetune") -> None:
+    """`sft finetune` (or pretrain) + `sft eval` in this process: the commands without an interpreter start."""
+    from sft_cli import commands
+    from sft_cli.recipe import load_recipe
+
+    commands.train(load_recipe(recipe), command)
+    commands.evaluate_model(load_recipe(recipe))
+
+
 def write_recipe(path: Path, values: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path

@@ -6,7 +6,15 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY_BERT, keyword_rows, read_jsonl, recipe_values, write_jsonl, write_recipe
+from tests.conftest import (
+    TINY_BERT,
+    keyword_rows,
+    read_jsonl,
+    recipe_values,
+    train_and_eval_in_process,
+    write_jsonl,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.integration
 NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -17,15 +25,6 @@ def run(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "sft_cli", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
-
-
-def in_process(recipe) -> None:
-    """`sft finetune` + `sft eval` of one process, in this process."""
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
-
-    commands.train(load_recipe(recipe), "finetune")
-    commands.evaluate_model(load_recipe(recipe))
 
 
 # `cpu`: what the tests always used. `default`: no engine keys at all, as a new user writes it (device auto,
@@ -49,7 +48,7 @@ def runs(request, tmp_path_factory):
         values["data"]["eval"] = str(odd)
         recipe = write_recipe(tmp / f"{name}.yaml", values)
         if nproc == 1:  # the reference run, in this process (saves two interpreter starts)
-            in_process(recipe)
+            train_and_eval_in_process(recipe)
         else:
             run("finetune", str(recipe), "--nproc", str(nproc))
             run("eval", str(recipe), "--nproc", str(nproc))
