@@ -1,4 +1,4 @@
-"""GPU paths: CUDA + bf16, fp16 with a gradient scaler, FSDP. Skipped where no CUDA device is visible."""
+"""GPU paths: CUDA + bf16, fp16 with a gradient scaler, FSDP, DeepSpeed. Skipped where no CUDA device is visible."""
 
 import json
 import subprocess
@@ -46,3 +46,10 @@ def test_grad_checkpointing_and_compile(tmp_path):
 def test_fsdp_two_gpus(tmp_path):
     summary = finetune(tmp_path, "engine.distributed.strategy=fsdp", nproc=2)
     assert summary["num_processes"] == 2
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_one_gpu(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    summary = finetune(tmp_path, "engine.distributed.strategy=deepspeed", f"engine.distributed.zero_stage={stage}")
+    assert summary["device"].startswith("cuda") and summary["final_train_loss"] < 0.5
