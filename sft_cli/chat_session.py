@@ -91,7 +91,7 @@ def chat(recipe: Recipe, model_dir: Path, stdin: TextIO = sys.stdin, stdout: Tex
         raise SftError(
             f"task: '{recipe.task}' models do not chat — use `sft predict` (sft chat needs task: generation)"
         )
-    accelerator = make_accelerator(recipe.engine)
+    accelerator = make_accelerator(recipe.engine, training=False)
     task = build_task(recipe)
     task.load_for_inference(str(model_dir))
     task.model = accelerator.prepare_model(task.model, evaluation_mode=True).eval()

@@ -179,7 +179,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
         raise SftError(f"--model: no trained model in {directory} — run `sft finetune` first or pass --model DIR")
     if not recipe.data.eval:
         raise SftError("data.eval: required by `sft eval` — set it to a held-out file")
-    accelerator = make_accelerator(recipe.engine)
+    accelerator = make_accelerator(recipe.engine, training=False)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
     with tokenize_once(recipe):

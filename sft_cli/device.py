@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +13,7 @@ from accelerate import Accelerator
 
 from sft_cli.backbone import unwrap
 from sft_cli.errors import SftError
-from sft_cli.schema import EngineConfig
+from sft_cli.schema import DistributedConfig, EngineConfig
 
 
 def launcher_world_size() -> int:
@@ -36,8 +37,14 @@ def runs_on_cpu(device: str, world_size: int) -> bool:
     return device in ("auto", "mps") and world_size > 1 and not torch.cuda.is_available()
 
 
-def make_accelerator(config: EngineConfig) -> Accelerator:
-    """An Accelerator for the requested device and precision (auto: CUDA, then MPS, then CPU)."""
+def make_accelerator(config: EngineConfig, training: bool = True) -> Accelerator:
+    """An Accelerator for the requested device and precision (auto: CUDA, then MPS, then CPU).
+
+    Sharding (engine.distributed.strategy) is for training; eval, predict and chat load the model whole on
+    every process, as a ZeRO-3 plugin would otherwise have transformers build it partitioned.
+    """
+    if not training:
+        config = replace(config, distributed=DistributedConfig())
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SftError("engine.device: cuda was asked for but no CUDA device is visible — use auto or cpu")
     if config.device == "mps" and not torch.backends.mps.is_available():
@@ -51,10 +58,10 @@ def make_accelerator(config: EngineConfig) -> Accelerator:
     kwargs = sharding_plugins(config, on_gpu)
     if config.distributed.strategy == "deepspeed":  # Accelerate forms DeepSpeed's group only off its CPU path
         cpu = False
-    else:  # a ZeRO-3 plugin of an earlier run in this process would make transformers build models partitioned
-        from transformers.integrations import unset_hf_deepspeed_config
+    else:
+        from sft_cli.zero import forget_earlier_runs
 
-        unset_hf_deepspeed_config()
+        forget_earlier_runs()
     if world == 1:  # one process may run several recipes (sft check, sweeps, tests): start from a clean state
         from accelerate.state import AcceleratorState
 

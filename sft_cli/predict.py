@@ -46,7 +46,7 @@ def predict(
     """Predict every row of the input into `output`; returns counts and the output path."""
     if output.exists() and not (resume or overwrite):
         raise SftError(f"--output: {output} exists — pass --resume to continue it or --overwrite to replace it")
-    accelerator = make_accelerator(recipe.engine)
+    accelerator = make_accelerator(recipe.engine, training=False)
     task = build_task(recipe)
     task.load_for_inference(str(model_dir))
     table = task.prediction_table(input_location)

@@ -50,6 +50,7 @@ def accelerator_kwargs(distributed: Any, device: str) -> dict[str, Any]:
     if device == "mps":
         raise SftError("engine.device: mps — DeepSpeed runs on CUDA or CPU; use device: auto or cpu")
     set_launcher_environment()
+    _forget_stale_groups()
     if distributed.deepspeed_config:
         plugin = DeepSpeedPlugin(hf_ds_config=str(Path(distributed.deepspeed_config).expanduser()))
     else:
@@ -70,6 +71,9 @@ def require_deepspeed() -> None:
         ) from None
 
 
+_SET_HERE: list[str] = []  # launcher variables this process set for itself (undone before a later non-DeepSpeed run)
+
+
 def set_launcher_environment() -> None:
     """A run without a launcher is a world of one, but Accelerate's DeepSpeed path and DeepSpeed itself read the
     launcher's variables (LOCAL_RANK, ...): set them for this process as torchrun would."""
@@ -80,7 +84,35 @@ def set_launcher_environment() -> None:
         port = probe.getsockname()[1]
     world_of_one = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for name, value in {**world_of_one, "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(name, value)
+        if name not in os.environ:
+            os.environ[name] = value
+            _SET_HERE.append(name)
+
+
+def _forget_stale_groups() -> None:
+    """DeepSpeed caches process groups in module globals; an earlier run in this process ended its group
+    (Accelerate's end_training), so those caches point at a destroyed group: clear them for the new one."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None or torch.distributed.is_initialized():
+        return
+    for name, value in vars(groups).copy().items():
+        if name.startswith("_") and name.isupper() and name.endswith(("_GROUP", "_GROUP_RANKS")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mpu = None
+    groups.mesh_device = None
+
+
+def forget_earlier_runs() -> None:
+    """Before a run without DeepSpeed, undo what a DeepSpeed run earlier in this process (sft check, sweeps) left:
+    the launcher variables it set, and transformers' ZeRO-3 flag (which would build models partitioned)."""
+    for name in _SET_HERE:
+        os.environ.pop(name, None)
+    _SET_HERE.clear()
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def config_file_problem(path: str, schedule: Any) -> Optional[str]:

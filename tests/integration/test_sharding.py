@@ -65,7 +65,7 @@ def strategy(request) -> str:
     return request.param
 
 
-def recipe(tmp: Path, name: str, strategy: str, batch: int, accum: int = 1) -> Path:
+def recipe(tmp: Path, name: str, strategy: str, batch: int, accum: int = 1, zero_stage: int = 2) -> Path:
     values = {
         "name": name,
         "task": "language-modeling",
@@ -96,7 +96,12 @@ def recipe(tmp: Path, name: str, strategy: str, batch: int, accum: int = 1) -> P
             "warmup": 0.0,
             "eval_every": "5",
         },
-        "engine": {"device": "cpu", "precision": "fp32", "seed": 0, "distributed": {"strategy": strategy}},
+        "engine": {
+            "device": "cpu",
+            "precision": "fp32",
+            "seed": 0,
+            "distributed": {"strategy": strategy, "zero_stage": zero_stage},
+        },
         "output": {"dir": str(tmp / name), "save_every": 4, "keep": 3, "keep_best": False},
     }
     return write_recipe(tmp / f"{name}.yaml", values)
@@ -165,3 +170,21 @@ def test_resuming_with_another_number_of_processes_is_one_line(runs, strategy):
         text=True,
     )
     assert wrong.returncode == 2 and "resume with --nproc 2" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed not installed (pip install 'sft[deepspeed]')")
+def test_check_runs_deepspeed_recipes_one_after_another_in_one_process(reference):
+    """`sft check` trains and evaluates each recipe in one process: nothing of one DeepSpeed run (its process
+    groups, launcher variables, transformers' ZeRO-3 flag) may break the next, nor a ZeRO-3 plugin the eval."""
+    recipes = [
+        recipe(reference, "check-zero3", "deepspeed", 8, zero_stage=3),
+        recipe(reference, "check-zero2", "deepspeed", 8),
+        recipe(reference, "check-ddp", "ddp", 8),
+    ]
+    done = sft("check", *map(str, recipes), "--json")
+    rows = json.loads(done.stdout)
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("check-zero3", "pass"),
+        ("check-zero2", "pass"),
+        ("check-ddp", "pass"),
+    ], rows

@@ -127,11 +127,18 @@ def test_fsdp_on_gpu_asks_accelerate_for_fsdp2():
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
 
 
-def test_a_zero3_run_earlier_in_the_process_does_not_partition_the_next_models():
+def test_a_deepspeed_run_earlier_in_the_process_leaves_nothing_to_the_next(monkeypatch):
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
+    from sft_cli.zero import set_launcher_environment
+
     pytest.importorskip("deepspeed")
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    set_launcher_environment()  # as a single-process DeepSpeed recipe in `sft check` or a sweep does
     left_over = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
-    assert is_deepspeed_zero3_enabled()  # as after a ZeRO-3 recipe in `sft check` or a sweep
-    device.make_accelerator(EngineConfig(device="cpu", precision="fp32"))
-    assert not is_deepspeed_zero3_enabled() and left_over is not None
+    assert is_deepspeed_zero3_enabled() and os.environ["LOCAL_RANK"] == "0"
+    accelerator = device.make_accelerator(EngineConfig(device="cpu", precision="fp32"))
+    assert not is_deepspeed_zero3_enabled() and left_over is not None  # models are not built partitioned
+    assert "LOCAL_RANK" not in os.environ and accelerator.num_processes == 1  # no launcher, no process group
