@@ -293,6 +293,13 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def keyed_like_unwrapped(state: dict[str, torch.Tensor], root: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict of `root` (a wrapper) with the keys of `unwrap(root)`, the model `save_pretrained` writes."""
+    inner = unwrap(root)
+    prefix = next((f"{name}." for name, module in root.named_modules() if module is inner and name), "")
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
     """The compute dtype for a precision name."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -102,9 +102,7 @@ class Trainer(CheckpointingMixin):
         self.deepspeed = self.engine.distributed.strategy == "deepspeed"
         if self.deepspeed:  # DeepSpeed sizes its batches from the config; the loop feeds them itself
             self._check_collective_decoding(zero_stage=self.accelerator.state.deepspeed_plugin.zero_stage)
-            configure_deepspeed(
-                self.accelerator, self.schedule.batch_size, self.schedule.grad_accum, self.schedule.max_grad_norm
-            )
+            configure_deepspeed(self.accelerator, self.schedule)
         self.optimizer = build_optimizer(model, self.optim_config)
         self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
         if own_fsdp:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sft_cli.backbone import block_lists, unwrap
+from sft_cli.backbone import block_lists, keyed_like_unwrapped, unwrap
 
 SHARDED_DIR = "sharded"  # inside checkpoints/step-N/: model + optimizer, one file per rank + .metadata
 
@@ -50,9 +50,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    inner = unwrap(model)
-    prefix = next((f"{name}." for name, module in model.named_modules() if module is inner and name), "")
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return keyed_like_unwrapped(state, model)
 
 
 def save_sharded(checkpoint_tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

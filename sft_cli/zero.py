@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from sft_cli.backbone import unwrap
+from sft_cli.backbone import keyed_like_unwrapped
 from sft_cli.errors import SftError
 
 ENGINE_DIR = "deepspeed"  # inside checkpoints/step-N/: DeepSpeed's checkpoint (model + one optimizer file per rank)
@@ -127,27 +127,29 @@ def config_file_problem(path: str, schedule: Any) -> Optional[str]:
     for section, owner in OWN_SECTIONS.items():
         if section in config:
             return f"{where}: remove its '{section}' section — sft builds it from the recipe's {owner}"
-    wanted = {
-        "train_micro_batch_size_per_gpu": schedule.batch_size,
-        "gradient_accumulation_steps": schedule.grad_accum,
-        "gradient_clipping": schedule.max_grad_norm or 0.0,
-    }
-    for key, value in wanted.items():
+    for key, value in recipe_owned_values(schedule).items():
         given = config.get(key, "auto")
         if given != "auto" and given != value:
             return f"{where}: '{key}' is {given} but {RECIPE_OWNED[key]} is {value} — set it to \"auto\" or drop it"
     return None
 
 
-def configure(accelerator: Any, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+def recipe_owned_values(schedule: Any) -> dict[str, Any]:
+    """The RECIPE_OWNED DeepSpeed settings, from the recipe's schedule."""
+    return {
+        "train_micro_batch_size_per_gpu": schedule.batch_size,
+        "gradient_accumulation_steps": schedule.grad_accum,
+        "gradient_clipping": schedule.max_grad_norm or 0.0,
+    }
+
+
+def configure(accelerator: Any, schedule: Any) -> None:
     """Fill the DeepSpeed config from the schedule before `prepare` (the loop feeds batches itself)."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = batch_size
-    config["gradient_accumulation_steps"] = grad_accum
-    config["train_batch_size"] = batch_size * grad_accum * accelerator.num_processes
-    config["gradient_clipping"] = max_grad_norm or 0.0
+    config.update(recipe_owned_values(schedule))
+    config["train_batch_size"] = schedule.batch_size * schedule.grad_accum * accelerator.num_processes
     config.setdefault("steps_per_print", 10**9)  # progress is sft's to report
-    accelerator.gradient_accumulation_steps = grad_accum
+    accelerator.gradient_accumulation_steps = schedule.grad_accum
 
 
 def is_deepspeed(model: nn.Module) -> bool:
@@ -185,7 +187,4 @@ def load(checkpoint: Path, model: Any) -> None:
 
 def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
     """The whole model's weights on rank 0 with `unwrap(model)`'s keys (ZeRO-3 gathers: every rank calls it)."""
-    state = accelerator.get_state_dict(model)
-    inner = unwrap(model)
-    prefix = next((f"{name}." for name, module in model.module.named_modules() if module is inner and name), "")
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in (state or {}).items()}
+    return keyed_like_unwrapped(accelerator.get_state_dict(model) or {}, model.module)
