@@ -65,12 +65,17 @@ def test_fsdp_off_cuda_is_left_to_the_engine():
     assert device.sharding_plugins(EngineConfig(), on_gpu=False) == {}
 
 
-def test_deepspeed_off_cuda_gets_its_plugin_and_a_real_gloo_group(monkeypatch):
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """No launcher variables; whatever the code under test sets is undone afterwards (monkeypatch recorded them)."""
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_deepspeed_off_cuda_gets_its_plugin_and_a_real_gloo_group(monkeypatch, no_launcher):
     pytest.importorskip("deepspeed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(name, "")  # recorded, so what the code under test sets is undone afterwards
-        monkeypatch.delenv(name)
     config = EngineConfig()
     config.distributed.strategy = "deepspeed"
     config.distributed.zero_stage = 3
@@ -127,15 +132,12 @@ def test_fsdp_on_gpu_asks_accelerate_for_fsdp2():
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
 
 
-def test_a_deepspeed_run_earlier_in_the_process_leaves_nothing_to_the_next(monkeypatch):
+def test_a_deepspeed_run_earlier_in_the_process_leaves_nothing_to_the_next(no_launcher):
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     from sft_cli.zero import set_launcher_environment
 
     pytest.importorskip("deepspeed")
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
     set_launcher_environment()  # as a single-process DeepSpeed recipe in `sft check` or a sweep does
     left_over = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     assert is_deepspeed_zero3_enabled() and os.environ["LOCAL_RANK"] == "0"
