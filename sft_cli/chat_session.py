@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
@@ -39,24 +40,39 @@ class ChatSession:
     def messages(self) -> list[dict[str, str]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
 
-    def prompt(self) -> list[int]:
-        """The conversation with the generation prompt; the oldest exchanges go when it would not fit."""
-        room = self.context - self.recipe.predict.max_new_tokens
+    def prompt(self) -> tuple[list[int], int]:
+        """(the conversation with the generation prompt, tokens left to generate) within the model's context.
+
+        The oldest exchanges go first; when the newest message alone leaves no room, it is refused.
+        """
+        wanted = self.recipe.predict.max_new_tokens
         while True:
             ids = self.task.prompt_ids(self.messages())
-            if len(ids) <= room or len(self.turns) <= 1:
-                return ids[-room:]
+            if len(ids) + wanted <= self.context or len(self.turns) <= 1:
+                break
             self.turns = self.turns[2:]
+        if len(ids) >= self.context:
+            self.turns = self.turns[:-1]
+            raise SftError(
+                f"your message is {len(ids):,} tokens with the template and the model's context holds "
+                f"{self.context:,} — send a shorter one"
+            )
+        return ids, min(wanted, self.context - len(ids))
 
     def reply(self, text: str, streamer: Any = None) -> str:
         """Add a user turn, generate the assistant's answer (streamed when asked), keep both."""
+        from sft_cli.chat.formats import InvalidConversation
         from sft_cli.tasks.generation_infer import decode_settings
 
         self.turns.append({"role": "user", "content": text})
+        try:
+            ids, room = self.prompt()
+        except InvalidConversation as err:
+            self.turns = self.turns[:-1]
+            raise SftError(f"this message cannot be sent: {err}") from None
+        settings = replace(decode_settings(self.recipe.predict), max_new_tokens=room)
         with torch.inference_mode():
-            answer = generate(
-                self.task.model, self.task.tokenizer, [self.prompt()], decode_settings(self.recipe.predict), streamer
-            )[0]
+            answer = generate(self.task.model, self.task.tokenizer, [ids], settings, streamer)[0]
         self.turns.append({"role": "assistant", "content": answer.text})
         return answer.text
 
@@ -76,9 +92,14 @@ class ChatSession:
             if not argument.strip():
                 out.write("usage: /save FILE\n")
             else:
-                with open(Path(argument.strip()).expanduser(), "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"messages": self.messages()}, ensure_ascii=False) + "\n")
-                out.write(f"(saved to {argument.strip()})\n")
+                target = Path(argument.strip()).expanduser()
+                try:
+                    with open(target, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"messages": self.messages()}, ensure_ascii=False) + "\n")
+                except OSError as err:
+                    out.write(f"(could not save to {target}: {err.strerror or err} — the conversation goes on)\n")
+                else:
+                    out.write(f"(saved to {target})\n")
         else:
             out.write(HELP + "\n")
         out.flush()
@@ -114,14 +135,21 @@ def chat(recipe: Recipe, model_dir: Path, stdin: TextIO = sys.stdin, stdout: Tex
             continue
         if not line.strip():
             continue
-        if interactive:
-            from transformers import TextStreamer
+        try:
+            if interactive:
+                from transformers import TextStreamer
 
-            stdout.write("assistant> ")
-            stdout.flush()
-            session.reply(line, TextStreamer(task.tokenizer, skip_prompt=True, skip_special_tokens=True))
-        else:
-            stdout.write(session.reply(line).replace("\n", "\\n") + "\n")
-            stdout.flush()
+                stdout.write("assistant> ")
+                stdout.flush()
+                session.reply(line, TextStreamer(task.tokenizer, skip_prompt=True, skip_special_tokens=True))
+            else:
+                stdout.write(session.reply(line).replace("\n", "\\n") + "\n")
+                stdout.flush()
+        except SftError as err:  # this message cannot be answered; the conversation goes on
+            sys.stderr.write(f"error: {err}\n")
+            if not interactive:
+                stdout.write("\n")  # still one stdout line per stdin line
+                stdout.flush()
+            continue
         replies += 1
     return replies

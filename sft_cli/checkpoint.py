@@ -6,9 +6,12 @@ never leaves a file or checkpoint that looks complete but is not; the previous o
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -18,9 +21,12 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from sft_cli.errors import SftError
+from sft_cli.errors import SftError, StorageError
 
 COMPLETE_MARK = "complete.json"
+# Leftovers of interrupted writes: temporary checkpoints/models, half-deleted checkpoints, renders, atomic files.
+STALE = re.compile(r"^\.(tmp-|old-|del-step-|[a-z_-]+-render$|[\w.-]+\.(json|yaml|jsonl)\.\w+$)")
+log = logging.getLogger("sft")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -64,7 +70,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         replace_directory(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SftError(f"could not write {final}: {err.strerror or err} — the previous copy is intact") from None
+        raise StorageError(f"could not write {final}: {err.strerror or err} — the previous copy is intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,39 +96,127 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    directory: Path, step: int, state: dict[str, Any], write_model: Callable[[Path], None], keep: int
-) -> Path:
-    """Save model + optimizer/scheduler/RNG/progress as checkpoints/step-N, atomically; prune old ones."""
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], write_model: Callable[[Path], None]) -> Path:
+    """Save model + optimizer/scheduler/RNG/progress as checkpoints/step-N, atomically, with checksums."""
     final = directory / f"step-{step:08d}"
     with atomic_directory(final) as tmp:
         write_model(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")
-        write_json_atomic(tmp / COMPLETE_MARK, {"step": step})
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        mark_complete(tmp, step)
     return final
+
+
+def mark_complete(tmp: Path, step: int, **extra: Any) -> None:
+    """Write complete.json last: the step and every file's size and SHA-256, checked before a resume."""
+    files = {
+        p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    write_json_atomic(tmp / COMPLETE_MARK, {"step": step, **extra, "files": files})
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` checkpoints; each is renamed away first, so a half-deleted one never lists."""
+    removed = []
+    for old in list_checkpoints(directory)[:-keep]:
+        doomed = old.with_name(f".del-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def clean_stale_temporaries(run_dir: Path) -> None:
+    """Remove what interrupted writes left (temporary and half-deleted checkpoints, renders, atomic files)."""
+    for directory in (run_dir, run_dir / "checkpoints"):
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            if not STALE.match(path.name):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.glob("step-*") if (p / COMPLETE_MARK).exists()]
+    found = [p for p in directory.glob("step-*") if (p / COMPLETE_MARK).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """None when every file complete.json lists is there with its size and checksum; else what is wrong."""
+    try:
+        mark = json.loads((checkpoint / COMPLETE_MARK).read_text(encoding="utf-8"))
+        files = mark.get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"{COMPLETE_MARK} is unreadable"
+    if files is None:  # written before checksums were recorded: the files must at least be there
+        needed = ["trainer_state.pt"]
+        if not any((checkpoint / d).is_dir() for d in ("sharded", "deepspeed")):
+            needed.append("model/weights.safetensors")
+        missing = [n for n in needed if not (checkpoint / n).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    if not isinstance(files, dict):
+        return f"{COMPLETE_MARK} is unreadable"
+    for name, expected in files.items():
+        path = checkpoint / name
+        try:
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["size"]:
+                return f"{name} is truncated or changed ({path.stat().st_size:,} of {expected['size']:,} bytes)"
+            if file_sha256(path) != expected["sha256"]:
+                return f"{name} does not match its checksum (corrupted)"
+        except (OSError, TypeError, KeyError) as err:
+            return f"{name} cannot be checked ({err})"
+    return None
+
+
 def find_resume_point(run_dir: Path, explicit: Optional[str]) -> Path:
-    """The checkpoint to resume from: an explicit path, or the newest in the run's checkpoints/."""
+    """The checkpoint to resume from: an explicit path, or the newest intact one in the run's checkpoints/.
+
+    A damaged newest checkpoint (missing, truncated or corrupted file) is passed over with a notice.
+    """
     if explicit:
         path = Path(explicit)
-        if not (path / COMPLETE_MARK).exists():
+        if not (path / COMPLETE_MARK).is_file():
             raise SftError(f"--resume {path}: not a complete sft checkpoint (no {COMPLETE_MARK})")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise SftError(f"--resume {path}: {problem} — resume from another checkpoint (or --resume alone)")
         return path
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
         raise SftError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} — start without --resume")
-    return found[-1]
+    damaged = []
+    for candidate in reversed(found):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if damaged:
+                log.warning(
+                    "checkpoint %s is damaged (%s): resuming from %s", damaged[0][0], damaged[0][1], candidate.name
+                )
+            return candidate
+        damaged.append((candidate.name, problem))
+    name, problem = damaged[0]
+    raise SftError(
+        f"--resume: no intact checkpoint in {run_dir / 'checkpoints'} ({name}: {problem}) — start over with --overwrite"
+    )
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

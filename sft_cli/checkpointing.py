@@ -7,26 +7,25 @@ position (TrainState), written atomically; Ctrl-C / SIGTERM saves one and stops 
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
-from sft_cli import zero
+from sft_cli import manifest, zero
 from sft_cli.backbone import unwrap
 from sft_cli.checkpoint import (
-    COMPLETE_MARK,
     atomic_directory,
-    list_checkpoints,
     load_trainer_state,
+    mark_complete,
+    prune_checkpoints,
     replace_directory,
     rng_state,
     save_checkpoint,
     set_rng_state,
     untie_shared,
-    write_json_atomic,
 )
 from sft_cli.errors import SftError
 from sft_cli.fsdp import (
@@ -40,6 +39,49 @@ from sft_cli.fsdp import (
 )
 
 log = logging.getLogger("sft")
+
+
+def _readable(checkpoint: Path, load: Callable[[], Any]) -> Any:
+    """Run a checkpoint load; a damaged or foreign file is a one-line error naming the checkpoint, not a crash."""
+    try:
+        return load()
+    except SftError:
+        raise
+    except Exception as err:
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise SftError(
+            f"--resume: {checkpoint} cannot be loaded ({type(err).__name__}: {detail}) — resume from another "
+            "checkpoint (--resume PATH) or start over with --overwrite"
+        ) from None
+
+
+class Stopped(BaseException):
+    """SIGINT / SIGTERM before the training loop could save a checkpoint (during set-up); carries the exit code."""
+
+    def __init__(self, signum: int):
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+        self.code = 130 if signum == signal.SIGINT else 143
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Until the loop installs its own handlers: SIGINT / SIGTERM raise Stopped, so the run can clean up."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Interrupted(Exception):
@@ -68,9 +110,7 @@ class CheckpointingMixin:
 
     def _restore(self, checkpoint: Path) -> None:
         """Load model weights and trainer state so the run continues as if never stopped."""
-        from safetensors.torch import load_file
-
-        saved = load_trainer_state(checkpoint)
+        saved = _readable(checkpoint, lambda: load_trainer_state(checkpoint))
         world = saved.get("num_processes", 1)
         if world != self.accelerator.num_processes:
             raise SftError(
@@ -86,6 +126,14 @@ class CheckpointingMixin:
                 f"--resume: {checkpoint.name} holds {written_by} state and this run trains with {running} — resume "
                 f"with the engine.distributed.strategy and --nproc that wrote it"
             )
+        _readable(checkpoint, lambda: self._load_state(checkpoint, written_by, saved))
+        self.state = type(self.state)(**saved["train_state"])
+        self.log.truncate_after(self.state.step)
+        log.info("resumed from %s at step %d", checkpoint, self.state.step)
+
+    def _load_state(self, checkpoint: Path, written_by: str, saved: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
         if written_by == "fsdp":
             load_sharded(checkpoint, self.model, self.optimizer)
         elif written_by == "deepspeed":
@@ -98,9 +146,6 @@ class CheckpointingMixin:
         if saved.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
-        self.state = type(self.state)(**saved["train_state"])
-        self.log.truncate_after(self.state.step)
-        log.info("resumed from %s at step %d", checkpoint, self.state.step)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -115,6 +160,7 @@ class CheckpointingMixin:
         if self.accelerator.is_main_process:
             with atomic_directory(directory) as tmp, saving_state_dict(gathered):
                 self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp)
+            manifest.record(self.run_dir, directory)
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
@@ -135,9 +181,17 @@ class CheckpointingMixin:
                 tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
                 save_file(untie_shared(tensors), str(target / "weights.safetensors"))
 
-            path = save_checkpoint(directory, self.state.step, trainer_state, write_model, self.output.keep)
+            path = save_checkpoint(directory, self.state.step, trainer_state, write_model)
+            self._published(path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _published(self, checkpoint: Path) -> None:
+        """Record a new checkpoint in the run's manifest and rotate out the oldest beyond `output.keep`."""
+        manifest.record(self.run_dir, checkpoint)
+        removed = prune_checkpoints(checkpoint.parent, self.output.keep)
+        if removed:
+            manifest.forget(self.run_dir, *removed)
 
     def _trainer_state(self, with_optimizer: bool = True) -> dict[str, Any]:
         return {
@@ -161,10 +215,9 @@ class CheckpointingMixin:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             torch.save(self._trainer_state(with_optimizer=False), tmp / "trainer_state.pt")
-            write_json_atomic(tmp / COMPLETE_MARK, {"step": self.state.step, "sharded": True})
+            mark_complete(tmp, self.state.step, sharded=True)
             replace_directory(tmp, final)
-            for old in list_checkpoints(directory)[: -self.output.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._published(final)
         self.accelerator.wait_for_everyone()
         return final
 

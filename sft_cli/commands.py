@@ -15,12 +15,20 @@ from typing import Any, Optional
 
 from accelerate.utils import gather_object, set_seed
 
-from sft_cli.checkpoint import atomic_directory, find_resume_point, write_json_atomic, write_text_atomic
-from sft_cli.checkpointing import Interrupted
+from sft_cli import manifest
+from sft_cli.checkpoint import (
+    atomic_directory,
+    clean_stale_temporaries,
+    find_resume_point,
+    list_checkpoints,
+    write_json_atomic,
+    write_text_atomic,
+)
+from sft_cli.checkpointing import Interrupted, Stopped, stop_on_signals
 from sft_cli.data import tokenizing_stats
 from sft_cli.device import make_accelerator
 from sft_cli.engine import Trainer
-from sft_cli.errors import SftError
+from sft_cli.errors import SftError, StorageError, is_storage_error, storage_message
 from sft_cli.evaluation import evaluate
 from sft_cli.lock import RunLock
 from sft_cli.model_card import write_card
@@ -34,25 +42,22 @@ from sft_cli.tasks import build_task
 log = logging.getLogger("sft")
 
 PRETRAIN_TASKS = ("language-modeling",)
-RUN_FILES = (
-    "recipe.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "eval.json",
-    "model",
-    "best-model",
-    "checkpoints",
-    "report.png",
-    "status.json",
-)
+EVAL_FILES = ("eval.json", "confusion_matrix.png", "predictions.jsonl", "report.png")
 
 
 def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished run, and fail early when the directory cannot be written."""
-    if (run_dir / "summary.json").exists() and not overwrite and not resume:
-        raise SftError(
-            f"output.dir: {run_dir} already holds a finished run — pass --overwrite, or set output.dir=<new dir>"
-        )
+    """Decide before any compute whether this run may write into `output.dir`; never lose anyone's files.
+
+    A finished run, or an interrupted one with checkpoints, is only replaced with --overwrite (or continued
+    with --resume); a non-empty directory that is no sft run only with --overwrite, and then its files stay;
+    a file sft did not write in a path a run writes (model/, checkpoints/, eval.json, ...) is always refused.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SftError(f"output.dir: {run_dir} is a file — set output.dir to a directory")
+    if not resume and not overwrite:
+        _refuse_replacing(run_dir)
+    if not resume:
+        manifest.refuse_foreign(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -64,14 +69,27 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
         ) from None
 
 
-def clear_previous_run(run_dir: Path) -> None:
-    """With --overwrite: remove the old run's files (only once the new run has validated)."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def _refuse_replacing(run_dir: Path) -> None:
+    """Without --overwrite: an empty directory, or an sft run that left nothing worth keeping."""
+    if manifest.is_sft_run(run_dir) or (run_dir / "summary.json").exists():
+        if (run_dir / "summary.json").exists():
+            raise SftError(
+                f"output.dir: {run_dir} already holds a finished run — pass --overwrite, or set output.dir=<new dir>"
+            )
+        saved = list_checkpoints(run_dir / "checkpoints")
+        if saved:
+            raise SftError(
+                f"output.dir: {run_dir} holds an interrupted run (checkpoint {saved[-1].name}) — pass --resume to "
+                "continue it, or --overwrite to delete its checkpoints and start over"
+            )
+        return
+    others = manifest.other_entries(run_dir)
+    if others:
+        shown = ", ".join(others[:4]) + (" ..." if len(others) > 4 else "")
+        raise SftError(
+            f"output.dir: {run_dir} is not empty and holds no sft run ({shown}) — set output.dir to a new "
+            "directory, or pass --overwrite to train beside those files (they are kept)"
+        )
 
 
 def train(
@@ -87,7 +105,7 @@ def train(
         raise SftError(f"task: '{recipe.task}' runs with `sft {other}`, not `sft {command}`")
     run_dir = Path(recipe.output.dir)
     rank_zero = os.environ.get("RANK", "0") == "0"
-    with RunLock(run_dir, command) if rank_zero else nullcontext():
+    with stop_on_signals(), RunLock(run_dir, command) if rank_zero else nullcontext():
         check_output_dir(run_dir, overwrite, resume is not None)
         started: dict[str, bool] = {"training": False}
         try:
@@ -98,8 +116,27 @@ def train(
             raise
         except BaseException as err:
             if rank_zero and started["training"]:  # before that point nothing in output.dir changed
-                write_status(run_dir, "failed", error=" ".join(str(err).split())[:500] or type(err).__name__)
+                _record_failure(run_dir, err, resume_command)
+            if is_storage_error(err) and not isinstance(err, StorageError):
+                raise StorageError(storage_message(err)) from err
             raise
+
+
+def _record_failure(run_dir: Path, err: BaseException, resume_command: str) -> None:
+    """status.json after a run stopped early: `interrupted` when a checkpoint can resume it, else `failed`.
+
+    A run stopped by a signal or by the disk (full, read-only) is resumable from its newest checkpoint; one
+    whose recipe or data went wrong is failed. Written best-effort: a full disk may refuse this file too.
+    """
+    error = " ".join(str(err).split())[:500] or type(err).__name__
+    saved = list_checkpoints(run_dir / "checkpoints")
+    try:
+        if saved and (isinstance(err, Stopped) or is_storage_error(err)):
+            write_status(run_dir, "interrupted", checkpoint=str(saved[-1]), resume=resume_command, error=error)
+        else:
+            write_status(run_dir, "failed", error=error)
+    except OSError:
+        log.warning("could not update %s", run_dir / "status.json")
 
 
 def _train(
@@ -114,10 +151,12 @@ def _train(
         task.setup(train=True)
     tokenized = gather_object([tokenizing_stats() - before])
     if accelerator.is_main_process:
+        clean_stale_temporaries(run_dir)
         if resume_from is None:
-            clear_previous_run(run_dir)
+            manifest.remove_owned(run_dir)
         write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
         write_status(run_dir, "running", pid=os.getpid())
+        manifest.record(run_dir, *(run_dir / name for name in ("recipe.yaml", "status.json", "metrics.jsonl")))
     started["training"] = True
     trainer = Trainer(
         task,
@@ -145,6 +184,7 @@ def _train(
         if accelerator.is_main_process:
             with atomic_directory(run_dir / "model") as tmp:
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
+            manifest.record(run_dir, run_dir / "model")
         summary["model_from_step"] = summary["best_step"]
     else:
         trainer.save_model(run_dir / "model")
@@ -166,6 +206,7 @@ def _train(
             write_card(recipe, run_dir, directory, getattr(task, "names", None))
         report_png([run_dir], run_dir / "report.png")
         write_status(run_dir, "finished")
+        manifest.record(run_dir, *(run_dir / name for name in ("summary.json", "model", "best-model", "report.png")))
         print_table(f"{recipe.name}: training summary", {k: v for k, v in summary.items() if k != "eval"})
     accelerator.end_training()
     return summary
@@ -179,6 +220,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
         raise SftError(f"--model: no trained model in {directory} — run `sft finetune` first or pass --model DIR")
     if not recipe.data.eval:
         raise SftError("data.eval: required by `sft eval` — set it to a held-out file")
+    manifest.refuse_foreign(run_dir, EVAL_FILES)
     accelerator = make_accelerator(recipe.engine, training=False)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
@@ -196,6 +238,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
             write_card(recipe, run_dir, directory, getattr(task, "names", None))
         if (run_dir / "metrics.jsonl").exists():
             report_png([run_dir], run_dir / "report.png")
+        manifest.record(run_dir, *(run_dir / name for name in EVAL_FILES if (run_dir / name).exists()))
         print_table(
             f"{recipe.name}: eval on {recipe.data.eval}",
             {k: v for k, v in metrics.items() if isinstance(v, (int, float))},

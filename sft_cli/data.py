@@ -218,26 +218,58 @@ class SkipCounter:
         return ", ".join(f"{n} {reason}" for reason, n in self.by_split.get(key, {}).items())
 
 
-def drop_null_rows(table: datasets.Dataset, fields: Sequence[str], key: str, skipped: SkipCounter) -> datasets.Dataset:
+def drop_null_rows(
+    table: datasets.Dataset,
+    fields: Sequence[str],
+    key: str,
+    skipped: SkipCounter,
+    text_fields: Sequence[str] = (),
+    skip_invalid: bool = False,
+) -> datasets.Dataset:
     """Leave out rows where a needed field is null, counting them; refuse a split with no usable row.
 
     A null label would silently drop out of the loss and a null text would train as an empty string;
-    here both are counted per reason (the first null field of a row) and reported.
+    here both are counted per reason (the first null field of a row) and reported. A `text_fields` value
+    that is not a string (a number, list, object) is an error naming the row, or with `data.skip_invalid`
+    skipped and counted — the rule `sft predict` applies to its input too.
     """
     import pyarrow.compute as pc
 
     if table._indices is not None:
         table = table.flatten_indices()
     unusable = np.zeros(len(table), dtype=bool)
+    for field in text_fields:
+        bad = non_text_rows(table, field)
+        if bad and not skip_invalid:
+            kind = type(table[bad[0]][field]).__name__
+            raise SftError(
+                f"{key}: row {bad[0] + 1}: '{field}' is {kind}, not text — fix the row, or set data.skip_invalid: "
+                "true to skip such rows"
+            )
+        skipped.add(key, f"non-string {field}", len(bad))
+        unusable[bad] = True
     for field in fields:
         null = pc.is_null(table.data.column(field)).to_numpy(zero_copy_only=False) & ~unusable
         skipped.add(key, f"null {field}", int(null.sum()))
         unusable |= null
     if unusable.all():
-        raise SftError(
-            f"{key}: no usable row — all {len(table)} have a null {' or '.join(fields)} ({skipped.describe(key)})"
-        )
+        raise SftError(f"{key}: no usable row — all {len(table)} are null or invalid ({skipped.describe(key)})")
     return table.select(np.flatnonzero(~unusable)) if unusable.any() else table
+
+
+def non_text_rows(table: datasets.Dataset, field: str) -> list[int]:
+    """Indices of rows whose `field` holds something other than a string or null (a JSON column keeps types)."""
+    feature = table.features.get(field)
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
+        return []
+    return [i for i, value in enumerate(table[field]) if value is not None and not isinstance(value, str)]
+
+
+def text_problem(value: Any, field: str) -> Optional[str]:
+    """Why a single value cannot be used as text (`null text`, `non-string text`), or None."""
+    if value is None:
+        return f"null {field}"
+    return None if isinstance(value, str) else f"non-string {field}"
 
 
 def fingerprint(*parts: object) -> str:

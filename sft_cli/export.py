@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -10,12 +11,14 @@ from typing import Any, Optional
 import torch
 
 from sft_cli import backbone as bb
+from sft_cli import manifest
 from sft_cli.checkpoint import atomic_directory
 from sft_cli.errors import SftError
 from sft_cli.model_card import write_card
 from sft_cli.rundir import model_directory, resolve_run
 from sft_cli.tasks import build_task
 
+log = logging.getLogger("sft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIDE_FILES = ("sft_preprocess.json", "sft_generation.json")
 
@@ -31,11 +34,12 @@ def export(
     """Write the run's model (merged LoRA on request) with tokenizer, generation config and a model card."""
     if dtype is not None and dtype not in DTYPES:
         raise SftError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise SftError(f"--to: {target} exists and is not empty — choose a new directory or pass --overwrite")
     recipe, run_dir = resolve_run(run)
     source = model_directory(run_dir, model)
+    _check_target(target, run_dir, source, overwrite)
     adapter = (source / "adapter_config.json").exists()
+    if merge_lora and not adapter:
+        log.warning("--merge-lora: %s has no LoRA adapter (a full model), so there is nothing to merge", source)
     task = build_task(recipe)
     task.load_for_inference(str(source))
     network = bb.unwrap(task.model)
@@ -57,6 +61,22 @@ def export(
             _image_processor(json.loads((source / "sft_preprocess.json").read_text()), tmp)
         write_card(recipe, run_dir, tmp, getattr(task, "names", None))
     return {"to": str(target), "merged": adapter and merge_lora, "adapter": adapter and not merge_lora, "dtype": dtype}
+
+
+def _check_target(target: Path, run_dir: Path, source: Path, overwrite: bool) -> None:
+    """--to must be a new (or, with --overwrite, replaceable) directory that is not part of what is exported."""
+    if target.exists() and not target.is_dir():
+        raise SftError(f"--to: {target} is a file — choose a directory to write")
+    resolved, run, model = target.resolve(), run_dir.resolve(), source.resolve()
+    inside_run = run in resolved.parents and resolved.relative_to(run).parts[0] in manifest.RUN_PATHS
+    if resolved in (run, model) or resolved in run.parents or resolved in model.parents or model in resolved.parents:
+        inside_run = True
+    if inside_run:
+        raise SftError(
+            f"--to: {target} is or overlaps the run being exported ({run_dir}) — choose a directory outside it"
+        )
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise SftError(f"--to: {target} exists and is not empty — choose a new directory or pass --overwrite")
 
 
 def _image_processor(settings: dict[str, Any], directory: Path) -> None:

@@ -8,6 +8,7 @@ model is consolidated once into a plain `from_pretrained` directory.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,14 +64,86 @@ def save_sharded(checkpoint_tmp: Path, model: nn.Module, optimizer: torch.optim.
 
 
 def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read this rank's shards back into the model and optimizer (the same world size wrote them)."""
+    """Read this rank's shards back into the model and optimizer (the same world size wrote them).
+
+    Nothing in the checkpoint is unpickled freely: its `.metadata` only into DCP's own metadata classes, and
+    its non-tensor values (optimizer settings) with `torch.load(weights_only=True)`, so a checkpoint someone
+    hands you cannot run code.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR))
+    directory = str(checkpoint / SHARDED_DIR)
+    dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# What DCP's `.metadata` pickle may name: its metadata dataclasses and the plain values inside them.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and refuses any other global (no code from a checkpoint file runs)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = name in _METADATA_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
+        return super().find_class(module, name)
+
+
+def _safe_reader(directory: str) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f".metadata holds a {type(metadata).__name__}, not DCP metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(directory)
+
+
+def _safe_planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyPlanner()
 
 
 def shared_tmp_dir(final: Path, is_main: bool) -> Path:

@@ -34,6 +34,22 @@ def stop_ids(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def model_context(model: torch.nn.Module) -> Optional[int]:
+    """How many positions the model takes (prompt + generated), from its config; None when it does not say."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def fit_context(prompts: list[list[int]], max_new_tokens: int, context: Optional[int]) -> tuple[list[list[int]], int]:
+    """Prompts and a token budget that fit the context: prompts lose their oldest tokens first; when a
+    prompt leaves no room at all, generation gets half the context."""
+    if not context or max(len(p) for p in prompts) + max_new_tokens <= context:
+        return prompts, max_new_tokens
+    new = max_new_tokens if max_new_tokens < context else max(1, context // 2)
+    keep = context - new
+    return [p[-keep:] for p in prompts], new
+
+
 def generate(
     model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], settings: DecodeSettings, streamer: Any = None
 ) -> list[Generated]:
@@ -41,6 +57,7 @@ def generate(
     from sft_cli.tasks.text import pad_sequences  # here, not at the top: sft_cli.tasks imports this module
 
     device = next(model.parameters()).device
+    prompts, max_new_tokens = fit_context(prompts, settings.max_new_tokens, model_context(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = pad_sequences(prompts, pad, max(len(p) for p in prompts), side="left")
     mask = pad_sequences([[1] * len(p) for p in prompts], 0, input_ids.shape[1], side="left")
@@ -51,7 +68,7 @@ def generate(
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         num_beams=settings.num_beams,
         do_sample=settings.do_sample,
         eos_token_id=stops or None,

@@ -75,6 +75,9 @@ class MetricLog:
 
                 raise SftError("output.tensorboard: install it first (pip install 'sft[tensorboard]')") from None
             self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
+            from sft_cli import manifest
+
+            manifest.record(path.parent, path.parent / "tensorboard")
 
     def write(self, record: dict[str, Any]) -> None:
         """Append a record (flushed at once so a killed run keeps its log); mirror scalars to TensorBoard."""
@@ -92,8 +95,17 @@ class MetricLog:
         """On resume, drop records written after the checkpoint's step (they will be redone)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text(errors="replace").splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> float:
+    """A metrics.jsonl line's step; a torn or garbled line (a kill mid-write) sorts after every step."""
+    try:
+        record = json.loads(line)
+        return float(record.get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return math.inf
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,8 +19,9 @@ from sft_cli.checkpoint import list_checkpoints, write_json_atomic
 from sft_cli.errors import SftError
 from sft_cli.lock import holder
 
+log = logging.getLogger("sft")
 STATUS_FILE = "status.json"
-STATUSES = ("finished", "interrupted", "running", "failed")
+STATUSES = ("finished", "interrupted", "running", "failed", "unreadable")
 COLUMNS = ("dir", "name", "task", "status", "step", "train_s", "metric", "value", "tokens_per_s")
 MAIN_METRIC = {  # what a person compares runs by
     "classification": "accuracy",
@@ -34,26 +37,40 @@ def write_status(run_dir: Path, status: str, **extra: Any) -> None:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _last_records(path: Path) -> tuple[Optional[dict], Optional[dict]]:
-    """The last training record and the last evaluation record of metrics.jsonl."""
+    """The last training record and the last evaluation record of metrics.jsonl (garbled lines skipped)."""
     train = evaluation = None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in record:
-                train = record
-            if any(k.startswith("eval_") for k in record):
-                evaluation = record
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    except (OSError, ValueError):
+        lines = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if "loss" in record:
+            train = record
+        if any(str(k).startswith("eval_") for k in record):
+            evaluation = record
     return train, evaluation
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite number, else None (a garbled file must not put a string into a numeric column)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def status_of(run_dir: Path) -> str:
@@ -63,34 +80,53 @@ def status_of(run_dir: Path) -> str:
     recorded = _read(run_dir / STATUS_FILE).get("status")
     if recorded in ("finished", "interrupted", "failed"):
         return recorded
-    if recorded is None and (run_dir / "summary.json").exists():
+    if recorded is None and (run_dir / "summary.json").is_file():
         return "finished"
     return "interrupted" if list_checkpoints(run_dir / "checkpoints") else "failed"  # killed, or never got far
 
 
 def describe(run_dir: Path, name: Optional[str] = None) -> dict[str, Any]:
-    """One row of the table for a run directory."""
+    """One row of the table for a run directory; `unreadable` when its files are garbage."""
+    try:
+        return _describe(run_dir, name)
+    except Exception as err:  # one broken directory must not hide the others
+        log.debug("sft runs: %s is unreadable: %s", run_dir, err)
+        return _unreadable(run_dir, name)
+
+
+def _unreadable(run_dir: Path, name: Optional[str]) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update({"dir": str(run_dir), "name": name or run_dir.name, "task": "?", "status": "unreadable"})
+    return row
+
+
+def _describe(run_dir: Path, name: Optional[str]) -> dict[str, Any]:
     import yaml
 
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-    task = recipe.get("task", "?")
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        recipe = None
+    if not isinstance(recipe, dict):
+        return _unreadable(run_dir, name)
+    task = recipe.get("task") if isinstance(recipe.get("task"), str) else "?"
     summary = _read(run_dir / "summary.json")
     train, evaluation = _last_records(run_dir / "metrics.jsonl")
     metric = MAIN_METRIC.get(task, "loss")
-    value = _read(run_dir / "eval.json").get(metric)
+    value = _number(_read(run_dir / "eval.json").get(metric))
     if value is None and evaluation is not None:
-        value = evaluation.get(f"eval_{metric}")
-    step = summary.get("steps") or (train or evaluation or {}).get("step")
+        value = _number(evaluation.get(f"eval_{metric}"))
+    step = _number(summary.get("steps")) or _number((train or evaluation or {}).get("step"))
     return {
         "dir": str(run_dir),
-        "name": name or recipe.get("name") or run_dir.name,
+        "name": name or str(recipe.get("name") or run_dir.name),
         "task": task,
         "status": status_of(run_dir),
         "step": step,
-        "train_s": summary.get("train_seconds"),
+        "train_s": _number(summary.get("train_seconds")),
         "metric": metric,
         "value": value,
-        "tokens_per_s": summary.get("tokens_per_s") or (train or {}).get("tokens_per_s"),
+        "tokens_per_s": _number(summary.get("tokens_per_s")) or _number((train or {}).get("tokens_per_s")),
     }
 
 
@@ -100,14 +136,21 @@ def find_runs(roots: list[Path]) -> list[tuple[Path, str]]:
     for root in roots:
         if not root.is_dir():
             raise SftError(f"DIR: {root} is not a directory — pass run directories or a folder of them")
-        candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-        for candidate in candidates:
+        for candidate in [root] + _subdirectories(root):
             if (candidate / "recipe.yaml").exists():
                 found.append((candidate, ""))
-            for trial in sorted(candidate.glob("trial-*")):  # a sweep's trials
+            for trial in _subdirectories(candidate, "trial-*"):  # a sweep's trials
                 if (trial / "recipe.yaml").exists():
                     found.append((trial, f"{candidate.name}/{trial.name}"))
     return list(dict.fromkeys(found))
+
+
+def _subdirectories(directory: Path, pattern: str = "*") -> list[Path]:
+    """Sub-directories matching a pattern, sorted; none when the directory cannot be listed."""
+    try:
+        return sorted(p for p in directory.glob(pattern) if p.is_dir())
+    except OSError:
+        return []
 
 
 def table_rows(roots: list[Path], sort: str = "dir", descending: bool = False) -> list[dict[str, Any]]:

@@ -22,13 +22,19 @@ from sft_cli.data_files import open_text
 from sft_cli.errors import SftError
 
 
-def read_texts(path: Path, builder: str, field: str) -> Iterator[str]:
-    """The `field` of each record of one data file, one at a time (blank lines of .txt files skipped)."""
+def read_texts(path: Path, builder: str, field: str, skip_invalid: bool = False) -> Iterator[str]:
+    """The `field` of each record of one data file, one at a time (blank lines of .txt files skipped).
+
+    Null values are skipped; a value that is not a string is an error naming the record (skipped with
+    `data.skip_invalid`), the rule for in-memory data too.
+    """
     if builder == "parquet":
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
-            yield from (str(v) for v in batch.column(0).to_pylist() if v is not None)
+            for value in batch.column(0).to_pylist():
+                if _is_text(value, path, f"'{field}'", skip_invalid):
+                    yield value
         return
     with open_text(path) as f:
         if builder == "text":
@@ -45,8 +51,18 @@ def read_texts(path: Path, builder: str, field: str) -> Iterator[str]:
                     raise SftError(
                         f"data.train: {path} line {number} is not a JSON object with a '{field}' field"
                     ) from None
-                if value is not None:
-                    yield str(value)
+                if _is_text(value, path, f"line {number}: '{field}'", skip_invalid):
+                    yield value
+
+
+def _is_text(value: Any, path: Path, where: str, skip_invalid: bool) -> bool:
+    if value is None or isinstance(value, str):
+        return value is not None
+    if skip_invalid:
+        return False
+    raise SftError(
+        f"data.train: {path} {where} is {type(value).__name__}, not text — fix it, or set data.skip_invalid: true"
+    )
 
 
 class BlockStream(IterableDataset):
@@ -67,8 +83,10 @@ class BlockStream(IterableDataset):
         world: int = 1,
         buffer: int = 1000,
         skip_batches: int = 0,
+        skip_invalid: bool = False,
     ):
         self.files, self.builder, self.field = list(files), builder, field
+        self.skip_invalid = skip_invalid
         self.encode, self.block, self.separator = encode, block, separator
         self.batch_size, self.collate = batch_size, collate
         self.seed, self.rank, self.world, self.buffer = seed, rank, world, buffer
@@ -108,7 +126,7 @@ class BlockStream(IterableDataset):
         pending: list[int] = []
         document = 0
         for index in order:
-            for text in read_texts(self.files[index], self.builder, self.field):
+            for text in read_texts(self.files[index], self.builder, self.field, self.skip_invalid):
                 if document % shards == shard:
                     pending += self.encode(text) + [self.separator]
                     while len(pending) >= self.block:

@@ -167,6 +167,13 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{what} is for pretraining (task: language-modeling); task {recipe.task} loads its data in full",
         )
     _check(
+        not recipe.tokenizer.train or recipe.task == "language-modeling",
+        source,
+        f"'tokenizer.train' trains a tokenizer only in pretraining (task: language-modeling), not task "
+        f"{recipe.task} — pretrain first (`sft pretrain` with tokenizer.train: true), then set backbone.name to "
+        "that run's model/",
+    )
+    _check(
         not recipe.data.streaming or bool(sched.max_steps or sched.max_tokens),
         source,
         "'data.streaming': a stream has no length — set 'schedule.max_steps' or 'schedule.max_tokens'",

@@ -91,7 +91,10 @@ def to_messages(
     """
     if fmt == "alpaca":
         instruction, extra = row.get("instruction"), row.get("input")
-        user = str(instruction) + (f"\n\n{extra}" if extra not in (None, "") else "")
+        for name, value in (("instruction", instruction), ("input", extra), ("system", row.get("system"))):
+            if not isinstance(value, str) and (name == "instruction" or value is not None):
+                raise InvalidConversation(f"'{name}' is {type(value).__name__}, not text")
+        user = instruction + (f"\n\n{extra}" if extra else "")
         messages = [{"role": "user", "content": user}]
         messages += [] if prompt else [{"role": "assistant", "content": row.get("output")}]
         if row.get("system"):
@@ -116,13 +119,50 @@ def _message(turn: Any, index: int, fmt: str, names: dict[str, str]) -> dict[str
         )
         raise InvalidConversation(f"turn {index} has no '{role_key}'{hint}")
     name = turn[role_key]
+    if not isinstance(name, str):
+        raise InvalidConversation(f"turn {index} has a '{role_key}' that is {type(name).__name__}, not a role name")
     if name not in names:
         raise InvalidConversation(f"turn {index} has unknown role '{name}' (map it with data.roles: {{{name}: user}})")
     message = {"role": names[name], "content": turn.get(content_key)}
-    for key in ("tool_calls", "name", "tool_call_id"):
+    for key in ("name", "tool_call_id"):
         if turn.get(key) is not None:
+            if not isinstance(turn[key], str):
+                raise InvalidConversation(f"turn {index} '{key}' is {type(turn[key]).__name__}, not a string")
             message[key] = turn[key]
+    if turn.get("tool_calls") is not None:
+        message["tool_calls"] = _tool_calls(turn["tool_calls"], index)
     return message
+
+
+def _tool_calls(calls: Any, index: int) -> list:
+    """`tool_calls`: a list of calls, each {"function": {"name", "arguments"}} (or name/arguments at the top)."""
+    if not isinstance(calls, list):
+        raise InvalidConversation(f"turn {index} tool_calls is {type(calls).__name__}, not a list of calls")
+    for number, call in enumerate(calls, 1):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidConversation(f"turn {index} tool call {number} is not an object with a function name")
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, (dict, str)):
+            raise InvalidConversation(
+                f"turn {index} tool call {number} arguments are {type(arguments).__name__}, not an object or JSON text"
+            )
+    return calls
+
+
+def tools_of(row: dict[str, Any]) -> Optional[list]:
+    """A row's `tools` (tool schemas for the template): a list of objects, a JSON string of one, or absent."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise InvalidConversation("'tools' is a string that is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidConversation("'tools' is not a list of tool objects")
+    return tools or None
 
 
 def check_conversation(messages: list[dict[str, Any]], prompt: bool = False) -> None:

@@ -13,9 +13,12 @@ an end-of-turn token that would never be trained, assistant text outside the mas
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from sft_cli.chat.formats import InvalidConversation
 from sft_cli.chat.templates import ChatTemplate, render
 
 TRAIN_ON = ("assistant", "last", "all")
@@ -45,6 +48,24 @@ class ChatEncoder:
         self.template = template
         self.train_on = train_on
         self.bos_id = tokenizer.bos_token_id
+        self.markers = _special_text(tokenizer)
+
+    def check_text(self, messages: list, tools: Any = None) -> None:
+        """Refuse a conversation whose text spells a special token (`<|im_end|>` typed in a reply): tokenized,
+        it would become that token and forge a turn boundary, so it is an invalid row, not training data."""
+        if self.markers is None:
+            return
+        for index, message in enumerate(messages, 1):
+            texts = [message.get("content") or ""] + [
+                json.dumps(c, ensure_ascii=False) for c in message.get("tool_calls") or []
+            ]
+            for text in texts:
+                found = self.markers.search(text)
+                if found:
+                    raise InvalidConversation(
+                        f"turn {index} contains the special token {found.group(0)} as text (it would be read as that "
+                        "token, forging the conversation's structure)"
+                    )
 
     def render(self, messages: list, generation_prompt: bool = False, tools: Any = None) -> str:
         return render(self.tokenizer, messages, self.template.text, generation_prompt, tools)
@@ -76,6 +97,7 @@ class ChatEncoder:
 
     def encode(self, messages: list, tools: Any = None) -> EncodedConversation:
         """Ids, mask and roles for one conversation; raises MaskError when the mask cannot be trusted."""
+        self.check_text(messages, tools)
         full, ends, reply_starts = self.boundaries(messages, tools)
         encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -158,6 +180,18 @@ class ChatEncoder:
             raise MaskError(f"the template's {{% generation %}} markers disagree with the mask at tokens {differ}")
 
 
+def _special_text(tokenizer: Any) -> Optional[re.Pattern]:
+    """A pattern matching the text of the tokenizer's special tokens and markup-like added tokens, or None."""
+    texts = set(tokenizer.all_special_tokens)
+    for token in tokenizer.added_tokens_decoder.values():
+        if token.special or re.fullmatch(r"[<\[].+[>\]]", token.content):
+            texts.add(token.content)
+    texts.discard("")
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
 def _token_at(offsets: list, char: int, turn: int) -> int:
     """The index of the first token at or after a char boundary; a token straddling it is a merge."""
     for index, (start, end) in enumerate(offsets):
@@ -169,8 +203,6 @@ def _token_at(offsets: list, char: int, turn: int) -> int:
 
 
 def _has_generation_markers(template: str) -> bool:
-    import re
-
     return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 

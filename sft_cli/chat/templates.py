@@ -117,19 +117,25 @@ def prepare_tokenizer(tokenizer: Any, requested: Optional[str], where: str) -> C
 
 def render(tokenizer: Any, messages: list, template: str, generation_prompt: bool = False, tools: Any = None) -> str:
     """The template applied to messages, as text (exactly what inference sees before tokenization)."""
-    from jinja2 import TemplateError
+    from sft_cli.chat.formats import InvalidConversation
 
     try:
         return tokenizer.apply_chat_template(
             messages, tools=tools, chat_template=template, add_generation_prompt=generation_prompt, tokenize=False
         )
-    except TemplateError as err:
-        raise SftError(f"data.chat_template: the template failed to render: {err}") from None
+    except Exception as err:  # raise_exception() or any error inside the template: this conversation's problem
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise InvalidConversation(f"the chat template failed to render it ({detail})") from None
 
 
 def find_end_of_turn(tokenizer: Any, template: str, source: str) -> str:
     """The special token the template writes right after an assistant reply (what the model learns to stop with)."""
-    rendered = render(tokenizer, PROBE, template)
+    from sft_cli.chat.formats import InvalidConversation
+
+    try:
+        rendered = render(tokenizer, PROBE, template)
+    except InvalidConversation as err:
+        raise SftError(f"data.chat_template: {source} cannot render a plain user/assistant exchange: {err}") from None
     answer = PROBE[1]["content"]
     if answer not in rendered:
         raise SftError(f"data.chat_template: {source} does not render the assistant's content")

@@ -116,8 +116,10 @@ class Task(ABC):
     def check_input(self, columns: list[str]) -> None:
         """Fail, naming the recipe key, when the input lacks a column the task needs."""
 
-    def check_rows(self, rows: list[dict], first: int) -> None:
-        """Fail with the (1-based) row number on a row that cannot be predicted; `first` numbers rows[0]."""
+    def row_problems(self, rows: list[dict], first: int) -> list[Optional[str]]:
+        """Per row, None or why it is skipped (a null text); a row training would refuse is an error naming its
+        (1-based) row number (`first` numbers rows[0]), or with `data.skip_invalid` skipped too."""
+        return [None] * len(rows)
 
     def predict_length(self, row: dict) -> int:
         """A cheap size of a row, to batch similar rows together (0: no sorting)."""

@@ -47,7 +47,9 @@ class ClassificationTask(TextFieldInput, Task):
         if train:
             self.train_set = load_table(data.train, "data.train")
             require_columns(self.train_set, fields, "data.text_field/label_field", f"data.train ({data.train})")
-            self.train_set = drop_null_rows(self.train_set, fields, "data.train", self.skipped)
+            self.train_set = drop_null_rows(
+                self.train_set, fields, "data.train", self.skipped, [data.text_field], data.skip_invalid
+            )
             names = label_names(self.train_set[data.label_field])
             if len(names) < 2:
                 raise SftError(
@@ -72,7 +74,7 @@ class ClassificationTask(TextFieldInput, Task):
         if data.eval:
             eval_raw = load_table(data.eval, "data.eval")
             require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
-            eval_raw = drop_null_rows(eval_raw, fields, "data.eval", self.skipped)
+            eval_raw = drop_null_rows(eval_raw, fields, "data.eval", self.skipped, [data.text_field], data.skip_invalid)
             unseen = sorted({str(v) for v in eval_raw[data.label_field]} - set(self.label2id))
             if unseen:
                 raise SftError(

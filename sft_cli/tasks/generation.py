@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sft_cli import backbone as bb
-from sft_cli.chat.formats import conversation_column, detect_format, role_names
+from sft_cli.chat.formats import conversation_column, detect_format, role_names, tools_of
 from sft_cli.chat.masks import ChatEncoder, MaskError
 from sft_cli.chat.templates import prepare_tokenizer
 from sft_cli.data import load_table, require_columns
@@ -123,12 +123,15 @@ class GenerationTask(GenerationInference, Task):
             if reader.null_reason(row):
                 continue
             try:
-                samples.append((reader.messages(row), row.get("tools")))
+                messages, tools = reader.messages(row), tools_of(row)
+                self.chat.check_text(messages, tools)
+                self.chat.render(messages, tools=tools)
             except InvalidConversation:
                 continue  # reported (or skipped) with its row number when the split is encoded
+            samples.append((messages, tools))
         try:
             self.chat.verify(samples)
-        except MaskError as err:
+        except (MaskError, InvalidConversation) as err:
             raise SftError(f"data.chat_template: {self.chat.template.source} on {key}: {err}") from None
 
     def _maybe_pack(self, encoded: Any) -> Any:
@@ -168,7 +171,7 @@ class GenerationTask(GenerationInference, Task):
                 )
                 continue
             history, reference = eval_turns(row, reader)
-            ids = reader.chat.prompt_ids(history, row.get("tools"))
+            ids = reader.chat.prompt_ids(history, tools_of(row))
             show = {"messages": history} if reader.fmt != "prompt-response" else {"prompt": row[data.prompt_field]}
             prompts.append({"ids": ids, "reference": reference, "show": show})
         return prompts

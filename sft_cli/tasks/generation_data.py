@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sft_cli.chat.formats import InvalidConversation, to_messages
+from sft_cli.chat.formats import InvalidConversation, to_messages, tools_of
 from sft_cli.chat.masks import ROLE_IDS, ROLE_NAMES, ChatEncoder, MaskError, role_token_counts
 from sft_cli.data import SkipCounter, cached_map
 from sft_cli.errors import SftError
@@ -49,6 +49,10 @@ class RowReader:
                 return f"null {field}"
         return None
 
+    def text_fields(self) -> list[str]:
+        """The fields the classic prompt/response path reads as text."""
+        return [self.data.prompt_field, self.data.response_field]
+
     def _pair_fields(self) -> list[str]:
         if self.fmt == "alpaca":
             return ["instruction", "output"]
@@ -57,10 +61,8 @@ class RowReader:
     def encode_pair(self, row: dict) -> tuple[list[int], list[int]]:
         """The classic path: rendered prompt + response + EOS; the prompt is truncated from the left."""
         tokenizer, max_length = self.tokenizer, self.data.max_length
-        prompt = tokenizer(
-            render_prompt(str(row[self.data.prompt_field]), self.data.template), add_special_tokens=False
-        )
-        response = tokenizer(str(row[self.data.response_field]), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(render_prompt(row[self.data.prompt_field], self.data.template), add_special_tokens=False)
+        response = tokenizer(row[self.data.response_field], add_special_tokens=False)["input_ids"]
         response = (response + [tokenizer.eos_token_id])[:max_length]
         kept = prompt["input_ids"][-(max_length - len(response)) :] if max_length > len(response) else []
         return kept + response, [0] * len(kept) + [1] * len(response)
@@ -122,13 +124,21 @@ def _encode_row(
     if null:
         return [], [], empty, empty, null
     if reader.chat is None:
+        bad = next((f for f in reader.text_fields() if not isinstance(row.get(f), str)), None)
+        if bad is not None:
+            if skip_invalid:
+                return [], [], empty, empty, f"non-string {bad}"
+            raise SftError(
+                f"{key}: {location} row {index + 1}: '{bad}' is {type(row[bad]).__name__}, not text — fix the row, "
+                "or set data.skip_invalid: true to skip such rows"
+            )
         ids, trained = reader.encode_pair(row)
         prompt_tokens = trained.count(0)
         tokens = _role_counts({ROLE_IDS["user"]: prompt_tokens, ROLE_IDS["assistant"]: len(ids) - prompt_tokens})
         return ids, trained, tokens, _role_counts({ROLE_IDS["assistant"]: len(ids) - prompt_tokens}), ""
     try:
         messages = reader.messages(row)
-        encoded = reader.chat.encode(messages, row.get("tools"))
+        encoded = reader.chat.encode(messages, tools_of(row))
     except InvalidConversation as err:
         if skip_invalid:
             return [], [], empty, empty, "invalid conversation"

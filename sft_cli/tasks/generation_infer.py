@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from sft_cli import backbone as bb
-from sft_cli.chat.formats import conversation_column, detect_format, role_names
+from sft_cli.chat.formats import conversation_column, detect_format, role_names, tools_of
 from sft_cli.chat.masks import ChatEncoder
 from sft_cli.chat.templates import prepare_tokenizer
 from sft_cli.data import require_columns_named
 from sft_cli.errors import SftError
 from sft_cli.generate import DecodeSettings, generate
 from sft_cli.tasks.generation_data import RowReader, render_prompt
-from sft_cli.tasks.text import ensure_pad_token, load_tokenizer
+from sft_cli.tasks.text import ensure_pad_token, input_problem, load_tokenizer
 
 GENERATION_FILE = "sft_generation.json"  # in model/: chat template or format string, for predict and chat
 
@@ -52,19 +52,27 @@ class GenerationInference:
         )
         return len(str(row.get(key) or ""))
 
-    def check_rows(self, rows: list[dict], first: int) -> None:
+    def row_problems(self, rows: list[dict], first: int) -> list[Optional[str]]:
         """Every row is something to continue: a prompt, or a conversation that ends on a user turn."""
         from sft_cli.chat.formats import InvalidConversation
 
+        skip_invalid = self.recipe.data.skip_invalid
+        problems: list[Optional[str]] = []
         for number, row in enumerate(rows, first):
             if self.chat is None:
-                if row.get(self.recipe.data.prompt_field) is None:
-                    raise SftError(f"--input row {number}: '{self.recipe.data.prompt_field}' is null")
+                field = self.recipe.data.prompt_field
+                problems.append(input_problem(row.get(field), field, number, skip_invalid))
                 continue
             try:
-                self.input_reader.messages(row, prompt=True)
+                self.prompt_ids(self.input_reader.messages(row, prompt=True), tools_of(row))
+                problems.append(None)
             except InvalidConversation as err:
-                raise SftError(f"--input row {number}: {err}") from None
+                if not skip_invalid:
+                    raise SftError(
+                        f"--input row {number}: {err} — fix the row, or set data.skip_invalid: true to skip such rows"
+                    ) from None
+                problems.append("invalid conversation")
+        return problems
 
     def prompt_ids(self, messages: list, tools: Any = None) -> list[int]:
         """Token ids of a conversation (or a lone prompt) with the generation prompt, as training rendered it."""
@@ -79,7 +87,7 @@ class GenerationInference:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.recipe.data.max_length :]
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
-        prompts = [self.prompt_ids(self.input_reader.messages(row, prompt=True), row.get("tools")) for row in rows]
+        prompts = [self.prompt_ids(self.input_reader.messages(row, prompt=True), tools_of(row)) for row in rows]
         outputs = generate(bb.unwrap(model), self.tokenizer, prompts, decode_settings(settings))
         return [{"prediction": o.text, "stopped": o.stopped, "num_tokens": len(o.ids)} for o in outputs]
 

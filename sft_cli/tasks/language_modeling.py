@@ -51,11 +51,12 @@ def _corpus_tokenizer(recipe: Any) -> Any:
         from sft_cli.streaming import read_texts
 
         builder, files = resolve_files(recipe.data.train, "data.train")
-        texts = (text for path in files for text in read_texts(path, builder, field))
+        skip = recipe.data.skip_invalid
+        texts = (text for path in files for text in read_texts(path, builder, field, skip))
         return trained_tokenizer(texts, content_hash(files) + field, recipe.tokenizer.vocab_size)
     table = load_table(recipe.data.train, "data.train")
     require_columns(table, [field], "data.text_field", f"data.train ({recipe.data.train})")
-    texts = (str(t) for t in table[field] if t)
+    texts = (t for t in table[field] if isinstance(t, str) and t)
     return trained_tokenizer(texts, table._fingerprint + field, recipe.tokenizer.vocab_size)
 
 
@@ -143,7 +144,8 @@ class LanguageModelingTask(TextFieldInput, Task):
     def _blocks(self, location: str, key: str) -> Any:
         table = load_table(location, key)
         require_columns(table, [self.recipe.data.text_field], "data.text_field", f"{key} ({location})")
-        table = drop_null_rows(table, [self.recipe.data.text_field], key, self.skipped)
+        field = self.recipe.data.text_field
+        table = drop_null_rows(table, [field], key, self.skipped, [field], self.recipe.data.skip_invalid)
         blocks = pack_texts(
             table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, self.objective, key
         )
@@ -173,6 +175,7 @@ class LanguageModelingTask(TextFieldInput, Task):
             world=world,
             buffer=data.shuffle_buffer,
             skip_batches=skip_batches,
+            skip_invalid=data.skip_invalid,
         )
 
     def collate(self, rows: list[dict], train: bool) -> Batch:

@@ -112,11 +112,13 @@ class AuxiliaryLM:
         objective = pick_objective(recipe.objective, model.config)
         unlabeled = None
         if recipe.data.unlabeled:
-            from sft_cli.data import load_table, require_columns
+            from sft_cli.data import SkipCounter, drop_null_rows, load_table, require_columns
             from sft_cli.tasks.language_modeling import pack_texts
 
             table = load_table(recipe.data.unlabeled, "data.unlabeled")
-            require_columns(table, [recipe.data.text_field], "data.text_field", "data.unlabeled")
+            field = recipe.data.text_field
+            require_columns(table, [field], "data.text_field", "data.unlabeled")
+            table = drop_null_rows(table, [field], "data.unlabeled", SkipCounter(), [field], recipe.data.skip_invalid)
             unlabeled = pack_texts(
                 table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled"
             )

@@ -31,7 +31,10 @@ def load_tokenizer(location: str, spec: BackboneConfig) -> PreTrainedTokenizerBa
 def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreTrainedTokenizerBase:
     """The backbone's tokenizer; a `from_scratch` model is resized to its vocabulary."""
     if not backbone.location:
-        raise SftError("backbone: an `arch`-only model needs a tokenizer — set backbone.name or tokenizer.train: true")
+        raise SftError(
+            "backbone: an `arch`-only model has no tokenizer — set backbone.name to a model directory or hub id, "
+            "or pretrain one first (`sft pretrain` with tokenizer.train: true) and set backbone.name to its model/"
+        )
     tokenizer = load_tokenizer(backbone.location, spec)
     if spec.from_scratch and hasattr(backbone.config, "vocab_size"):
         backbone.config.vocab_size = len(tokenizer)
@@ -50,6 +53,27 @@ class TextFieldInput:
 
     def predict_length(self, row: dict) -> int:
         return len(str(row.get(self.recipe.data.text_field) or ""))
+
+    def row_problems(self, rows: list[dict], first: int) -> list[Optional[str]]:
+        field = self.recipe.data.text_field
+        return [
+            input_problem(row.get(field), field, number, self.recipe.data.skip_invalid)
+            for number, row in enumerate(rows, first)
+        ]
+
+
+def input_problem(value: Any, field: str, number: int, skip_invalid: bool) -> Optional[str]:
+    """Why an input row's text is skipped (`null text`), or None; a non-string text is an error naming the row
+    (skipped with data.skip_invalid) — the rule training applies to its data."""
+    from sft_cli.data import text_problem
+
+    problem = text_problem(value, field)
+    if problem and problem.startswith("non-string") and not skip_invalid:
+        raise SftError(
+            f"--input row {number}: '{field}' is {type(value).__name__}, not text — fix the row, or set "
+            "data.skip_invalid: true to skip such rows"
+        )
+    return problem
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

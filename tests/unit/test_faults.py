@@ -57,14 +57,14 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         target.mkdir()
         (target / "weights.safetensors").write_text("ok")
 
-    first = checkpoint.save_checkpoint(tmp_path, 1, {"a": torch.zeros(1)}, write_model, keep=2)
+    first = checkpoint.save_checkpoint(tmp_path, 1, {"a": torch.zeros(1)}, write_model)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(SftError, match="No space left on device.*previous copy is intact"):
-        checkpoint.save_checkpoint(tmp_path, 2, {"a": torch.zeros(1)}, write_model, keep=2)
+        checkpoint.save_checkpoint(tmp_path, 2, {"a": torch.zeros(1)}, write_model)
     assert checkpoint.list_checkpoints(tmp_path) == [first]
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
 
