@@ -15,8 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / ".work"
 CHAT = REPO / "data" / "stdlib-chat"
-BASE = WORK / "decoder-base"
-QWEN2 = {  # Qwen2-0.5B's shape of vocabulary and attention, at a size a 2-core CPU can train
+BASE = WORK / "decoder-base-untied"
+QWEN2 = {  # Qwen2-0.5B's vocabulary and attention shape at a size a 2-core CPU can train; embeddings untied, so
+    # the vocabulary is 78M of the 81M parameters (two 151,936 x 256 matrices, each with its gradient and moments)
     "vocab_size": 151936,
     "hidden_size": 256,
     "intermediate_size": 704,
@@ -24,9 +25,10 @@ QWEN2 = {  # Qwen2-0.5B's shape of vocabulary and attention, at a size a 2-core 
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
-    "tie_word_embeddings": True,
+    "tie_word_embeddings": False,
 }
 RUN = {"steps": 20, "rows": 2, "max_length": 1024, "lr": 2e-3, "seed": 42, "trainer_batch": 22}
+SHORT_ROWS = {"rows": 4, "max_length": 512}  # the dec512/ rows: the same tokens per step as 4 x 512-token rows
 # ChatML whose assistant replies (with <|im_end|>) sit in {% generation %} markers: what TRL's
 # assistant_only_loss needs; sft's built-in chatml renders the same text (tests/unit/test_chat_masks.py).
 MARKED_CHATML = (

@@ -261,6 +261,8 @@ RUNS = {
     "dec/trl-sfttrainer": decoder.trl_run,
     "dec/sft": decoder.sft_run,
     "dec/sft-seed2": decoder.sft_run,
+    "dec512/trl-sfttrainer": decoder.trl_run,
+    "dec512/sft": decoder.sft_run,
     "stream/sft-1x-streaming": streaming.pretrain_run,
     "stream/sft-10x-streaming": streaming.pretrain_run,
     "stream/sft-10x-in-memory": streaming.pretrain_run,
@@ -280,6 +282,8 @@ def run_one(name: str) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     if name.endswith("seed2"):
         decoder.RUN["seed"] = 2  # the same run with another data order: the noise floor of the eval loss
+    if name.startswith("dec512/"):
+        decoder.RUN.update(decoder.SHORT_ROWS)
     result = RUNS[name](name.replace("/", "-"))
     result["peak_rss_mb"] = peak_rss_mb()
     if "model" in result:  # decoder rows: one evaluator for every trained model, after peak RSS was read
@@ -384,21 +388,28 @@ def write_report(results: dict) -> None:
 
 
 def decoder_report(results: dict) -> list[str]:
-    """The decoder section: ratios against TRL and the Trainer, the shared held-out loss, the seed spread."""
-    dec = {k: v for k, v in results.items() if k.startswith("dec/")}
-    if not dec:
-        return []
-    trl, trainer = dec.get("dec/trl-sfttrainer"), dec.get("dec/trainer-clm-collator")
-    run = decoder.RUN
+    """The decoder sections (1024- and 512-token rows): ratios against TRL and the Trainer, the shared held-out loss."""
+    lines: list[str] = []
+    for prefix, shape in (("dec/", {}), ("dec512/", decoder.SHORT_ROWS)):
+        dec = {k: v for k, v in results.items() if k.startswith(prefix)}
+        if dec:
+            lines += _decoder_table(dec, {**decoder.RUN, **shape}, prefix)
+    return lines
+
+
+def _decoder_table(dec: dict, run: dict, prefix: str) -> list[str]:
+    trl, trainer = dec.get(f"{prefix}trl-sfttrainer"), dec.get(f"{prefix}trainer-clm-collator")
     lines = [
         "",
-        f"## Chat SFT of a Qwen2-style decoder with a 151,936-token vocabulary (data/stdlib-chat, {run['steps']} steps)",
+        f"## Chat SFT of a Qwen2-style decoder with a 151,936-token vocabulary: {run['rows']} × {run['max_length']}-token "
+        f"rows (data/stdlib-chat, {run['steps']} steps)",
         "",
-        f"4 layers, hidden 256, GQA 4/2 heads, tied embeddings (43M parameters, 39M of them the vocabulary); "
-        f"{run['rows']} × {run['max_length']}-token packed rows per step for sft and TRL, {run['trainer_batch']} padded "
-        f"conversations for the Trainer; LR {run['lr']} constant, bf16 autocast, seed {run['seed']}. Loss on assistant "
-        "replies for sft and TRL (`assistant_only_loss`), on every token for the Trainer. Held-out loss: one evaluator "
-        "scores every trained model on the assistant tokens of data/stdlib-chat/test.jsonl.",
+        f"4 layers, hidden 256, GQA 4/2 heads, untied embeddings (81M parameters, 78M of them the vocabulary); "
+        f"{run['rows']} × {run['max_length']}-token packed rows per step for sft and TRL"
+        + (f", {run['trainer_batch']} padded conversations for the Trainer" if trainer else "")
+        + f"; LR {run['lr']} constant, bf16 autocast, seed {run['seed']}. Loss on assistant replies for sft and TRL "
+        "(`assistant_only_loss`)" + (", on every token for the Trainer" if trainer else "") + ". Held-out loss: one "
+        "evaluator scores every trained model on the assistant tokens of data/stdlib-chat/test.jsonl.",
         "",
         "| run | tokens/s | × TRL | × Trainer | train s | peak RSS MB | RSS × TRL | held-out loss | Δ vs TRL |",
         "|---|---|---|---|---|---|---|---|---|",

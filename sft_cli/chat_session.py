@@ -37,26 +37,28 @@ class ChatSession:
         config = model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
 
-    def messages(self) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+    def messages(self, turns: Optional[list[dict[str, str]]] = None) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + (self.turns if turns is None else turns)
 
     def prompt(self) -> tuple[list[int], int]:
         """(the conversation with the generation prompt, tokens left to generate) within the model's context.
 
         The oldest exchanges go first; when the newest message alone leaves no room, it is refused.
         """
-        wanted = self.recipe.predict.max_new_tokens
+        wanted, turns = self.recipe.predict.max_new_tokens, self.turns
         while True:
-            ids = self.task.prompt_ids(self.messages())
-            if len(ids) + wanted <= self.context or len(self.turns) <= 1:
+            ids = self.task.prompt_ids(self.messages(turns))
+            if len(ids) + wanted <= self.context or len(turns) <= 1:
                 break
-            self.turns = self.turns[2:]
+            turns = turns[2:]
         if len(ids) >= self.context:
-            self.turns = self.turns[:-1]
+            self.turns = self.turns[:-1]  # the history stays as it was
             raise SftError(
                 f"your message is {len(ids):,} tokens with the template and the model's context holds "
                 f"{self.context:,} — send a shorter one"
             )
+        self.turns = turns
         return ids, min(wanted, self.context - len(ids))
 
     def reply(self, text: str, streamer: Any = None) -> str:

@@ -49,6 +49,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} when it is missing, unreadable, garbled or not an object (run files are read, not trusted)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def replace_directory(tmp: Path, final: Path) -> None:
     """Put the finished `tmp` in place of `final` in one rename (the old copy is removed afterwards)."""
     old = None

@@ -43,12 +43,15 @@ log = logging.getLogger("sft")
 
 def _readable(checkpoint: Path, load: Callable[[], Any]) -> Any:
     """Run a checkpoint load; a damaged or foreign file is a one-line error naming the checkpoint, not a crash."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named, or it escapes
+
     try:
         return load()
     except SftError:
         raise
-    except Exception as err:
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
+    except (Exception, CheckpointException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[-1][:200] if lines else type(err).__name__  # DCP's message ends with the real error
         raise SftError(
             f"--resume: {checkpoint} cannot be loaded ({type(err).__name__}: {detail}) — resume from another "
             "checkpoint (--resume PATH) or start over with --overwrite"

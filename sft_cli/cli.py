@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from sft_cli.errors import SftError
+from sft_cli.errors import SftError, is_storage_error, storage_message
 
 app = typer.Typer(
     add_completion=True,
@@ -54,7 +54,7 @@ def _setup_logging() -> None:
 
 def _run(action, *args, **kwargs):
     """Call a command: a user error is one line and exit 2, a bug one line and exit 1 (tracebacks with --debug)."""
-    from sft_cli.checkpointing import Interrupted
+    from sft_cli.checkpointing import Interrupted, Stopped
 
     try:
         return action(*args, **kwargs)
@@ -66,11 +66,17 @@ def _run(action, *args, **kwargs):
     except Interrupted as stop:
         sys.stderr.write(f"interrupted: checkpoint saved at {stop.checkpoint}\n")
         raise typer.Exit(stop.code) from None
+    except Stopped as stop:
+        sys.stderr.write(f"interrupted: {stop} before the first checkpoint\n")
+        raise typer.Exit(stop.code) from None
     except (typer.Exit, KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:
         if state["debug"]:
             raise
+        if is_storage_error(err):  # the disk or permissions, not sft
+            sys.stderr.write("error: " + " ".join(storage_message(err).split()) + "\n")
+            raise typer.Exit(2) from None
         detail = " ".join(str(err).split())[:300]
         sys.stderr.write(
             f"internal error: {type(err).__name__}: {detail} — this is a bug in sft; please report it with the "

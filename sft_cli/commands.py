@@ -16,6 +16,7 @@ from typing import Any, Optional
 from accelerate.utils import gather_object, set_seed
 
 from sft_cli import manifest
+from sft_cli.backbone import check_model_files
 from sft_cli.checkpoint import (
     atomic_directory,
     clean_stale_temporaries,
@@ -118,7 +119,10 @@ def train(
             if rank_zero and started["training"]:  # before that point nothing in output.dir changed
                 _record_failure(run_dir, err, resume_command)
             if is_storage_error(err) and not isinstance(err, StorageError):
-                raise StorageError(storage_message(err)) from err
+                resumable = resume_command and list_checkpoints(run_dir / "checkpoints")
+                raise StorageError(
+                    storage_message(err, f"resume: {resume_command}" if resumable else "run again")
+                ) from err
             raise
 
 
@@ -220,6 +224,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
         raise SftError(f"--model: no trained model in {directory} — run `sft finetune` first or pass --model DIR")
     if not recipe.data.eval:
         raise SftError("data.eval: required by `sft eval` — set it to a held-out file")
+    check_model_files(directory)
     manifest.refuse_foreign(run_dir, EVAL_FILES)
     accelerator = make_accelerator(recipe.engine, training=False)
     set_seed(recipe.engine.seed)

@@ -21,7 +21,7 @@ def is_storage_error(err: BaseException) -> bool:
     return isinstance(err, StorageError) or (isinstance(err, OSError) and err.errno in STORAGE_ERRNOS)
 
 
-def storage_message(err: OSError) -> str:
+def storage_message(err: OSError, then: str = "run again") -> str:
     """One line for an OSError from the file system: what failed, where, and what to do."""
     where = f" {err.filename}" if err.filename else ""
-    return f"could not read or write{where}: {err.strerror or err} — free space or fix the permissions, then run again"
+    return f"could not read or write{where}: {err.strerror or err} — free space or fix the permissions, then {then}"

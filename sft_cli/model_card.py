@@ -133,4 +133,6 @@ def write_card(recipe: Recipe, run_dir: Path, model_dir: Path, labels: Optional[
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    from sft_cli.checkpoint import read_json_object
+
+    return read_json_object(path)

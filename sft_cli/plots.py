@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sft_cli.checkpoint import atomic_directory  # noqa: E402
+from sft_cli.checkpoint import atomic_directory, read_json_object  # noqa: E402
 
 
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path) -> None:
@@ -49,14 +49,12 @@ METRIC_PREFERENCE = ("eval_accuracy", "eval_macro_f1", "eval_exact_match", "eval
 
 def report_png(run_dirs: Sequence[Path], path: Path) -> Path:
     """Loss curves, LR schedule, the task metric over time (and the confusion matrix of one run)."""
-    import json
-
     from sft_cli.metrics import read_log
 
     logs = {Path(d): read_log(Path(d) / "metrics.jsonl") for d in run_dirs if (Path(d) / "metrics.jsonl").exists()}
     single = len(logs) == 1
     eval_json = Path(run_dirs[0]) / "eval.json"
-    matrix = json.loads(eval_json.read_text()) if single and eval_json.exists() else None
+    matrix = read_json_object(eval_json) if single else None
     panels = 4 if matrix and "confusion_matrix" in matrix else 3
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for run, records in logs.items():

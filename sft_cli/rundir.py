@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from sft_cli.backbone import check_model_files
 from sft_cli.errors import SftError
 from sft_cli.recipe import load_recipe
 from sft_cli.schema import Recipe
@@ -30,4 +31,5 @@ def model_directory(run_dir: Path, explicit: Optional[Path] = None) -> Path:
     if not ((directory / "config.json").exists() or (directory / "adapter_config.json").exists()):
         hint = "pass --model DIR" if explicit else "train it first (`sft finetune`) or pass --model DIR"
         raise SftError(f"--model: no trained model in {directory} — {hint}")
+    check_model_files(directory)
     return directory

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from sft_cli.checkpoint import list_checkpoints, write_json_atomic
+from sft_cli.checkpoint import list_checkpoints, read_json_object, write_json_atomic
 from sft_cli.errors import SftError
 from sft_cli.lock import holder
 
@@ -34,15 +34,6 @@ MAIN_METRIC = {  # what a person compares runs by
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:
     """Record how a training run stands (rank 0 only)."""
     write_json_atomic(run_dir / STATUS_FILE, {"status": status, **extra})
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """A JSON object file, or {} when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _last_records(path: Path) -> tuple[Optional[dict], Optional[dict]]:
@@ -77,7 +68,7 @@ def status_of(run_dir: Path) -> str:
     """finished | interrupted | running | failed."""
     if holder(run_dir) is not None:
         return "running"
-    recorded = _read(run_dir / STATUS_FILE).get("status")
+    recorded = read_json_object(run_dir / STATUS_FILE).get("status")
     if recorded in ("finished", "interrupted", "failed"):
         return recorded
     if recorded is None and (run_dir / "summary.json").is_file():
@@ -110,10 +101,10 @@ def _describe(run_dir: Path, name: Optional[str]) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         return _unreadable(run_dir, name)
     task = recipe.get("task") if isinstance(recipe.get("task"), str) else "?"
-    summary = _read(run_dir / "summary.json")
+    summary = read_json_object(run_dir / "summary.json")
     train, evaluation = _last_records(run_dir / "metrics.jsonl")
     metric = MAIN_METRIC.get(task, "loss")
-    value = _number(_read(run_dir / "eval.json").get(metric))
+    value = _number(read_json_object(run_dir / "eval.json").get(metric))
     if value is None and evaluation is not None:
         value = _number(evaluation.get(f"eval_{metric}"))
     step = _number(summary.get("steps")) or _number((train or evaluation or {}).get("step"))

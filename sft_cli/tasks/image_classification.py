@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from sft_cli import backbone as bb
 from sft_cli.data import SkipCounter, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
-from sft_cli.tasks.base import Batch
+from sft_cli.tasks.base import Batch, Task
 from sft_cli.tasks.classification import ClassificationTask, label_names
 
 PREPROCESS_FILE = "sft_preprocess.json"
@@ -119,6 +119,9 @@ class ImageClassificationTask(ClassificationTask):
             raise SftError(
                 f"data.image_field='{self.recipe.data.image_field}': no such column in --input ({', '.join(columns)})"
             )
+
+    def row_problems(self, rows: list[dict], first: int) -> list[Optional[str]]:
+        return Task.row_problems(self, rows, first)  # images, not text: unreadable files are refused when loaded
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
         import io

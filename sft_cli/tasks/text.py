@@ -24,8 +24,9 @@ def load_tokenizer(location: str, spec: BackboneConfig) -> PreTrainedTokenizerBa
     """The tokenizer that ships with a model directory, alias or hub id."""
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise SftError(f"backbone.name: no usable tokenizer in {location}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # tokenizers raises plain Exceptions on a truncated tokenizer.json
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise SftError(f"backbone.name: no usable tokenizer in {location}: {first}") from None
 
 
 def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreTrainedTokenizerBase:

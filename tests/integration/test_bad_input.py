@@ -264,8 +264,9 @@ def invoke(args: list[str], cwd: Path, monkeypatch) -> tuple[int, str]:
 def prepared(tmp_path: Path, name: str) -> tuple[list[str], str, Path, dict[str, bytes]]:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a previous run's log ...
+    (run_dir / ".sft-manifest.json").write_text('{"files": ["metrics.jsonl"]}')  # ... recorded as sft's
+    (run_dir / "notes.txt").write_text("mine")  # and the user's own file beside it
     args, expected = CASES[name](tmp_path)
     return args, expected, run_dir, snapshot(run_dir)
 
