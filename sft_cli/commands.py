@@ -27,13 +27,12 @@ from sft_cli.checkpoint import (
 )
 from sft_cli.checkpointing import Interrupted, Stopped, stop_on_signals
 from sft_cli.data import tokenizing_stats
-from sft_cli.device import make_accelerator
+from sft_cli.device import limit_heap_retention, make_accelerator
 from sft_cli.engine import Trainer
 from sft_cli.errors import SftError, StorageError, is_storage_error, storage_message
 from sft_cli.evaluation import evaluate
 from sft_cli.lock import RunLock
 from sft_cli.model_card import write_card
-from sft_cli.plots import report_png
 from sft_cli.prepare import tokenize_once
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml
@@ -147,6 +146,7 @@ def _train(
     recipe: Recipe, run_dir: Path, resume: Optional[str], resume_command: str, started: dict[str, bool]
 ) -> dict[str, Any]:
     resume_from = find_resume_point(run_dir, resume or None) if resume is not None else None
+    limit_heap_retention()
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
@@ -208,12 +208,19 @@ def _train(
         write_json_atomic(run_dir / "summary.json", summary)
         for directory in (run_dir / "model", run_dir / "best-model"):
             write_card(recipe, run_dir, directory, getattr(task, "names", None))
-        report_png([run_dir], run_dir / "report.png")
+        _report(run_dir)
         write_status(run_dir, "finished")
         manifest.record(run_dir, *(run_dir / name for name in ("summary.json", "model", "best-model", "report.png")))
         print_table(f"{recipe.name}: training summary", {k: v for k, v in summary.items() if k != "eval"})
     accelerator.end_training()
     return summary
+
+
+def _report(run_dir: Path) -> None:
+    """report.png; matplotlib is imported here, after training, so it never adds to the training peak memory."""
+    from sft_cli.plots import report_png
+
+    report_png([run_dir], run_dir / "report.png")
 
 
 def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str, Any]:
@@ -242,7 +249,7 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
         if directory.resolve() == (run_dir / "model").resolve():  # the card quotes eval.json's metrics
             write_card(recipe, run_dir, directory, getattr(task, "names", None))
         if (run_dir / "metrics.jsonl").exists():
-            report_png([run_dir], run_dir / "report.png")
+            _report(run_dir)
         manifest.record(run_dir, *(run_dir / name for name in EVAL_FILES if (run_dir / name).exists()))
         print_table(
             f"{recipe.name}: eval on {recipe.data.eval}",

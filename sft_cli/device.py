@@ -15,6 +15,28 @@ from sft_cli.backbone import unwrap
 from sft_cli.errors import SftError
 from sft_cli.schema import DistributedConfig, EngineConfig
 
+HEAP_MMAP_THRESHOLD = 8 << 20  # tensors of 8 MiB and more get their own mapping, returned to the OS when freed
+
+
+def limit_heap_retention() -> None:
+    """On glibc, give tensors of 8 MiB and more their own memory mapping instead of the heap.
+
+    glibc raises its mmap threshold to 32 MiB as soon as one large tensor is freed, after which every freed
+    activation and gradient below 32 MiB stays in the heap, fragmented: ~200 MB of the decoder bench's peak RSS
+    was freed memory the process still held. A fixed 8 MiB threshold returns those to the OS (peak -50 MB at
+    equal tokens/s; 1-4 MiB cut more but cost 14-29% of the speed in page faults). Elsewhere: nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+            libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
 
 def launcher_world_size() -> int:
     """Processes the launcher (torchrun, accelerate launch, MPI) says this run has; 1 when not launched."""
