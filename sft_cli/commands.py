@@ -16,7 +16,6 @@ from typing import Any, Optional
 from accelerate.utils import gather_object, set_seed
 
 from sft_cli import manifest
-from sft_cli.backbone import check_model_files
 from sft_cli.checkpoint import (
     atomic_directory,
     clean_stale_temporaries,
@@ -33,6 +32,7 @@ from sft_cli.errors import SftError, StorageError, is_storage_error, storage_mes
 from sft_cli.evaluation import evaluate
 from sft_cli.lock import RunLock
 from sft_cli.model_card import write_card
+from sft_cli.model_files import check_model_files
 from sft_cli.prepare import tokenize_once
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml

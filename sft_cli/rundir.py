@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from sft_cli.backbone import check_model_files
 from sft_cli.errors import SftError
+from sft_cli.model_files import check_model_files
 from sft_cli.recipe import load_recipe
 from sft_cli.schema import Recipe
 

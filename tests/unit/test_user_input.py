@@ -270,7 +270,7 @@ def test_non_string_text_one_rule_for_training_and_predict(tiny_recipe, tmp_path
 def test_a_truncated_or_missing_model_file_is_one_line(tmp_path, tiny_decoder):
     import shutil
 
-    from sft_cli.backbone import check_model_files
+    from sft_cli.model_files import check_model_files
 
     model = tmp_path / "model"
     shutil.copytree(tiny_decoder, model)
