@@ -18,6 +18,22 @@ from sft_cli.schema import DistributedConfig, EngineConfig
 HEAP_MMAP_THRESHOLD = 8 << 20  # tensors of 8 MiB and more get their own mapping, returned to the OS when freed
 
 
+def _glibc() -> Any:
+    """The C library when it is glibc (mallopt, malloc_trim), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
+
+
+_LIBC = _glibc()
+
+
 def limit_heap_retention() -> None:
     """On glibc, give tensors of 8 MiB and more their own memory mapping instead of the heap.
 
@@ -26,16 +42,17 @@ def limit_heap_retention() -> None:
     was freed memory the process still held. A fixed 8 MiB threshold returns those to the OS (peak -50 MB at
     equal tokens/s; 1-4 MiB cut more but cost 14-29% of the speed in page faults). Elsewhere: nothing.
     """
-    import ctypes
-    import ctypes.util
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
-            libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
+
+def trim_heap() -> None:
+    """Return the heap's free memory to the OS (glibc's malloc_trim); nothing elsewhere."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+trim_heap.available = _LIBC is not None  # type: ignore[attr-defined]
 
 
 def launcher_world_size() -> int:

@@ -137,6 +137,24 @@ def _fused_kernel(device: torch.device, kernels: str) -> Any:
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
+def release_before_embedding_backward(network: nn.Module) -> None:
+    """Hand freed memory back to the OS just before the input embedding's gradient is made (glibc only).
+
+    The embedding is the last layer backward reaches: by then every activation is freed, but into the heap,
+    where glibc keeps it; the embedding's dense [vocab x hidden] gradient then comes on top of that. Trimming
+    the heap at that moment takes ~140 MB off the decoder bench's peak RSS for one malloc_trim per step.
+    """
+    from sft_cli.device import trim_heap
+
+    def on_output(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: trim_heap())
+
+    embeddings = network.get_input_embeddings()
+    if embeddings is not None and trim_heap.available:
+        embeddings.register_forward_hook(on_output)
+
+
 class CausalLMLoss(nn.Module):
     """A causal LM and its loss in one forward: hidden states, keep the labelled positions, chunked projection."""
 
@@ -220,7 +238,9 @@ def hidden_loss_matches(model: nn.Module, vocab: int) -> bool:
 def with_loss(model: nn.Module, vocab: int, kernels: str) -> tuple[nn.Module, bool]:
     """(the model wrapped with the chunked loss, True) where that loss equals the plain one; else (model, False)."""
     if hidden_loss_matches(model, vocab):
-        return CausalLMLoss(model, kernels), True
+        wrapped = CausalLMLoss(model, kernels)
+        release_before_embedding_backward(wrapped.network())
+        return wrapped, True
     log.info("the chunked LM loss does not match this architecture's logits; using full logits")
     return model, False
 

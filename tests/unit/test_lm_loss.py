@@ -126,3 +126,27 @@ def test_plain_loss_reference_is_the_summed_weighted_cross_entropy(tiny_decoder)
         assert CausalLMLoss(model)(ids, labels, batch["label_weights"]).item() == pytest.approx(
             plain_loss(model, batch).item(), rel=1e-5
         )
+
+
+def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tiny_decoder, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from sft_cli import device
+    from sft_cli.lm_loss import with_loss
+
+    calls = []
+
+    def trim() -> None:
+        calls.append(model.get_input_embeddings().weight.grad)  # the embedding's gradient is not made yet
+
+    trim.available = True
+    monkeypatch.setattr(device, "trim_heap", trim)
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder)
+    wrapped, chunked = with_loss(model, model.config.vocab_size, "none")
+    assert chunked
+    ids = torch.randint(model.config.vocab_size, (2, 12))
+    wrapped(ids, ids).backward()
+    assert calls == [None] and model.get_input_embeddings().weight.grad is not None
+    with torch.no_grad():
+        wrapped(ids, ids)  # evaluation: nothing to trim
+    assert len(calls) == 1
