@@ -44,6 +44,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def check_writable(directory: Path, key: str, hint: str) -> None:
+    """Fail early, naming the key, when `directory` cannot be created or written (a probe file, removed again)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SftError(f"{key}: cannot write to {directory} ({err.strerror or err}) — {hint}") from None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")

@@ -18,6 +18,7 @@ from accelerate.utils import gather_object, set_seed
 from sft_cli import manifest
 from sft_cli.checkpoint import (
     atomic_directory,
+    check_writable,
     clean_stale_temporaries,
     find_resume_point,
     list_checkpoints,
@@ -58,15 +59,7 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
         _refuse_replacing(run_dir)
     if not resume:
         manifest.refuse_foreign(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise SftError(
-            f"output.dir: cannot write to {run_dir} ({err.strerror or err}) — choose a writable directory"
-        ) from None
+    check_writable(run_dir, "output.dir", "choose a writable directory")
 
 
 def _refuse_replacing(run_dir: Path) -> None:

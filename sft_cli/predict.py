@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 
 from sft_cli import manifest
-from sft_cli.checkpoint import write_json_atomic
-from sft_cli.data_files import split_suffix
+from sft_cli.checkpoint import check_writable, write_json_atomic
+from sft_cli.data_files import sample_into, split_suffix
 from sft_cli.device import make_accelerator
 from sft_cli.errors import SftError
 from sft_cli.progress import console
@@ -96,15 +96,7 @@ def check_output(output: Path, input_location: str) -> None:
             raise SftError(f"--output: {output} is (or is inside) the --input {location} — write somewhere else")
     if output.exists() and output.is_dir():
         raise SftError(f"--output: {output} is a directory — name a .jsonl file")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        probe = output.parent / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise SftError(
-            f"--output: cannot write to {output.parent} ({err.strerror or err}) — choose a writable path"
-        ) from None
+    check_writable(output.parent, "--output", "choose a writable path")
 
 
 def meta_path(output: Path) -> Path:
@@ -165,13 +157,8 @@ def model_fingerprint(model_dir: Path) -> str:
         if path.name == "config.json" or path.name == "adapter_config.json":
             digest.update(path.read_bytes())
         elif path.suffix in (".safetensors", ".bin", ".pt"):
-            size = path.stat().st_size
-            digest.update(f"{path.name}|{size}|".encode())
-            with open(path, "rb") as f:
-                digest.update(f.read(1 << 20))
-                if size > 2 << 20:
-                    f.seek(size - (1 << 20))
-                    digest.update(f.read(1 << 20))
+            digest.update(f"{path.name}|{path.stat().st_size}|".encode())
+            sample_into(digest, path)
     return digest.hexdigest()[:16]
 
 

@@ -131,7 +131,7 @@ def test_plain_loss_reference_is_the_summed_weighted_cross_entropy(tiny_decoder)
 def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tiny_decoder, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sft_cli import device
+    from sft_cli import device, lm_loss
     from sft_cli.lm_loss import with_loss
 
     calls = []
@@ -141,6 +141,7 @@ def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tin
 
     trim.available = True
     monkeypatch.setattr(device, "trim_heap", trim)
+    monkeypatch.setattr(lm_loss, "TRIM_FROM_BYTES", 0)  # the tiny decoder's embedding is far below the real bar
     model = AutoModelForCausalLM.from_pretrained(tiny_decoder)
     wrapped, chunked = with_loss(model, model.config.vocab_size, "none")
     assert chunked
@@ -150,3 +151,23 @@ def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tin
     with torch.no_grad():
         wrapped(ids, ids)  # evaluation: nothing to trim
     assert len(calls) == 1
+
+
+def test_small_embeddings_are_not_worth_a_trim(tiny_decoder, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from sft_cli import device
+    from sft_cli.lm_loss import with_loss
+
+    calls = []
+
+    def trim() -> None:
+        calls.append(1)
+
+    trim.available = True
+    monkeypatch.setattr(device, "trim_heap", trim)
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder)
+    wrapped, _ = with_loss(model, model.config.vocab_size, "none")
+    ids = torch.randint(model.config.vocab_size, (2, 12))
+    wrapped(ids, ids).backward()
+    assert calls == []
