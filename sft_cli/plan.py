@@ -84,6 +84,11 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     if extras.get("trained_tokens_per_role"):
         info["trained_tokens_per_role"] = extras["trained_tokens_per_role"]
         print_role_shares(extras["trained_tokens_per_role"])
+    if extras.get("chat_history"):
+        info["chat_history"] = history = extras["chat_history"]
+        counts = ", ".join(f"{n:,} {mode}" for mode, n in history["examples"].items())
+        because = f" — per-turn because {history['per_turn_because']}" if history.get("per_turn_because") else ""
+        stdout.print(f"chat history (data.history): {counts} example(s){because}", highlight=False)
     stdout.rule("two examples as the model sees them")
     for index in range(min(2, num_rows)):
         stdout.print(render_example(task, task.train_set[index]), highlight=False)

@@ -63,6 +63,7 @@ class DataConfig:
     messages_field: Optional[str] = None  # the turns column (default: messages, or conversations for sharegpt)
     roles: dict[str, str] = field(default_factory=dict)  # extra role names -> system | user | assistant | tool
     chat_template: Optional[str] = None  # null: the tokenizer's own; chatml | llama3 | qwen2.5 | mistral; a .jinja path
+    history: str = "auto"  # auto | whole | per-turn: how a conversation's replies become training examples
     max_length: int = 128
     packing: bool = False
     unlabeled: Any = None  # an unlabeled corpus for the auxiliary LM loss (same forms as train)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sft_cli.chat.formats import FORMATS
-from sft_cli.chat.masks import TRAIN_ON
+from sft_cli.chat.masks import HISTORY, TRAIN_ON
 from sft_cli.errors import SftError
 from sft_cli.schema import (
     DEVICES,
@@ -140,6 +140,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_deepspeed(recipe, source)
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
+    _check_choice(recipe.data.history, HISTORY, "data.history", source)
     _check_class_weights(recipe.loss.class_weights, source)
     check_ranges(recipe, source)
     sched, optim = recipe.schedule, recipe.optim

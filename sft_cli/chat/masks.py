@@ -1,27 +1,34 @@
 """The loss mask of a conversation, computed for any Jinja template and checked, failing closed.
 
-How: render the conversation whole, and each growing prefix of it (after every turn, and with the
-generation prompt before every assistant turn). Each prefix must be a string prefix of the whole; the
-whole is tokenized once with offsets, and each prefix boundary must fall between two tokens. An assistant
-turn trains from the end of its generation prompt through the template's end-of-turn token. At start-up
-`verify` also tokenizes the prefixes of real rows on their own and requires each to be a token prefix of
-the whole — the property that makes training tokens equal to what inference tokenizes.
+A reply is trained exactly as the model will produce it at inference: after the template's generation prompt
+for the history (`render(history, add_generation_prompt=True)`, tokenized on its own), the tokens of the reply
+as the template renders it when it is the newest turn, through the end-of-turn marker (whitespace before the
+marker included: the model must produce it too). Two ways to lay that out (`data.history`):
 
-Every failure says what broke: a rewritten history, tokens merging across a turn boundary, a doubled BOS,
-an end-of-turn token that would never be trained, assistant text outside the mask, nothing to train on.
+- `whole`: the conversation is rendered and tokenized once and every reply is trained in place. Used when, for
+  each reply, the generation prompt is a prefix of the whole, the reply as newest turn appears verbatim after
+  it, and the prompt's own tokens are a token prefix of the whole — the prefix property.
+- `per-turn`: one segment per reply: its generation prompt (untrained) + the reply (trained). Exact for any
+  template, including those that rewrite history (Qwen3 and DeepSeek-R1 drop earlier `<think>` blocks; gpt-oss
+  ends the final turn with `<|return|>`, earlier ones with `<|end|>`). A template that writes no marker after a
+  reply gets EOS appended to each reply.
+
+`auto` picks `whole` for a conversation when the prefix property holds, `per-turn` otherwise. Failures only
+refuse what touches trained tokens (text after the final turn, or merges inside untrained text, do not count).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sft_cli.chat.formats import InvalidConversation
 from sft_cli.chat.templates import ChatTemplate, render
 
 TRAIN_ON = ("assistant", "last", "all")
+HISTORY = ("auto", "whole", "per-turn")
 ROLE_IDS = {"system": 0, "user": 1, "assistant": 2, "tool": 3}
 TEMPLATE_ROLE = 4  # tokens the template writes outside any turn (none in the usual templates)
 ROLE_NAMES = [*ROLE_IDS, "template"]
@@ -38,17 +45,41 @@ class EncodedConversation:
     input_ids: list[int]
     trained: list[int]
     roles: list[int]
+    history: str = "whole"  # how it was laid out: whole | per-turn
+    why: str = ""  # for per-turn under `auto`: why whole did not hold
+
+
+@dataclass
+class Reply:
+    """One assistant turn: where its generation prompt ends in the whole text, and its text as newest turn."""
+
+    index: int
+    prompt: str
+    completion: str  # the reply as the template renders it when newest, through its end-of-turn marker
+    completion_ids: list[int] = field(default_factory=list)
+    appended_eos: bool = False
 
 
 class ChatEncoder:
     """Turns validated messages into token ids and a loss mask for one template and `loss.train_on`."""
 
-    def __init__(self, tokenizer: Any, template: ChatTemplate, train_on: str = "assistant"):
+    def __init__(self, tokenizer: Any, template: ChatTemplate, train_on: str = "assistant", history: str = "auto"):
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
+        self.history = history
         self.bos_id = tokenizer.bos_token_id
         self.markers = _special_text(tokenizer)
+
+    def render(self, messages: list, generation_prompt: bool = False, tools: Any = None) -> str:
+        return render(self.tokenizer, messages, self.template.text, generation_prompt, tools)
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages: list, tools: Any = None) -> list[int]:
+        """The history with the generation prompt, tokenized as inference tokenizes it."""
+        return self.tokens(self.render(messages, True, tools))
 
     def check_text(self, messages: list, tools: Any = None) -> None:
         """Refuse a conversation whose text spells a special token (`<|im_end|>` typed in a reply): tokenized,
@@ -56,9 +87,8 @@ class ChatEncoder:
         if self.markers is None:
             return
         for index, message in enumerate(messages, 1):
-            texts = [message.get("content") or ""] + [
-                json.dumps(c, ensure_ascii=False) for c in message.get("tool_calls") or []
-            ]
+            texts = [message.get("content") or "", message.get("reasoning_content") or ""]
+            texts += [json.dumps(c, ensure_ascii=False) for c in message.get("tool_calls") or []]
             for text in texts:
                 found = self.markers.search(text)
                 if found:
@@ -67,106 +97,153 @@ class ChatEncoder:
                         "token, forging the conversation's structure)"
                     )
 
-    def render(self, messages: list, generation_prompt: bool = False, tools: Any = None) -> str:
-        return render(self.tokenizer, messages, self.template.text, generation_prompt, tools)
+    # -- the replies ------------------------------------------------------------------------------------
 
-    def prompt_ids(self, messages: list, tools: Any = None) -> list[int]:
-        """The history with the generation prompt, tokenized as inference tokenizes it."""
-        return self.tokenizer(self.render(messages, True, tools), add_special_tokens=False)["input_ids"]
-
-    def boundaries(self, messages: list, tools: Any = None) -> tuple[str, list[int], dict[int, int]]:
-        """The whole text, the char offset where each turn ends, and where each assistant reply starts."""
-        full = self.render(messages, tools=tools)
-        ends, reply_starts = [], {}
-        for index, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = self.render(messages[:index], True, tools) if index else ""
-                if not full.startswith(prompt):
-                    raise MaskError(
-                        f"the history with the generation prompt before turn {index + 1} is not a prefix of the "
-                        "whole conversation (the template renders training and inference differently)"
-                    )
-                reply_starts[index] = len(prompt)
-            prefix = self.render(messages[: index + 1], tools=tools)
-            if not full.startswith(prefix):
+    def replies(self, messages: list, tools: Any = None) -> list[Reply]:
+        """Every trained assistant turn: its generation prompt and its completion through the end-of-turn marker."""
+        indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.train_on == "last":
+            indices = indices[-1:]
+        replies = []
+        for index in indices:
+            prompt = self.render(messages[:index], True, tools) if index else ""
+            newest = self.render(messages[: index + 1], tools=tools)
+            if not newest.startswith(prompt):
                 raise MaskError(
-                    f"the conversation up to turn {index + 1} is not a prefix of the whole (the template rewrites history)"
+                    f"turn {index + 1}: the template renders the reply after a different history than its generation "
+                    "prompt (the prompt is not a prefix of the conversation up to the reply)"
                 )
-            ends.append(len(prefix))
-        return full, ends, reply_starts
+            reply = Reply(index, prompt, newest[len(prompt) :])
+            self._close(reply, messages[index])
+            replies.append(reply)
+        return replies
 
-    def encode(self, messages: list, tools: Any = None) -> EncodedConversation:
-        """Ids, mask and roles for one conversation; raises MaskError when the mask cannot be trusted."""
+    def _close(self, reply: Reply, message: dict) -> None:
+        """Cut the completion after its end-of-turn marker (EOS appended when the template writes none)."""
+        ids = self.tokens(reply.completion)
+        stops = self.template.stop_ids or ({self.template.end_of_turn_id} - {None})
+        end = next((i for i, token in enumerate(ids) if token in stops), None)
+        if end is None:
+            if self.template.end_of_turn is not None:
+                raise MaskError(
+                    f"turn {reply.index + 1}: no end-of-turn marker ({self.template.end_of_turn}) closes the assistant "
+                    "reply, so the model would not learn to stop"
+                )
+            ids = ids + [self.tokenizer.eos_token_id]
+            reply.appended_eos = True
+        else:
+            offsets = self.tokenizer(reply.completion, add_special_tokens=False, return_offsets_mapping=True)
+            reply.completion = reply.completion[: offsets["offset_mapping"][end][1]]  # text after the marker: not ours
+            ids = ids[: end + 1]
+        reply.completion_ids = ids
+        visible = _visible_content(message)
+        if visible and visible not in self.tokenizer.decode(ids, skip_special_tokens=False):
+            raise MaskError(f"turn {reply.index + 1}: the assistant's text is not fully covered by the trained tokens")
+
+    # -- encoding ---------------------------------------------------------------------------------------
+
+    def encode(self, messages: list, tools: Any = None) -> list[EncodedConversation]:
+        """The conversation's training segments (one `whole`, or one per reply); MaskError when none is sound."""
         self.check_text(messages, tools)
-        full, ends, reply_starts = self.boundaries(messages, tools)
-        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        if self.train_on == "all":
+            ids = self.tokens(self.render(messages, tools=tools))
+            self._check_bos(ids)
+            return [EncodedConversation(ids, [1] * len(ids), self._roles(messages, tools, ids), "whole")]
+        replies = self.replies(messages, tools)
+        if not replies:
+            raise MaskError("the conversation has no trained token")
+        why = ""
+        if self.history != "per-turn":
+            try:
+                return [self._whole(messages, tools, replies)]
+            except MaskError as err:
+                if self.history == "whole":
+                    raise MaskError(f"{err} — set data.history: per-turn (or auto)") from None
+                why = str(err)
+        return [self._segment(messages, tools, reply, why) for reply in replies]
+
+    def _whole(self, messages: list, tools: Any, replies: list[Reply]) -> EncodedConversation:
+        """All replies trained in place in one rendering; MaskError when the prefix property fails for a reply."""
+        if any(r.appended_eos for r in replies):
+            raise MaskError("the template writes no end-of-turn marker after a reply (EOS is appended per reply)")
+        full = self.render(messages, tools=tools)
+        ids = self.tokens(full)
+        self._check_bos(ids)
+        trained = [0] * len(ids)
+        for reply in replies:
+            start = len(reply.prompt)
+            if not full.startswith(reply.prompt):
+                raise MaskError(
+                    f"turn {reply.index + 1}: its generation prompt is not a prefix of the whole conversation"
+                )
+            if full[start : start + len(reply.completion)] != reply.completion:
+                raise MaskError(
+                    f"turn {reply.index + 1}: the template renders this reply differently once later turns follow "
+                    "(it rewrites history)"
+                )
+            prompt_ids = self.tokens(reply.prompt)
+            if ids[: len(prompt_ids)] != prompt_ids:
+                raise MaskError(f"turn {reply.index + 1}: tokens merge across the end of its generation prompt")
+            end = len(prompt_ids) + len(reply.completion_ids)
+            if ids[len(prompt_ids) : end] != reply.completion_ids:
+                raise MaskError(f"turn {reply.index + 1}: the reply's tokens differ inside the whole conversation")
+            trained[len(prompt_ids) : end] = [1] * (end - len(prompt_ids))
+        return EncodedConversation(ids, trained, self._roles(messages, tools, ids), "whole")
+
+    def _segment(self, messages: list, tools: Any, reply: Reply, why: str) -> EncodedConversation:
+        """One reply after its own generation prompt: exactly what inference tokenizes, then what it generates."""
+        prompt_ids = self.tokens(reply.prompt)
+        self._check_bos(prompt_ids + reply.completion_ids)
+        ids = prompt_ids + reply.completion_ids
+        roles = self._roles(messages[: reply.index], tools, prompt_ids, prompt=True)
+        roles += [ROLE_IDS["assistant"]] * len(reply.completion_ids)
+        trained = [0] * len(prompt_ids) + [1] * len(reply.completion_ids)
+        return EncodedConversation(ids, trained, roles, "per-turn", why)
+
+    def _check_bos(self, ids: list[int]) -> None:
         if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
             raise MaskError(
                 "the conversation starts with a doubled BOS token (the template and tokenizer both add one)"
             )
+
+    def _roles(self, messages: list, tools: Any, ids: list[int], prompt: bool = False) -> list[int]:
+        """Each token's role, from the renderings of growing prefixes (best effort: statistics, not the mask)."""
+        text = self.render(messages, prompt, tools) if messages else ""
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) != len(ids):
+            return [TEMPLATE_ROLE] * len(ids)
         roles = [TEMPLATE_ROLE] * len(ids)
         start = 0
-        for index, end in enumerate(ends):
-            first, last = _token_at(offsets, start, index), _token_at(offsets, end, index + 1)
-            roles[first:last] = [ROLE_IDS[messages[index]["role"]]] * (last - first)
-            start = end
-        trained = [1] * len(ids) if self.train_on == "all" else [0] * len(ids)
-        if self.train_on != "all":
-            replies = sorted(reply_starts)
-            for index in replies[-1:] if self.train_on == "last" else replies:
-                first, last = self._reply_span(ids, offsets, reply_starts[index], ends[index], index)
-                self._check_covered(full, offsets, first, last, messages[index], index)
-                trained[first:last] = [1] * (last - first)
-        if not any(trained[1:]):
-            raise MaskError("the conversation has no trained token")
-        return EncodedConversation(ids, trained, roles)
+        for index, message in enumerate(messages):
+            try:
+                end = len(self.render(messages[: index + 1], tools=tools))
+            except InvalidConversation:
+                continue
+            end = min(end, len(text))
+            first = next((i for i, (s, _) in enumerate(offsets) if s >= start), len(ids))
+            last = next((i for i, (s, _) in enumerate(offsets) if s >= end), len(ids))
+            roles[first:last] = [ROLE_IDS[message["role"]]] * (last - first)
+            start = max(start, end)
+        if prompt and messages:
+            first = next((i for i, (s, _) in enumerate(offsets) if s >= start), len(ids))
+            roles[first:] = [ROLE_IDS["assistant"]] * (len(ids) - first)  # the generation prompt's header
+        return roles
 
-    def _reply_span(
-        self, ids: list[int], offsets: list, reply_start: int, turn_end: int, index: int
-    ) -> tuple[int, int]:
-        """Tokens of an assistant reply: from the end of the generation prompt through the end-of-turn token."""
-        first, limit = _token_at(offsets, reply_start, index), _token_at(offsets, turn_end, index + 1)
-        eot = self.template.end_of_turn_id
-        for position in range(first, limit):
-            if ids[position] == eot:
-                return first, position + 1
-        raise MaskError(
-            f"turn {index + 1}: the end-of-turn token {self.template.end_of_turn} does not close the assistant reply, "
-            "so it would never be trained and the model would not learn to stop"
-        )
-
-    @staticmethod
-    def _check_covered(full: str, offsets: list, first: int, last: int, message: dict, index: int) -> None:
-        content = (message.get("content") or "").strip()
-        if not content:
-            return
-        span = full[offsets[first][0] : offsets[last - 1][1]] if last > first else ""
-        if content not in span:
-            raise MaskError(f"turn {index + 1}: the assistant's text is not fully covered by the trained tokens")
+    # -- start-up checks --------------------------------------------------------------------------------
 
     def verify(self, conversations: list[tuple[list, Any]]) -> None:
-        """Tokenize each prefix on its own: it must be a token prefix of the whole (no boundary merges).
-
-        Also cross-checks a template's `{% generation %}` markers, when it has them, against the mask.
-        """
-        tokenize = self.tokenizer
+        """Encode real rows at start-up (every check above), and cross-check `{% generation %}` markers."""
         for messages, tools in conversations:
-            full, ends, reply_starts = self.boundaries(messages, tools)
-            whole = tokenize(full, add_special_tokens=False)["input_ids"]
-            for index in range(len(messages)):
-                texts = [full[: ends[index]]] + ([full[: reply_starts[index]]] if index in reply_starts else [])
-                for text in texts:
-                    prefix = tokenize(text, add_special_tokens=False)["input_ids"]
-                    if whole[: len(prefix)] != prefix:
-                        raise MaskError(
-                            f"turn {index + 1}: the rendered prefix is not a token prefix of the whole conversation "
-                            "(tokens merge across the turn boundary)"
-                        )
-            if self.train_on == "assistant" and _has_generation_markers(self.template.text):
-                self._cross_check(messages, tools)
+            segments = self.encode(messages, tools)
+            if (
+                segments[0].history == "whole"
+                and self.train_on == "assistant"
+                and _has_generation_markers(self.template.text)
+            ):
+                self._cross_check(messages, tools, segments[0])
 
-    def _cross_check(self, messages: list, tools: Any) -> None:
+    def _cross_check(self, messages: list, tools: Any, ours: EncodedConversation) -> None:
+        """The template's `{% generation %}` spans must agree with the mask, up to whitespace-only tokens."""
         marked = self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
@@ -174,32 +251,33 @@ class ChatEncoder:
             return_dict=True,
             return_assistant_tokens_mask=True,
         )["assistant_masks"]
-        ours = self.encode(messages, tools).trained
-        if list(marked) != ours:
-            differ = [i for i, (a, b) in enumerate(zip(marked, ours)) if a != b][:5]
-            raise MaskError(f"the template's {{% generation %}} markers disagree with the mask at tokens {differ}")
+        if len(marked) != len(ours.trained):
+            return  # the markers cover a different rendering; the mask was proven above
+        differ = [
+            i
+            for i, (a, b) in enumerate(zip(marked, ours.trained))
+            if a != b and self.tokenizer.decode([ours.input_ids[i]]).strip()
+        ]
+        if differ:
+            raise MaskError(f"the template's {{% generation %}} markers disagree with the mask at tokens {differ[:5]}")
+
+
+def _visible_content(message: dict) -> str:
+    """The reply's content a template renders for sure: without a `<think>` block some templates drop."""
+    content = (message.get("content") or "").strip()
+    if "</think>" in content:
+        content = content.split("</think>")[-1].strip()
+    return content
 
 
 def _special_text(tokenizer: Any) -> Optional[re.Pattern]:
-    """A pattern matching the text of the tokenizer's special tokens and markup-like added tokens, or None."""
+    """A pattern matching the text of the tokenizer's special tokens (not plain added tokens like `<think>`)."""
     texts = set(tokenizer.all_special_tokens)
-    for token in tokenizer.added_tokens_decoder.values():
-        if token.special or re.fullmatch(r"[<\[].+[>\]]", token.content):
-            texts.add(token.content)
+    texts |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     texts.discard("")
     if not texts:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
-
-
-def _token_at(offsets: list, char: int, turn: int) -> int:
-    """The index of the first token at or after a char boundary; a token straddling it is a merge."""
-    for index, (start, end) in enumerate(offsets):
-        if start >= char:
-            return index
-        if start < char < end:
-            raise MaskError(f"turn {turn}: a token spans the boundary between two turns (tokens merge across it)")
-    return len(offsets)
 
 
 def _has_generation_markers(template: str) -> bool:

@@ -61,19 +61,33 @@ MISTRAL = (
     "{%- endfor %}"
 )
 BUILTIN = {"chatml": CHATML, "qwen2.5": QWEN25, "llama3": LLAMA3, "mistral": MISTRAL}
-SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+# Marker tokens a template writes literally: <|im_start|>, DeepSeek's <｜Assistant｜>, and <name> / </name> tags
+# (<end_of_turn>, <think>, <step>) — added to a tokenizer that lacks them (`<<SYS>>` is text, not a tag).
+SPECIAL_TOKEN = re.compile(r"<\|[^|\s]+\|>|<｜[^｜\s]+｜>")
+TAG_TOKEN = re.compile(r"(?<![<\w])</?[A-Za-z_][\w▁]*>(?!>)")
 PROBE = [{"role": "user", "content": "sft-probe-question"}, {"role": "assistant", "content": "sft-probe-answer"}]
+PROBE_TWO = [
+    {"role": "user", "content": "sft-probe-question"},
+    {"role": "assistant", "content": "sft-probe-earlier"},
+    {"role": "user", "content": "sft-probe-again"},
+    {"role": "assistant", "content": "sft-probe-answer"},
+]
 
 
 @dataclass
 class ChatTemplate:
-    """A resolved template: its text, where it came from, and the end-of-turn token that ends a reply."""
+    """A resolved template: its text, where it came from, and the end-of-turn token that ends a reply.
+
+    `end_of_turn` is None for a template that writes nothing after a reply (GLM-style: the next turn's header
+    follows); sft then appends EOS after each trained reply.
+    """
 
     text: str
     source: str
-    end_of_turn: str
-    end_of_turn_id: int
+    end_of_turn: Optional[str]
+    end_of_turn_id: Optional[int]
     added_tokens: list[str]
+    stop_ids: frozenset = frozenset()  # every marker that closes a reply somewhere (final and earlier turns)
 
 
 def template_text(requested: Optional[str], tokenizer: Any, where: str) -> tuple[str, str]:
@@ -102,17 +116,31 @@ def template_text(requested: Optional[str], tokenizer: Any, where: str) -> tuple
 
 
 def prepare_tokenizer(tokenizer: Any, requested: Optional[str], where: str) -> ChatTemplate:
-    """Resolve the template, add the special tokens it writes, store it on the tokenizer, set EOS to end-of-turn."""
+    """Resolve the template, add the marker tokens it writes, store it on the tokenizer, set EOS to end-of-turn."""
     text, source = template_text(requested, tokenizer, where)
     vocabulary = tokenizer.get_vocab()
-    missing = [t for t in dict.fromkeys(SPECIAL_TOKEN.findall(text)) if t not in vocabulary]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    literals = _literal_text(text)
+    special = [t for t in dict.fromkeys(SPECIAL_TOKEN.findall(literals)) if t not in vocabulary]
+    tags = [t for t in dict.fromkeys(TAG_TOKEN.findall(literals)) if t not in vocabulary and t not in special]
+    if special:
+        tokenizer.add_tokens(special, special_tokens=True)
+    if tags:
+        tokenizer.add_tokens(tags)
     tokenizer.chat_template = text
-    end_of_turn = find_end_of_turn(tokenizer, text, source)
-    if tokenizer.eos_token != end_of_turn:
+    endings = find_end_of_turn(tokenizer, text, source)
+    end_of_turn = endings[0] if endings else None
+    if end_of_turn is not None and tokenizer.eos_token != end_of_turn:
         tokenizer.eos_token = end_of_turn
-    return ChatTemplate(text, source, end_of_turn, tokenizer.convert_tokens_to_ids(end_of_turn), missing)
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+    stops = frozenset(tokenizer.convert_tokens_to_ids(t) for t in endings)
+    return ChatTemplate(text, source, end_of_turn, eot_id, special + tags, stops)
+
+
+def _literal_text(template: str) -> str:
+    """The string literals inside a Jinja template (what it writes as text), joined."""
+    literals = re.findall(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", template)
+    outside = re.sub(r"\{%.*?%\}|\{\{.*?\}\}|\{#.*?#\}", " ", template, flags=re.S)  # raw text between tags
+    return "\n".join([a or b for a, b in literals] + [outside])
 
 
 def render(tokenizer: Any, messages: list, template: str, generation_prompt: bool = False, tools: Any = None) -> str:
@@ -120,34 +148,96 @@ def render(tokenizer: Any, messages: list, template: str, generation_prompt: boo
     from sft_cli.chat.formats import InvalidConversation
 
     try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, chat_template=template, add_generation_prompt=generation_prompt, tokenize=False
-        )
-    except Exception as err:  # raise_exception() or any error inside the template: this conversation's problem
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        return _apply(tokenizer, messages, template, generation_prompt, tools)
+    except Exception as first:
+        swapped = _arguments_swapped(messages)
+        if swapped is not None:  # tool-call arguments as a dict or as JSON text: what this template takes
+            try:
+                return _apply(tokenizer, swapped, template, generation_prompt, tools)
+            except Exception:
+                pass
+        detail = " ".join(str(first).split())[:200] or type(first).__name__
         raise InvalidConversation(f"the chat template failed to render it ({detail})") from None
 
 
-def find_end_of_turn(tokenizer: Any, template: str, source: str) -> str:
-    """The special token the template writes right after an assistant reply (what the model learns to stop with)."""
+def _apply(tokenizer: Any, messages: list, template: str, generation_prompt: bool, tools: Any) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, chat_template=template, add_generation_prompt=generation_prompt, tokenize=False
+    )
+
+
+def _arguments_swapped(messages: list) -> Optional[list]:
+    """The messages with every tool call's `arguments` in the other form (dict <-> JSON text), or None."""
+    import copy
+    import json
+
+    swapped, changed = copy.deepcopy(messages), False
+    for message in swapped:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call) if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, dict):
+                function["arguments"], changed = json.dumps(arguments, ensure_ascii=False), True
+            elif isinstance(arguments, str):
+                try:
+                    function["arguments"], changed = json.loads(arguments), True
+                except json.JSONDecodeError:
+                    pass
+    return swapped if changed else None
+
+
+def marker_ids(tokenizer: Any) -> set[int]:
+    """Token ids that can mark a turn boundary: special tokens and every added token."""
+    return set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+
+
+def find_end_of_turn(tokenizer: Any, template: str, source: str) -> list[str]:
+    """The marker tokens a template writes right after an assistant reply (whitespace between is allowed).
+
+    The final turn's marker comes first (what the model learns to stop with); an earlier turn's, when the
+    template closes non-final turns differently (gpt-oss: `<|return|>` vs `<|end|>`), follows. Empty when
+    nothing marks the end of a reply.
+    """
+    from sft_cli.chat.formats import InvalidConversation
+
+    markers = marker_ids(tokenizer)
+    found: list[str] = []
+    for probe, answers in ((PROBE, ["sft-probe-answer"]), (PROBE_TWO, ["sft-probe-answer", "sft-probe-earlier"])):
+        try:
+            rendered = _render_probe(tokenizer, probe, template)
+        except InvalidConversation as err:
+            if probe is PROBE:
+                raise SftError(
+                    f"data.chat_template: {source} cannot render a plain user/assistant exchange: {err}"
+                ) from None
+            continue  # a template that allows one exchange only
+        for answer in answers:
+            if answer not in rendered:
+                if probe is PROBE:
+                    raise SftError(f"data.chat_template: {source} does not render the assistant's content")
+                continue
+            after = rendered[rendered.index(answer) + len(answer) :]
+            marker = _first_marker(tokenizer, after, markers)
+            if marker is not None and marker not in found:
+                found.append(marker)
+    return found
+
+
+def _render_probe(tokenizer: Any, probe: list, template: str) -> str:
+    """A probe conversation rendered; templates that require `tools` get an empty list."""
     from sft_cli.chat.formats import InvalidConversation
 
     try:
-        rendered = render(tokenizer, PROBE, template)
-    except InvalidConversation as err:
-        raise SftError(f"data.chat_template: {source} cannot render a plain user/assistant exchange: {err}") from None
-    answer = PROBE[1]["content"]
-    if answer not in rendered:
-        raise SftError(f"data.chat_template: {source} does not render the assistant's content")
-    after = rendered[rendered.rindex(answer) + len(answer) :]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
-    }
-    if not ids or ids[0] not in special:
-        shown = repr(after[:20]) if after else "nothing"
-        raise SftError(
-            f"data.chat_template: {source} writes {shown} after an assistant reply, not an end-of-turn special token "
-            "— the model could never learn to stop; use a template that closes turns (e.g. chatml)"
-        )
-    return tokenizer.convert_ids_to_tokens(ids[0])
+        return render(tokenizer, probe, template)
+    except InvalidConversation:
+        return render(tokenizer, probe, template, tools=[])
+
+
+def _first_marker(tokenizer: Any, text: str, markers: set[int]) -> Optional[str]:
+    """The first marker token of `text` after any whitespace tokens; None when text comes first (or nothing)."""
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if token in markers:
+            return tokenizer.convert_ids_to_tokens(token)
+        if tokenizer.decode([token]).strip():
+            return None
+    return None

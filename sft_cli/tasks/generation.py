@@ -25,7 +25,14 @@ from sft_cli.losses import shift_for_next_token
 from sft_cli.metrics import generation_metrics, perplexity
 from sft_cli.packing import PackedRows, isolation_mode, pack_best_fit, packed_attention, packing_efficiency
 from sft_cli.tasks.base import Batch, LossTerms, Task
-from sft_cli.tasks.generation_data import RowReader, encode_split, eval_turns, render_prompt, trained_tokens_per_role
+from sft_cli.tasks.generation_data import (
+    RowReader,
+    encode_split,
+    eval_turns,
+    history_summary,
+    render_prompt,
+    trained_tokens_per_role,
+)
 from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationInference, set_stop_tokens
 from sft_cli.tasks.language_modeling import pack_texts
 from sft_cli.tasks.text import backbone_tokenizer, ensure_pad_token, load_tokenizer, pad_sequences
@@ -63,6 +70,7 @@ class GenerationTask(GenerationInference, Task):
                 tables["data.train"], readers["data.train"], "data.train", data.train, self.skipped
             )
             self.role_tokens = trained_tokens_per_role(encoded)
+            self.history = history_summary(encoded)
             self.train_set = self._maybe_pack(encoded)
             self.unlabeled = self._unlabeled() if recipe.loss.lm > 0 else None
             self.model = bb.apply_freeze(self.model, recipe.freeze, self.new_tokens)
@@ -81,7 +89,7 @@ class GenerationTask(GenerationInference, Task):
         if fmt == "prompt-response" and data.chat_template is None and data.template != "chat":
             return None
         template = prepare_tokenizer(self.tokenizer, data.chat_template, where)
-        return ChatEncoder(self.tokenizer, template, self.recipe.loss.train_on)
+        return ChatEncoder(self.tokenizer, template, self.recipe.loss.train_on, data.history)
 
     def _build_model(self, resolved: bb.ResolvedBackbone) -> torch.nn.Module:
         spec, tokenizer = self.recipe.backbone, self.tokenizer
@@ -115,6 +123,10 @@ class GenerationTask(GenerationInference, Task):
         return reader
 
     def _verify(self, table: Any, reader: RowReader, key: str) -> None:
+        """Cross-check a template's `{% generation %}` markers against the mask on real rows, before training.
+
+        Rows whose mask cannot be made are reported (or skipped) with their row number when the split is encoded.
+        """
         from sft_cli.chat.formats import InvalidConversation
 
         samples = []
@@ -124,10 +136,9 @@ class GenerationTask(GenerationInference, Task):
                 continue
             try:
                 messages, tools = reader.messages(row), tools_of(row)
-                self.chat.check_text(messages, tools)
-                self.chat.render(messages, tools=tools)
-            except InvalidConversation:
-                continue  # reported (or skipped) with its row number when the split is encoded
+                self.chat.encode(messages, tools)
+            except (InvalidConversation, MaskError):
+                continue
             samples.append((messages, tools))
         try:
             self.chat.verify(samples)
@@ -273,6 +284,8 @@ class GenerationTask(GenerationInference, Task):
         extras: dict[str, Any] = {"trained_tokens_per_role": getattr(self, "role_tokens", None)}
         if isinstance(self.train_set, PackedRows):
             extras["packing_efficiency"] = round(self.train_set.efficiency, 4)
+        if getattr(self, "history", None):
+            extras["chat_history"] = self.history
         return extras
 
     # -- evaluation -------------------------------------------------------------------------------

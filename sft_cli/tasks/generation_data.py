@@ -68,29 +68,28 @@ class RowReader:
         return kept + response, [0] * len(kept) + [1] * len(response)
 
 
+COLUMNS = ("input_ids", "trained", "length", "role_tokens", "role_trained", "row", "history", "why", "skip")
+
+
 def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped: SkipCounter) -> tuple[Any, list[int]]:
     """Tokenize and mask every row (cached); rows that cannot train are counted by reason and left out.
 
-    Returns the examples and the indices of the rows they came from.
+    A row gives one example, or one per assistant turn when its template needs `per-turn` history. Returns the
+    examples and the indices of the rows they came from (each row once).
     """
     data, skip_invalid = reader.data, reader.data.skip_invalid
 
     def encode(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {name: [] for name in ("input_ids", "trained", "length", "role_tokens", "role_trained")}
-        out["skip"] = []
+        out: dict[str, list] = {name: [] for name in COLUMNS}
         for offset, index in enumerate(indices):
             row = {name: values[offset] for name, values in rows.items()}
-            ids, trained, tokens, targets, reason = _encode_row(row, reader, key, location, index, skip_invalid)
-            out["input_ids"].append(ids)
-            out["trained"].append(trained)
-            out["length"].append(len(ids))
-            out["role_tokens"].append(tokens)
-            out["role_trained"].append(targets)
-            out["skip"].append(reason)
+            for example in _encode_row(row, reader, key, location, index, skip_invalid):
+                for name, value in zip(COLUMNS, (*example[:2], len(example[0]), *example[2:4], index, *example[4:])):
+                    out[name].append(value)
         return out
 
     fingerprint = (
-        "generation-v2",
+        "generation-v3",
         reader.fmt,
         reader.column,
         sorted(reader.roles.items()),
@@ -101,6 +100,7 @@ def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped
         skip_invalid,
         reader.chat.template.text if reader.chat else None,
         reader.chat.train_on if reader.chat else None,
+        reader.chat.history if reader.chat else None,
         tokenizer_fingerprint(reader.tokenizer),
     )
     encoded = cached_map(table, encode, str(fingerprint), with_indices=True)
@@ -112,22 +112,35 @@ def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped
     kept = [index for index, reason in enumerate(reasons) if not reason]
     if len(kept) < len(reasons):
         encoded = encoded.select(kept)
-    return encoded.remove_columns("skip"), kept
+    rows = list(dict.fromkeys(encoded["row"]))
+    return encoded.remove_columns("skip"), rows
 
 
-def _encode_row(
-    row: dict, reader: RowReader, key: str, location: str, index: int, skip_invalid: bool
-) -> tuple[list[int], list[int], list[int], list[int], str]:
-    """(ids, trained, tokens per role, trained per role, skip reason) for one row."""
+def history_summary(encoded: Any) -> dict[str, Any]:
+    """How the conversations were laid out: examples per history mode, and why `auto` chose per-turn."""
+    counts: dict[str, int] = {}
+    for mode in encoded["history"]:
+        if mode:
+            counts[mode] = counts.get(mode, 0) + 1
+    why = next((w for w in encoded["why"] if w), "")
+    return {"examples": counts, **({"per_turn_because": why} if why else {})} if counts else {}
+
+
+# ids, trained, tokens per role, trained per role, history, why per-turn, skip reason
+Example = tuple[list[int], list[int], list[int], list[int], str, str, str]
+
+
+def _encode_row(row: dict, reader: RowReader, key: str, location: str, index: int, skip_invalid: bool) -> list[Example]:
+    """The examples of one row (see Example)."""
     empty = [0] * len(ROLE_NAMES)
     null = reader.null_reason(row)
     if null:
-        return [], [], empty, empty, null
+        return [([], [], empty, empty, "", "", null)]
     if reader.chat is None:
         bad = next((f for f in reader.text_fields() if not isinstance(row.get(f), str)), None)
         if bad is not None:
             if skip_invalid:
-                return [], [], empty, empty, f"non-string {bad}"
+                return [([], [], empty, empty, "", "", f"non-string {bad}")]
             raise SftError(
                 f"{key}: {location} row {index + 1}: '{bad}' is {type(row[bad]).__name__}, not text — fix the row, "
                 "or set data.skip_invalid: true to skip such rows"
@@ -135,28 +148,45 @@ def _encode_row(
         ids, trained = reader.encode_pair(row)
         prompt_tokens = trained.count(0)
         tokens = _role_counts({ROLE_IDS["user"]: prompt_tokens, ROLE_IDS["assistant"]: len(ids) - prompt_tokens})
-        return ids, trained, tokens, _role_counts({ROLE_IDS["assistant"]: len(ids) - prompt_tokens}), ""
+        return [(ids, trained, tokens, _role_counts({ROLE_IDS["assistant"]: len(ids) - prompt_tokens}), "", "", "")]
     try:
         messages = reader.messages(row)
-        encoded = reader.chat.encode(messages, tools_of(row))
-    except InvalidConversation as err:
+        segments = reader.chat.encode(messages, tools_of(row))
+    except (InvalidConversation, MaskError) as err:
         if skip_invalid:
-            return [], [], empty, empty, "invalid conversation"
-        raise SftError(
-            f"{key}: {location} row {index + 1}: {err} — fix the row, or set data.skip_invalid: true to skip such rows"
-        ) from None
-    except MaskError as err:
-        raise SftError(f"data.chat_template: {location} row {index + 1}: {err}") from None
-    limit = reader.data.max_length
-    encoded.input_ids, encoded.trained, encoded.roles = (
-        encoded.input_ids[:limit],
-        encoded.trained[:limit],
-        encoded.roles[:limit],
+            return [([], [], empty, empty, "", "", "invalid conversation")]
+        hint = "fix the row, or set data.skip_invalid: true to skip such rows"
+        prefix = f"{key}: {location}" if isinstance(err, InvalidConversation) else f"data.chat_template: {location}"
+        raise SftError(f"{prefix} row {index + 1}: {err} — {hint}") from None
+    examples = []
+    for segment in segments:
+        _fit(segment, reader.data.max_length)
+        if not any(segment.trained[1:]):
+            examples.append(([], [], empty, empty, "", "", NO_TRAINED_TOKEN))
+            continue
+        tokens, trained = role_token_counts(segment)
+        examples.append((segment.input_ids, segment.trained, tokens, trained, segment.history, segment.why, ""))
+    return examples
+
+
+def _fit(segment: Any, limit: int) -> None:
+    """Cut an example to `data.max_length`: a per-turn segment loses its oldest history first, else the end goes."""
+    excess = len(segment.input_ids) - limit
+    if excess <= 0:
+        return
+    if segment.history == "per-turn":
+        prompt = segment.trained.index(1) if 1 in segment.trained else len(segment.trained)
+        cut = min(excess, prompt)
+        segment.input_ids, segment.trained, segment.roles = (
+            segment.input_ids[cut:],
+            segment.trained[cut:],
+            segment.roles[cut:],
+        )
+    segment.input_ids, segment.trained, segment.roles = (
+        segment.input_ids[:limit],
+        segment.trained[:limit],
+        segment.roles[:limit],
     )
-    if not any(encoded.trained[1:]):
-        return [], [], empty, empty, NO_TRAINED_TOKEN
-    tokens, trained = role_token_counts(encoded)
-    return encoded.input_ids, encoded.trained, tokens, trained, ""
 
 
 def _role_counts(values: dict[int, int]) -> list[int]:

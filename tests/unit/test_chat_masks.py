@@ -23,8 +23,15 @@ def tokenizer(tiny_decoder):
     return AutoTokenizer.from_pretrained(tiny_decoder)
 
 
-def encoder(tokenizer, template, train_on="assistant"):
-    return ChatEncoder(tokenizer, prepare_tokenizer(tokenizer, template, "test"), train_on)
+def encoder(tokenizer, template, train_on="assistant", history="auto"):
+    return ChatEncoder(tokenizer, prepare_tokenizer(tokenizer, template, "test"), train_on, history)
+
+
+def whole(chat, messages, tools=None):
+    """The one example of a conversation laid out whole."""
+    (encoded,) = chat.encode(messages, tools)
+    assert encoded.history == "whole"
+    return encoded
 
 
 def by_hand(tokenizer, pieces):
@@ -90,7 +97,7 @@ HAND = {
 def test_masks_match_hand_computed_spans(tokenizer, template):
     messages, pieces = HAND[template]
     chat = encoder(tokenizer, template)
-    encoded = chat.encode(messages)
+    encoded = whole(chat, messages)
     ids, mask = by_hand(tokenizer, pieces)
     assert encoded.input_ids == ids
     assert encoded.trained == mask
@@ -99,9 +106,9 @@ def test_masks_match_hand_computed_spans(tokenizer, template):
 
 
 def test_train_on_last_and_all_differ_from_assistant_exactly_where_they_should(tokenizer):
-    every = encoder(tokenizer, "chatml", "assistant").encode(CHAT)
-    last = encoder(tokenizer, "chatml", "last").encode(CHAT)
-    everything = encoder(tokenizer, "chatml", "all").encode(CHAT)
+    every = whole(encoder(tokenizer, "chatml", "assistant"), CHAT)
+    last = whole(encoder(tokenizer, "chatml", "last"), CHAT)
+    everything = whole(encoder(tokenizer, "chatml", "all"), CHAT)
     assert every.input_ids == last.input_ids == everything.input_ids
     first_reply = [i for i, (a, b) in enumerate(zip(every.trained, last.trained)) if a != b]
     assert tokenizer.decode([every.input_ids[i] for i in first_reply]) == "A data format.<|im_end|>"
@@ -133,7 +140,7 @@ def test_a_jinja_file_is_a_template(tokenizer, tmp_path):
 
     path = tmp_path / "mine.jinja"
     path.write_text(CHATML)
-    assert encoder(tokenizer, str(path)).encode(CHAT).trained == encoder(tokenizer, "chatml").encode(CHAT).trained
+    assert whole(encoder(tokenizer, str(path)), CHAT).trained == whole(encoder(tokenizer, "chatml"), CHAT).trained
 
 
 # -- fail closed: each check fires on a template or row built to break it ---------------------------------
@@ -162,9 +169,15 @@ def jinja(tmp_path, text):
     return str(path)
 
 
-def test_a_template_that_rewrites_history_fails_closed(tokenizer, tmp_path):
-    with pytest.raises(MaskError, match="rewrites history"):
-        encoder(tokenizer, jinja(tmp_path, REWRITES_HISTORY)).encode(CHAT)
+def test_a_template_that_rewrites_history_trains_per_turn(tokenizer, tmp_path):
+    with pytest.raises(MaskError, match="rewrites history.*data.history: per-turn"):
+        encoder(tokenizer, jinja(tmp_path, REWRITES_HISTORY), history="whole").encode(CHAT)
+    segments = encoder(tokenizer, jinja(tmp_path, REWRITES_HISTORY)).encode(CHAT)  # auto
+    assert [s.history for s in segments] == ["per-turn", "per-turn"] and "rewrites history" in segments[0].why
+    replies = [tokenizer.decode([t for t, m in zip(s.input_ids, s.trained) if m]) for s in segments]
+    assert replies == ["A data format.<|im_end|>", "Tables.<|im_end|>"]  # each reply whole, as it is generated
+    second = tokenizer.decode(segments[1].input_ids)
+    assert "<|im_start|>assistant\nA d<|im_end|>" in second  # its history as the template renders it at inference
 
 
 def test_a_doubled_bos_fails_closed(tokenizer, tmp_path):
@@ -187,13 +200,18 @@ def test_an_untrained_end_of_turn_token_fails_closed(tokenizer, tmp_path):
         {"role": "tool", "content": "sunny"},
         {"role": "assistant", "content": "Sunny."},
     ]
-    with pytest.raises(MaskError, match="end-of-turn token <\\|im_end\\|> does not close"):
+    with pytest.raises(MaskError, match="no end-of-turn marker \\(<\\|im_end\\|>\\) closes"):
         encoder(tokenizer, jinja(tmp_path, NO_CLOSE_WITHOUT_TEXT)).encode(calls)
 
 
-def test_a_template_without_an_end_of_turn_token_is_refused(tokenizer, tmp_path):
-    with pytest.raises(SftError, match="could never learn to stop"):
-        prepare_tokenizer(tokenizer, jinja(tmp_path, NEVER_STOPS), "test")
+def test_a_template_without_an_end_of_turn_marker_gets_eos_after_each_reply(tokenizer, tmp_path):
+    chat = encoder(tokenizer, jinja(tmp_path, NEVER_STOPS))
+    assert chat.template.end_of_turn is None
+    segments = chat.encode(CHAT)
+    assert [s.history for s in segments] == ["per-turn", "per-turn"]
+    for segment, reply in zip(segments, ("A data format.", "Tables.")):
+        trained = [t for t, m in zip(segment.input_ids, segment.trained) if m]
+        assert trained[-1] == tokenizer.eos_token_id and reply in tokenizer.decode(trained)
 
 
 def test_tokens_merging_across_a_turn_boundary_fail_closed(tokenizer, tmp_path):
@@ -207,11 +225,12 @@ def test_tokens_merging_across_a_turn_boundary_fail_closed(tokenizer, tmp_path):
         "{% if add_generation_prompt %}" + head + "{% endif %}"
     )
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": tail + " x"}]
-    chat = encoder(tokenizer, jinja(tmp_path, merging))
     with pytest.raises(MaskError, match="merge"):
-        chat.encode(messages)
-    with pytest.raises(MaskError, match="merge"):
-        chat.verify([(messages, None)])
+        encoder(tokenizer, jinja(tmp_path, merging), history="whole").encode(messages)
+    (segment,) = encoder(tokenizer, jinja(tmp_path, merging)).encode(messages)  # auto: as inference tokenizes it
+    prompt = tokenizer(head, add_special_tokens=False)["input_ids"]
+    assert segment.history == "per-turn" and "merge" in segment.why
+    assert segment.input_ids[len(segment.input_ids) - sum(segment.trained) - len(prompt) :][: len(prompt)] == prompt
 
 
 def test_generation_markers_cross_check_the_mask(tokenizer, tmp_path):
@@ -222,7 +241,7 @@ def test_generation_markers_cross_check_the_mask(tokenizer, tmp_path):
     )
     chat = encoder(tokenizer, jinja(tmp_path, marked))
     chat.verify([(CHAT, None)])  # markers agree with the mask
-    assert chat.encode(CHAT).trained == encoder(tokenizer, "chatml").encode(CHAT).trained
+    assert whole(chat, CHAT).trained == whole(encoder(tokenizer, "chatml"), CHAT).trained
     wrong = marked.replace(
         "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}",
         "{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>",
@@ -242,14 +261,14 @@ def test_sharegpt_and_alpaca_rows_equal_the_messages_rows_they_map_to(tokenizer)
         {"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]} for m in CHAT
     ]
     sharegpt = to_messages({"conversations": turns}, "sharegpt", "conversations", names, data)
-    a, b = chat.encode(messages), chat.encode(sharegpt)
+    a, b = whole(chat, messages), whole(chat, sharegpt)
     assert (a.input_ids, a.trained) == (b.input_ids, b.trained)
     alpaca = to_messages(
         {"instruction": "Name a format.", "input": "for tables", "output": "csv"}, "alpaca", None, names, data
     )
     as_messages = [{"role": "user", "content": "Name a format.\n\nfor tables"}, {"role": "assistant", "content": "csv"}]
     assert alpaca == as_messages
-    assert chat.encode(alpaca).trained == chat.encode(as_messages).trained
+    assert whole(chat, alpaca).trained == whole(chat, as_messages).trained
 
 
 def test_data_roles_map_other_names(tokenizer):
@@ -291,7 +310,7 @@ def test_tool_calls_train_like_assistant_text_and_tool_results_like_user_text(to
         {"role": "assistant", "content": "Sunny."},
     ]
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
-    encoded = encoder(tokenizer, "chatml").encode(calls, tools)
+    encoded = whole(encoder(tokenizer, "chatml"), calls, tools)
     trained = tokenizer.decode([t for t, m in zip(encoded.input_ids, encoded.trained) if m])
     assert '"name": "weather"' in trained and "Sunny." in trained
     assert "sunny, 21C" not in trained and "Tools:" not in trained

@@ -66,13 +66,15 @@ def test_any_row_shape_trains_is_skipped_or_is_one_line(chat_reader, row, skip_i
     fmt = next(fmt for key, fmt in FORMAT.items() if key in row)
     reader = chat_reader(fmt, skip_invalid, classic and fmt == "prompt-response")
     try:
-        ids, trained, _, _, reason = _encode_row(row, reader, "data.train", "train.jsonl", 4, skip_invalid)
+        examples = _encode_row(row, reader, "data.train", "train.jsonl", 4, skip_invalid)
     except SftError as err:
-        assert "\n" not in str(err) and "row 5" in str(err) and not skip_invalid or "data.chat_template" in str(err)
+        assert "\n" not in str(err) and "row 5" in str(err) and not skip_invalid
         return
-    assert (reason != "") == (ids == [])
-    if ids:
-        assert len(ids) == len(trained) and any(trained)
+    assert examples
+    for ids, trained, _, _, history, _, reason in examples:
+        assert (reason != "") == (ids == []) and history in ("", "whole", "per-turn")
+        if ids:
+            assert len(ids) == len(trained) and any(trained)
 
 
 def test_special_token_text_in_content_cannot_forge_a_turn(chat_reader, tmp_path):
