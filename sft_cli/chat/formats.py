@@ -1,6 +1,7 @@
 """Data shapes for generative SFT, all normalised to OpenAI-style messages.
 
-`messages`: [{"role": "system"|"user"|"assistant"|"tool", "content": str, "tool_calls"?: [...]}, ...]
+`messages`: [{"role": "system"|"user"|"assistant"|"tool", "content": str, "tool_calls"?: [...],
+             "reasoning_content"?: str, "thinking"?: str, "name"?: str, "tool_call_id"?: str}, ...]
 `sharegpt`: [{"from": "system"|"human"|"gpt", "value": str}, ...] (roles mapped; `data.roles` adds names)
 `alpaca`:   instruction, optional input, output -> one user turn and one assistant turn
 `prompt-response`: the prompt/response fields (a user turn and an assistant turn when a chat template is used)
@@ -29,6 +30,11 @@ DEFAULT_ROLE_NAMES = {
     "function": "tool",
     "ipython": "tool",
 }
+
+
+# Optional string fields a turn may carry to the template: the speaker's name, the id a tool result answers,
+# and an assistant's reasoning (`reasoning_content`: Qwen3, DeepSeek-R1, GLM; `thinking`: gpt-oss).
+MESSAGE_TEXT_FIELDS = ("name", "tool_call_id", "reasoning_content", "thinking")
 
 
 class InvalidConversation(ValueError):
@@ -124,7 +130,7 @@ def _message(turn: Any, index: int, fmt: str, names: dict[str, str]) -> dict[str
     if name not in names:
         raise InvalidConversation(f"turn {index} has unknown role '{name}' (map it with data.roles: {{{name}: user}})")
     message = {"role": names[name], "content": turn.get(content_key)}
-    for key in ("name", "tool_call_id"):
+    for key in MESSAGE_TEXT_FIELDS:
         if turn.get(key) is not None:
             if not isinstance(turn[key], str):
                 raise InvalidConversation(f"turn {index} '{key}' is {type(turn[key]).__name__}, not a string")

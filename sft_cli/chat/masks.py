@@ -58,6 +58,7 @@ class Reply:
     completion: str  # the reply as the template renders it when newest, through its end-of-turn marker
     completion_ids: list[int] = field(default_factory=list)
     appended_eos: bool = False
+    realigned: bool = False  # the generation prompt is not a prefix of the history: trained after it (per-turn)
 
 
 class ChatEncoder:
@@ -87,7 +88,7 @@ class ChatEncoder:
         if self.markers is None:
             return
         for index, message in enumerate(messages, 1):
-            texts = [message.get("content") or "", message.get("reasoning_content") or ""]
+            texts = [message.get(key) or "" for key in ("content", "reasoning_content", "thinking")]
             texts += [json.dumps(c, ensure_ascii=False) for c in message.get("tool_calls") or []]
             for text in texts:
                 found = self.markers.search(text)
@@ -108,21 +109,22 @@ class ChatEncoder:
         for index in indices:
             prompt = self.render(messages[:index], True, tools) if index else ""
             newest = self.render(messages[: index + 1], tools=tools)
-            if not newest.startswith(prompt):
-                raise MaskError(
-                    f"turn {index + 1}: the template renders the reply after a different history than its generation "
-                    "prompt (the prompt is not a prefix of the conversation up to the reply)"
-                )
-            reply = Reply(index, prompt, newest[len(prompt) :])
+            if newest.startswith(prompt):
+                reply = Reply(index, prompt, newest[len(prompt) :])
+            else:
+                reply = Reply(index, prompt, _realigned(prompt, newest, messages, index), realigned=True)
             self._close(reply, messages[index])
             replies.append(reply)
         return replies
 
     def _close(self, reply: Reply, message: dict) -> None:
-        """Cut the completion after its end-of-turn marker (EOS appended when the template writes none)."""
-        ids = self.tokens(reply.completion)
+        """Cut the completion after the first end-of-turn marker that follows the reply's own text (EOS appended
+        when the template writes none)."""
+        encoding = self.tokenizer(reply.completion, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         stops = self.template.stop_ids or ({self.template.end_of_turn_id} - {None})
-        end = next((i for i, token in enumerate(ids) if token in stops), None)
+        own = _own_text_end(reply.completion, message)
+        end = next((i for i, token in enumerate(ids) if token in stops and offsets[i][0] >= own), None)
         if end is None:
             if self.template.end_of_turn is not None:
                 raise MaskError(
@@ -132,13 +134,18 @@ class ChatEncoder:
             ids = ids + [self.tokenizer.eos_token_id]
             reply.appended_eos = True
         else:
-            offsets = self.tokenizer(reply.completion, add_special_tokens=False, return_offsets_mapping=True)
-            reply.completion = reply.completion[: offsets["offset_mapping"][end][1]]  # text after the marker: not ours
+            reply.completion = reply.completion[: offsets[end][1]]  # text after the marker: not ours
             ids = ids[: end + 1]
         reply.completion_ids = ids
-        visible = _visible_content(message)
-        if visible and visible not in self.tokenizer.decode(ids, skip_special_tokens=False):
+        visible, trained_text = _visible_content(message), self.tokenizer.decode(ids, skip_special_tokens=False)
+        if visible and visible not in trained_text:
             raise MaskError(f"turn {reply.index + 1}: the assistant's text is not fully covered by the trained tokens")
+        for name in _called_functions(message):
+            if name not in trained_text:
+                raise MaskError(
+                    f"turn {reply.index + 1}: the template does not render this turn's tool call '{name}', so the "
+                    "model would learn an empty reply"
+                )
 
     # -- encoding ---------------------------------------------------------------------------------------
 
@@ -164,6 +171,8 @@ class ChatEncoder:
 
     def _whole(self, messages: list, tools: Any, replies: list[Reply]) -> EncodedConversation:
         """All replies trained in place in one rendering; MaskError when the prefix property fails for a reply."""
+        if any(r.realigned for r in replies):
+            raise MaskError("the template's generation prompt differs from how it renders the history before a reply")
         if any(r.appended_eos for r in replies):
             raise MaskError("the template writes no end-of-turn marker after a reply (EOS is appended per reply)")
         full = self.render(messages, tools=tools)
@@ -243,7 +252,9 @@ class ChatEncoder:
                 self._cross_check(messages, tools, segments[0])
 
     def _cross_check(self, messages: list, tools: Any, ours: EncodedConversation) -> None:
-        """The template's `{% generation %}` spans must agree with the mask, up to whitespace-only tokens."""
+        """The template's `{% generation %}` spans must hold every token the mask trains (whitespace aside), and
+        each span must hold some: markers may be wider (SmolLM3 marks the `<|im_start|>assistant` header, which
+        the generation prompt gives the model, and the newline after the marker) but never narrower."""
         marked = self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
@@ -253,13 +264,108 @@ class ChatEncoder:
         )["assistant_masks"]
         if len(marked) != len(ours.trained):
             return  # the markers cover a different rendering; the mask was proven above
-        differ = [
-            i
-            for i, (a, b) in enumerate(zip(marked, ours.trained))
-            if a != b and self.tokenizer.decode([ours.input_ids[i]]).strip()
-        ]
-        if differ:
-            raise MaskError(f"the template's {{% generation %}} markers disagree with the mask at tokens {differ[:5]}")
+
+        def shown(i: int) -> bool:
+            return bool(self.tokenizer.decode([ours.input_ids[i]]).strip())
+
+        unmarked = [i for i, (a, b) in enumerate(zip(marked, ours.trained)) if b and not a and shown(i)]
+        if unmarked:
+            raise MaskError(f"the template's {{% generation %}} markers leave out trained tokens {unmarked[:5]}")
+        for start, end in _runs(marked):
+            if not any(ours.trained[start:end]) and any(shown(i) for i in range(start, end)):
+                raise MaskError(
+                    f"the template's {{% generation %}} markers mark tokens {start}..{end - 1}, which the mask does not train"
+                )
+
+
+def _runs(flags: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of ones."""
+    runs, start = [], None
+    for index, flag in enumerate([*flags, 0]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
+
+
+def _called_functions(message: dict) -> list[str]:
+    """The function names of a turn's tool calls."""
+    names = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.append(function["name"])
+    return names
+
+
+def _own_text_end(completion: str, message: dict) -> int:
+    """Where the reply's own text ends in its completion: after its content, else after its last tool-call
+    argument; markers before that point (gpt-oss closes its reasoning message with `<|end|>`) do not end it."""
+    visible = _visible_content(message)
+    if visible and visible in completion:
+        return completion.rindex(visible) + len(visible)
+    end = 0
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        values = arguments.values() if isinstance(arguments, dict) else [arguments]
+        for value in values:
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            if text and text in completion:
+                end = max(end, completion.rindex(text) + len(text))
+    return end
+
+
+REASONING_OPENER = re.compile(r"<(think|thinking|reasoning)>\s*$")
+WORDS = re.compile(r"<[^<>\s]+>|[^\s<]+")
+
+
+def _realigned(prompt: str, newest: str, messages: list, index: int) -> str:
+    """The completion of a reply whose generation prompt is not a prefix of the history rendered with it.
+
+    Templates differ there in harmless ways (Vicuna/Falcon whitespace, CodeLlama-70B's `Destination: user`
+    header, Mistral-Nemo writing the system prompt into the last user turn only), or open a reasoning block the
+    history drops (DeepSeek-R1, QwQ: the prompt ends `<think>\n`). The reply is trained after the generation
+    prompt from its content on (as the template renders it, through its marker) when the header before it in
+    the history says nothing the generation prompt's header does not; after a reasoning opener the reply's own
+    reasoning comes first (a `<think>` block in its content, or `reasoning_content`). MaskError otherwise.
+    """
+    message = messages[index]
+    content = message.get("content") or ""
+    turn = f"turn {index + 1}"
+    opener = REASONING_OPENER.search(prompt)
+    answer = content.split(f"</{opener.group(1)}>")[-1].strip() if opener else content.strip()
+    if not answer or answer not in newest:
+        raise MaskError(
+            f"{turn}: the template's generation prompt differs from how it renders the history before the reply, "
+            "and the reply has no text to align it on"
+        )
+    position = newest.rindex(answer)
+    previous = _visible_content(messages[index - 1]) if index else ""
+    history_header = newest[newest.rfind(previous, 0, position) + len(previous) : position] if previous else ""
+    prompt_header = prompt[prompt.rfind(previous) + len(previous) :] if previous and previous in prompt else prompt
+    if not set(WORDS.findall(history_header)) <= set(WORDS.findall(prompt_header)):
+        raise MaskError(
+            f"{turn}: the template renders the reply after a different history than its generation prompt "
+            f"({history_header.strip()!r} before the reply is not in the prompt's header {prompt_header.strip()!r})"
+        )
+    if not opener:
+        return newest[position:]
+    tag = f"<{opener.group(1)}>"
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    if content.lstrip().startswith(tag):
+        body = content.lstrip()[len(tag) :].lstrip()
+    elif reasoning:
+        body = f"{reasoning.strip()}\n</{opener.group(1)}>\n\n{content.strip()}"
+    else:
+        raise MaskError(
+            f"{turn}: the template's generation prompt opens {tag} and drops reasoning from the history — give the "
+            f"reply's reasoning as a {tag}...</{opener.group(1)}> block at the start of its content, or as "
+            "reasoning_content"
+        )
+    return body[: body.rindex(answer)] + newest[position:]
 
 
 def _visible_content(message: dict) -> str:

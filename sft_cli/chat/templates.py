@@ -73,6 +73,31 @@ PROBE_TWO = [
     {"role": "assistant", "content": "sft-probe-answer"},
 ]
 
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "sft_probe",
+            "description": "A probe.",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+        },
+    }
+]
+PROBE_CALL = [
+    {"role": "user", "content": "sft-probe-question"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "probe0001",
+                "type": "function",
+                "function": {"name": "sft_probe", "arguments": {"query": "sft-probe-argument"}},
+            }
+        ],
+    },
+]
+
 
 @dataclass
 class ChatTemplate:
@@ -144,20 +169,42 @@ def _literal_text(template: str) -> str:
 
 
 def render(tokenizer: Any, messages: list, template: str, generation_prompt: bool = False, tools: Any = None) -> str:
-    """The template applied to messages, as text (exactly what inference sees before tokenization)."""
+    """The template applied to messages, as text (exactly what inference sees before tokenization).
+
+    Rows are rendered as given; when the template fails on them, the other spellings transformers accepts are
+    tried: tool-call arguments as a dict or as JSON text, a tool call's null content as "", and `tools=[]` for
+    templates that iterate `tools` unconditionally.
+    """
     from sft_cli.chat.formats import InvalidConversation
 
     try:
         return _apply(tokenizer, messages, template, generation_prompt, tools)
     except Exception as first:
-        swapped = _arguments_swapped(messages)
-        if swapped is not None:  # tool-call arguments as a dict or as JSON text: what this template takes
+        for variant, variant_tools in _variants(messages, tools):
             try:
-                return _apply(tokenizer, swapped, template, generation_prompt, tools)
+                return _apply(tokenizer, variant, template, generation_prompt, variant_tools)
             except Exception:
-                pass
+                continue
         detail = " ".join(str(first).split())[:200] or type(first).__name__
         raise InvalidConversation(f"the chat template failed to render it ({detail})") from None
+
+
+def _variants(messages: list, tools: Any) -> list[tuple[list, Any]]:
+    """Other spellings of the same conversation (see `render`), most faithful first."""
+    swapped = _arguments_swapped(messages)
+    blank = _null_content_blank(messages)
+    forms = [m for m in (swapped, blank, _arguments_swapped(blank) if blank is not None else None) if m is not None]
+    variants = [(form, tools) for form in forms]
+    if tools is None:
+        variants += [(form, []) for form in [messages, *forms]]
+    return variants
+
+
+def _null_content_blank(messages: list) -> Optional[list]:
+    """The messages with a null `content` (a tool-call turn) as "", or None when there is none."""
+    if all(m.get("content") is not None for m in messages):
+        return None
+    return [{**m, "content": ""} if m.get("content") is None else m for m in messages]
 
 
 def _apply(tokenizer: Any, messages: list, template: str, generation_prompt: bool, tools: Any) -> str:
@@ -194,9 +241,10 @@ def marker_ids(tokenizer: Any) -> set[int]:
 def find_end_of_turn(tokenizer: Any, template: str, source: str) -> list[str]:
     """The marker tokens a template writes right after an assistant reply (whitespace between is allowed).
 
-    The final turn's marker comes first (what the model learns to stop with); an earlier turn's, when the
-    template closes non-final turns differently (gpt-oss: `<|return|>` vs `<|end|>`), follows. Empty when
-    nothing marks the end of a reply.
+    The final turn's marker comes first (what the model learns to stop with); markers that close earlier turns
+    (gpt-oss: `<|return|>` last, `<|end|>` before) and tool-call turns (`<|call|>`, `<|eom_id|>`) follow. Empty
+    when nothing follows the final reply: a marker seen only after earlier replies is then the next turn's
+    header (GLM), or a close the template leaves off the final turn (Qwen1.5), and EOS is appended instead.
     """
     from sft_cli.chat.formats import InvalidConversation
 
@@ -204,7 +252,7 @@ def find_end_of_turn(tokenizer: Any, template: str, source: str) -> list[str]:
     found: list[str] = []
     for probe, answers in ((PROBE, ["sft-probe-answer"]), (PROBE_TWO, ["sft-probe-answer", "sft-probe-earlier"])):
         try:
-            rendered = _render_probe(tokenizer, probe, template)
+            rendered = render(tokenizer, probe, template)
         except InvalidConversation as err:
             if probe is PROBE:
                 raise SftError(
@@ -218,19 +266,38 @@ def find_end_of_turn(tokenizer: Any, template: str, source: str) -> list[str]:
                 continue
             after = rendered[rendered.index(answer) + len(answer) :]
             marker = _first_marker(tokenizer, after, markers)
+            if marker is None and probe is PROBE:
+                return []
             if marker is not None and marker not in found:
                 found.append(marker)
+    call = _tool_call_marker(tokenizer, template, {tokenizer.convert_tokens_to_ids(t) for t in found})
+    if call is not None:
+        found.append(call)
     return found
 
 
-def _render_probe(tokenizer: Any, probe: list, template: str) -> str:
-    """A probe conversation rendered; templates that require `tools` get an empty list."""
+def _tool_call_marker(tokenizer: Any, template: str, known: set[int]) -> Optional[str]:
+    """The special token that ends a final tool-call turn where no known marker does (`<|call|>`, `<|eom_id|>`):
+    the first of the special tokens that end the rendering after the call's arguments."""
     from sft_cli.chat.formats import InvalidConversation
 
     try:
-        return render(tokenizer, probe, template)
+        rendered = render(tokenizer, PROBE_CALL, template, tools=PROBE_TOOLS)
     except InvalidConversation:
-        return render(tokenizer, probe, template, tools=[])
+        return None
+    if "sft-probe-argument" not in rendered:
+        return None
+    after = tokenizer(rendered[rendered.rindex("sft-probe-argument") :], add_special_tokens=False)["input_ids"]
+    if known & set(after):
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    first = None
+    for token in after:
+        if token in special:
+            first = token if first is None else first
+        elif tokenizer.decode([token]).strip():
+            first = None
+    return tokenizer.convert_ids_to_tokens(first) if first is not None else None
 
 
 def _first_marker(tokenizer: Any, text: str, markers: set[int]) -> Optional[str]:
