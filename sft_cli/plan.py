@@ -89,6 +89,7 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         counts = ", ".join(f"{n:,} {mode}" for mode, n in history["examples"].items())
         because = f" — per-turn because {history['per_turn_because']}" if history.get("per_turn_because") else ""
         stdout.print(f"chat history (data.history): {counts} example(s){because}", highlight=False)
+        stdout.print(f"end of turn: {history['end_of_turn']}", highlight=False)
     stdout.rule("two examples as the model sees them")
     for index in range(min(2, num_rows)):
         stdout.print(render_example(task, task.train_set[index]), highlight=False)

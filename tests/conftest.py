@@ -131,3 +131,15 @@ def build_tiny_decoder(directory: Path, arch: str = "llama", vocab_size: int = 6
 def tiny_decoder(tmp_path_factory) -> Path:
     """A tiny random-init Llama + tokenizer directory, built once per session."""
     return build_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder") / "model")
+
+
+@pytest.fixture(scope="session")
+def long_decoder(tmp_path_factory, tiny_decoder) -> Path:
+    """The tiny Llama with room for chat templates' long system prompts (4,096 positions)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("long-decoder")
+    config = AutoConfig.from_pretrained(tiny_decoder)
+    config.max_position_embeddings = 4096
+    AutoModelForCausalLM.from_pretrained(tiny_decoder, config=config).save_pretrained(directory)
+    return directory

@@ -253,8 +253,8 @@ class ChatEncoder:
 
     def _cross_check(self, messages: list, tools: Any, ours: EncodedConversation) -> None:
         """The template's `{% generation %}` spans must hold every token the mask trains (whitespace aside), and
-        each span must hold some: markers may be wider (SmolLM3 marks the `<|im_start|>assistant` header, which
-        the generation prompt gives the model, and the newline after the marker) but never narrower."""
+        mark nothing else but a reply's header that its generation prompt gives the model (SmolLM3 marks
+        `<|im_start|>assistant`) or text after a reply's end-of-turn marker within its turn: wider, never other."""
         marked = self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
@@ -262,7 +262,10 @@ class ChatEncoder:
             return_dict=True,
             return_assistant_tokens_mask=True,
         )["assistant_masks"]
-        if len(marked) != len(ours.trained):
+        offsets = self.tokenizer(
+            self.render(messages, tools=tools), add_special_tokens=False, return_offsets_mapping=True
+        )["offset_mapping"]
+        if not (len(marked) == len(ours.trained) == len(offsets)):
             return  # the markers cover a different rendering; the mask was proven above
 
         def shown(i: int) -> bool:
@@ -271,11 +274,23 @@ class ChatEncoder:
         unmarked = [i for i, (a, b) in enumerate(zip(marked, ours.trained)) if b and not a and shown(i)]
         if unmarked:
             raise MaskError(f"the template's {{% generation %}} markers leave out trained tokens {unmarked[:5]}")
-        for start, end in _runs(marked):
-            if not any(ours.trained[start:end]) and any(shown(i) for i in range(start, end)):
-                raise MaskError(
-                    f"the template's {{% generation %}} markers mark tokens {start}..{end - 1}, which the mask does not train"
-                )
+        allowed = []
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for index, (_, end) in zip(replies, _runs(ours.trained)):
+            history = self.render(messages[:index], tools=tools) if index else ""
+            prompt = self.render(messages[:index], True, tools) if index else ""
+            if prompt.startswith(history):
+                allowed.append((len(history), len(prompt)))
+            allowed.append((offsets[end - 1][1], len(self.render(messages[: index + 1], tools=tools))))
+        extra = [
+            i
+            for i, (a, b) in enumerate(zip(marked, ours.trained))
+            if a and not b and shown(i) and not any(lo <= offsets[i][0] and offsets[i][1] <= hi for lo, hi in allowed)
+        ]
+        if extra:
+            raise MaskError(
+                f"the template's {{% generation %}} markers mark tokens {extra[:5]}, which the mask does not train"
+            )
 
 
 def _runs(flags: list[int]) -> list[tuple[int, int]]:

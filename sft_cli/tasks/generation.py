@@ -7,6 +7,7 @@ examples in `generation_data`; packing in `sft_cli.packing`; decoding in `sft_cl
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -37,6 +38,7 @@ from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationInference,
 from sft_cli.tasks.language_modeling import pack_texts
 from sft_cli.tasks.text import backbone_tokenizer, ensure_pad_token, load_tokenizer, pad_sequences
 
+log = logging.getLogger(__name__)
 VERIFY_ROWS = 32  # real rows whose prefixes are tokenized on their own at start-up
 
 
@@ -89,6 +91,13 @@ class GenerationTask(GenerationInference, Task):
         if fmt == "prompt-response" and data.chat_template is None and data.template != "chat":
             return None
         template = prepare_tokenizer(self.tokenizer, data.chat_template, where)
+        if template.end_of_turn is None:
+            log.warning(
+                "data.chat_template: %s writes no end-of-turn marker after a reply; sft appends EOS (%s) to each "
+                "trained reply so the model learns to stop",
+                template.source,
+                self.tokenizer.eos_token,
+            )
         return ChatEncoder(self.tokenizer, template, self.recipe.loss.train_on, data.history)
 
     def _build_model(self, resolved: bb.ResolvedBackbone) -> torch.nn.Module:
@@ -285,7 +294,9 @@ class GenerationTask(GenerationInference, Task):
         if isinstance(self.train_set, PackedRows):
             extras["packing_efficiency"] = round(self.train_set.efficiency, 4)
         if getattr(self, "history", None):
-            extras["chat_history"] = self.history
+            template = self.chat.template
+            stop = template.end_of_turn or f"{self.tokenizer.eos_token} (appended: the template writes none)"
+            extras["chat_history"] = {**self.history, "end_of_turn": stop}
         return extras
 
     # -- evaluation -------------------------------------------------------------------------------

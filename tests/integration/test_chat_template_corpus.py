@@ -146,18 +146,6 @@ def conversations(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def long_decoder(tmp_path_factory, tiny_decoder) -> Path:
-    """The tiny Llama with room for templates' long system prompts (4,096 positions)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    directory = tmp_path_factory.mktemp("long-decoder")
-    config = AutoConfig.from_pretrained(tiny_decoder)
-    config.max_position_embeddings = 4096
-    AutoModelForCausalLM.from_pretrained(tiny_decoder, config=config).save_pretrained(directory)
-    return directory
-
-
 def model_for(entry: dict[str, Any], base: Path, tiny_decoder: Path, directory: Path) -> Path:
     """A model directory whose tokenizer carries the model's own BOS, EOS, special tokens and chat template."""
     from transformers import AutoTokenizer

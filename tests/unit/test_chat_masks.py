@@ -248,6 +248,16 @@ def test_generation_markers_cross_check_the_mask(tokenizer, tmp_path):
     )
     with pytest.raises(MaskError, match="generation"):
         encoder(tokenizer, jinja(tmp_path, wrong)).verify([(CHAT, None)])
+    # Wider markers (SmolLM3 marks the header the generation prompt gives) agree; marking a user turn does not.
+    wider = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content }}<|im_end|>\n{% endgeneration %}{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoder(tokenizer, jinja(tmp_path, wider)).verify([(CHAT, None)])
+    user_marked = wider.replace("{% if m.role == 'assistant' %}", "{% if m.role in ('assistant', 'user') %}")
+    with pytest.raises(MaskError, match="does not train"):
+        encoder(tokenizer, jinja(tmp_path, user_marked)).verify([(CHAT, None)])
 
 
 # -- data shapes --------------------------------------------------------------------------------------------
