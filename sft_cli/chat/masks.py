@@ -25,17 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sft_cli.chat.formats import InvalidConversation
+from sft_cli.chat.replies import MaskError, called_functions, own_text_end, realigned_completion, visible_content
 from sft_cli.chat.templates import ChatTemplate, render
+
+__all__ = ["MaskError", "ChatEncoder", "EncodedConversation", "HISTORY", "TRAIN_ON", "role_token_counts"]
 
 TRAIN_ON = ("assistant", "last", "all")
 HISTORY = ("auto", "whole", "per-turn")
 ROLE_IDS = {"system": 0, "user": 1, "assistant": 2, "tool": 3}
 TEMPLATE_ROLE = 4  # tokens the template writes outside any turn (none in the usual templates)
 ROLE_NAMES = [*ROLE_IDS, "template"]
-
-
-class MaskError(ValueError):
-    """The template and this conversation do not give a trustworthy mask; the message says why."""
 
 
 @dataclass
@@ -112,7 +111,7 @@ class ChatEncoder:
             if newest.startswith(prompt):
                 reply = Reply(index, prompt, newest[len(prompt) :])
             else:
-                reply = Reply(index, prompt, _realigned(prompt, newest, messages, index), realigned=True)
+                reply = Reply(index, prompt, realigned_completion(prompt, newest, messages, index), realigned=True)
             self._close(reply, messages[index])
             replies.append(reply)
         return replies
@@ -123,7 +122,7 @@ class ChatEncoder:
         encoding = self.tokenizer(reply.completion, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         stops = self.template.stop_ids or ({self.template.end_of_turn_id} - {None})
-        own = _own_text_end(reply.completion, message)
+        own = own_text_end(reply.completion, message)
         end = next((i for i, token in enumerate(ids) if token in stops and offsets[i][0] >= own), None)
         if end is None:
             if self.template.end_of_turn is not None:
@@ -137,10 +136,10 @@ class ChatEncoder:
             reply.completion = reply.completion[: offsets[end][1]]  # text after the marker: not ours
             ids = ids[: end + 1]
         reply.completion_ids = ids
-        visible, trained_text = _visible_content(message), self.tokenizer.decode(ids, skip_special_tokens=False)
+        visible, trained_text = visible_content(message), self.tokenizer.decode(ids, skip_special_tokens=False)
         if visible and visible not in trained_text:
             raise MaskError(f"turn {reply.index + 1}: the assistant's text is not fully covered by the trained tokens")
-        for name in _called_functions(message):
+        for name in called_functions(message):
             if name not in trained_text:
                 raise MaskError(
                     f"turn {reply.index + 1}: the template does not render this turn's tool call '{name}', so the "
@@ -255,13 +254,16 @@ class ChatEncoder:
         """The template's `{% generation %}` spans must hold every token the mask trains (whitespace aside), and
         mark nothing else but a reply's header that its generation prompt gives the model (SmolLM3 marks
         `<|im_start|>assistant`) or text after a reply's end-of-turn marker within its turn: wider, never other."""
-        marked = self.tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            chat_template=self.template.text,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )["assistant_masks"]
+        try:
+            marked = self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                chat_template=self.template.text,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            )["assistant_masks"]
+        except Exception:  # noqa: BLE001 — the row renders only in another spelling (see templates.render)
+            return
         offsets = self.tokenizer(
             self.render(messages, tools=tools), add_special_tokens=False, return_offsets_mapping=True
         )["offset_mapping"]
@@ -305,92 +307,6 @@ def _runs(flags: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _called_functions(message: dict) -> list[str]:
-    """The function names of a turn's tool calls."""
-    names = []
-    for call in message.get("tool_calls") or []:
-        function = call.get("function", call) if isinstance(call, dict) else {}
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            names.append(function["name"])
-    return names
-
-
-def _own_text_end(completion: str, message: dict) -> int:
-    """Where the reply's own text ends in its completion: after its content, else after its last tool-call
-    argument; markers before that point (gpt-oss closes its reasoning message with `<|end|>`) do not end it."""
-    visible = _visible_content(message)
-    if visible and visible in completion:
-        return completion.rindex(visible) + len(visible)
-    end = 0
-    for call in message.get("tool_calls") or []:
-        function = call.get("function", call) if isinstance(call, dict) else {}
-        arguments = function.get("arguments") if isinstance(function, dict) else None
-        values = arguments.values() if isinstance(arguments, dict) else [arguments]
-        for value in values:
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-            if text and text in completion:
-                end = max(end, completion.rindex(text) + len(text))
-    return end
-
-
-REASONING_OPENER = re.compile(r"<(think|thinking|reasoning)>\s*$")
-WORDS = re.compile(r"<[^<>\s]+>|[^\s<]+")
-
-
-def _realigned(prompt: str, newest: str, messages: list, index: int) -> str:
-    """The completion of a reply whose generation prompt is not a prefix of the history rendered with it.
-
-    Templates differ there in harmless ways (Vicuna/Falcon whitespace, CodeLlama-70B's `Destination: user`
-    header, Mistral-Nemo writing the system prompt into the last user turn only), or open a reasoning block the
-    history drops (DeepSeek-R1, QwQ: the prompt ends `<think>\n`). The reply is trained after the generation
-    prompt from its content on (as the template renders it, through its marker) when the header before it in
-    the history says nothing the generation prompt's header does not; after a reasoning opener the reply's own
-    reasoning comes first (a `<think>` block in its content, or `reasoning_content`). MaskError otherwise.
-    """
-    message = messages[index]
-    content = message.get("content") or ""
-    turn = f"turn {index + 1}"
-    opener = REASONING_OPENER.search(prompt)
-    answer = content.split(f"</{opener.group(1)}>")[-1].strip() if opener else content.strip()
-    if not answer or answer not in newest:
-        raise MaskError(
-            f"{turn}: the template's generation prompt differs from how it renders the history before the reply, "
-            "and the reply has no text to align it on"
-        )
-    position = newest.rindex(answer)
-    previous = _visible_content(messages[index - 1]) if index else ""
-    history_header = newest[newest.rfind(previous, 0, position) + len(previous) : position] if previous else ""
-    prompt_header = prompt[prompt.rfind(previous) + len(previous) :] if previous and previous in prompt else prompt
-    if not set(WORDS.findall(history_header)) <= set(WORDS.findall(prompt_header)):
-        raise MaskError(
-            f"{turn}: the template renders the reply after a different history than its generation prompt "
-            f"({history_header.strip()!r} before the reply is not in the prompt's header {prompt_header.strip()!r})"
-        )
-    if not opener:
-        return newest[position:]
-    tag = f"<{opener.group(1)}>"
-    reasoning = message.get("reasoning_content") or message.get("thinking")
-    if content.lstrip().startswith(tag):
-        body = content.lstrip()[len(tag) :].lstrip()
-    elif reasoning:
-        body = f"{reasoning.strip()}\n</{opener.group(1)}>\n\n{content.strip()}"
-    else:
-        raise MaskError(
-            f"{turn}: the template's generation prompt opens {tag} and drops reasoning from the history — give the "
-            f"reply's reasoning as a {tag}...</{opener.group(1)}> block at the start of its content, or as "
-            "reasoning_content"
-        )
-    return body[: body.rindex(answer)] + newest[position:]
-
-
-def _visible_content(message: dict) -> str:
-    """The reply's content a template renders for sure: without a `<think>` block some templates drop."""
-    content = (message.get("content") or "").strip()
-    if "</think>" in content:
-        content = content.split("</think>")[-1].strip()
-    return content
-
-
 def _special_text(tokenizer: Any) -> Optional[re.Pattern]:
     """A pattern matching the text of the tokenizer's special tokens (not plain added tokens like `<think>`)."""
     texts = set(tokenizer.all_special_tokens)
@@ -412,12 +328,3 @@ def role_token_counts(encoded: EncodedConversation) -> tuple[list[int], list[int
         tokens[role] += 1
         trained[role] += target
     return tokens, trained
-
-
-def describe_roles(tokens: list[int], trained: list[int]) -> Optional[dict[str, dict[str, float]]]:
-    """{role: {tokens, trained, share}} for roles that occur."""
-    return {
-        ROLE_NAMES[i]: {"tokens": tokens[i], "trained": trained[i], "share": round(trained[i] / tokens[i], 4)}
-        for i in range(len(ROLE_NAMES))
-        if tokens[i]
-    }
