@@ -55,9 +55,10 @@ test: install  ## Run the whole test suite (unit + integration)
 test-fast: install  ## Unit tests only
 	$(PY) -m pytest -q -m "not integration"
 
-lint: install  ## ruff lint + format check
+lint: install  ## ruff lint + format check + the layering contract (tests/unit/test_architecture.py)
 	$(VENV)/bin/ruff check sft_cli tests benchmarks scripts
 	$(VENV)/bin/ruff format --check sft_cli tests benchmarks scripts
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_architecture.py
 
 format: install  ## Apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix sft_cli tests benchmarks scripts

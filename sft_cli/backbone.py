@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
 from sft_cli.model_files import REPAIR, check_model_files
 from sft_cli.schema import BackboneConfig, FreezeConfig
@@ -46,10 +46,6 @@ class ResolvedBackbone:
     location: str  # a local directory or a hub id
     config: PretrainedConfig
     is_local: bool
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def resolve(spec: BackboneConfig) -> ResolvedBackbone:
@@ -92,7 +88,7 @@ def _load_config(location: str, spec: BackboneConfig, overrides: dict, hub: bool
     except (OSError, ValueError) as err:
         if hub:
             aliases = ", ".join(embedded_aliases()) or "none"
-            offline = "; HF_HUB_OFFLINE is set, so only the local cache is searched" if _offline() else ""
+            offline = "; HF_HUB_OFFLINE is set, so only the local cache is searched" if hub_offline() else ""
             raise SftError(
                 f"backbone.name: '{spec.name}' is not an embedded alias ({aliases}), a local directory, "
                 f"nor a reachable hub id{offline}"
@@ -301,23 +297,20 @@ def keyed_like_unwrapped(state: dict[str, torch.Tensor], root: nn.Module) -> dic
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def autocast_dtype(precision: str) -> Optional[torch.dtype]:
-    """The compute dtype for a precision name."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
 def is_adapter(model: nn.Module) -> bool:
     """True for a PEFT-wrapped model."""
     return hasattr(model, "peft_config")
 
 
-def save_pretrained(model: nn.Module, directory: Path, merge_lora: bool) -> None:
-    """Write `model` so `from_pretrained` loads it: merged weights, or a LoRA adapter + the task config."""
+def save_pretrained(
+    model: nn.Module, directory: Path, merge_lora: bool, gathered: Optional[dict[str, torch.Tensor]] = None
+) -> None:
+    """Write `model` so `from_pretrained` loads it: merged weights, or a LoRA adapter + the task config.
+
+    `gathered`: a sharded model's full weights (gathered onto rank 0 by the engine), written instead of the shards.
+    """
     import copy
 
-    from sft_cli.fsdp import state_dict_override
-
-    gathered = state_dict_override()  # an FSDP2-sharded model: its weights gathered onto rank 0
     if is_adapter(model):
         if merge_lora and gathered is not None:
             raise SftError("output.merge_lora: not under FSDP — run `sft export --merge-lora` on model/ afterwards")

@@ -8,7 +8,6 @@ is another checked recipe's output (`runs/chat-base/model`) is checked after it,
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import traceback
@@ -16,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
 from sft_cli.recipe import load_recipe
 from sft_cli.schema import Recipe
@@ -36,8 +36,7 @@ def _is_hub(location: Optional[str]) -> bool:
 
 def needs_hub(recipe: Recipe) -> Optional[str]:
     """Why the recipe needs the network (offline), or None."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not offline:
+    if not hub_offline():
         return None
     spec = recipe.backbone
     if not (spec.from_scratch and spec.arch) and _is_hub(spec.name) and "/" in spec.name:

@@ -34,7 +34,6 @@ from sft_cli.fsdp import (
     is_sharded,
     load_sharded,
     save_sharded,
-    saving_state_dict,
     shared_tmp_dir,
 )
 
@@ -161,8 +160,8 @@ class CheckpointingMixin:
         elif zero.zero3(self.model):
             gathered = zero.full_state_dict(self.accelerator, self.model)
         if self.accelerator.is_main_process:
-            with atomic_directory(directory) as tmp, saving_state_dict(gathered):
-                self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp)
+            with atomic_directory(directory) as tmp:
+                self.task.save(unwrap(self.accelerator.unwrap_model(self.model)), tmp, gathered)
             manifest.record(self.run_dir, directory)
         self.accelerator.wait_for_everyone()
 

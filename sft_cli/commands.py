@@ -27,11 +27,12 @@ from sft_cli.checkpoint import (
 )
 from sft_cli.checkpointing import Interrupted, Stopped, stop_on_signals
 from sft_cli.data import tokenizing_stats
-from sft_cli.device import limit_heap_retention, make_accelerator
+from sft_cli.device import make_accelerator
 from sft_cli.engine import Trainer
 from sft_cli.errors import SftError, StorageError, is_storage_error, storage_message
 from sft_cli.evaluation import evaluate
 from sft_cli.lock import RunLock
+from sft_cli.memory import limit_heap_retention
 from sft_cli.model_card import write_card
 from sft_cli.model_files import check_model_files
 from sft_cli.prepare import tokenize_once

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ import datasets
 import numpy as np
 
 from sft_cli.data_files import EXTENSIONS, is_data_location, open_text, resolve_files, split_suffix
+from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
 
 log = logging.getLogger("sft")
@@ -175,14 +175,10 @@ def _load_hub(location: str, key: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, split=split or "train", cache_dir=_CACHE["dir"])
     except Exception:
-        offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if _offline() else ""
+        offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if hub_offline() else ""
         raise SftError(
             f"{key}: '{location}' is not a local file or directory, nor a reachable hub dataset{offline}"
         ) from None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def require_columns(table: datasets.Dataset, columns: Sequence[str], key: str, source: str) -> None:

@@ -29,12 +29,12 @@ from sft_cli.fsdp import shard_model
 from sft_cli.meter import Meter
 from sft_cli.metrics import MetricLog
 from sft_cli.optim import build_optimizer, build_scheduler
+from sft_cli.packing import set_length_buckets
 from sft_cli.progress import TrainProgress
 from sft_cli.run_summary import training_summary
 from sft_cli.schema import EngineConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig
 from sft_cli.streaming import stream_loader
 from sft_cli.tasks.base import Batch, Task
-from sft_cli.tasks.text import set_length_buckets
 from sft_cli.zero import backward as deepspeed_backward
 from sft_cli.zero import configure as configure_deepspeed
 

@@ -8,18 +8,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from sft_cli import backbone as bb
 from sft_cli import manifest
 from sft_cli.checkpoint import atomic_directory
+from sft_cli.device import PRECISION_DTYPES
 from sft_cli.errors import SftError
 from sft_cli.model_card import write_card
 from sft_cli.rundir import model_directory, resolve_run
 from sft_cli.tasks import build_task
 
 log = logging.getLogger("sft")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIDE_FILES = ("sft_preprocess.json", "sft_generation.json")
 
 
@@ -32,8 +30,8 @@ def export(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the run's model (merged LoRA on request) with tokenizer, generation config and a model card."""
-    if dtype is not None and dtype not in DTYPES:
-        raise SftError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in PRECISION_DTYPES:
+        raise SftError(f"--dtype: '{dtype}' is not one of {', '.join(PRECISION_DTYPES)}")
     recipe, run_dir = resolve_run(run)
     source = model_directory(run_dir, model)
     _check_target(target, run_dir, source, overwrite)
@@ -46,7 +44,7 @@ def export(
     if adapter and merge_lora:
         network = network.merge_and_unload()
     if dtype is not None:
-        network = network.to(DTYPES[dtype])
+        network = network.to(PRECISION_DTYPES[dtype])
     with atomic_directory(target) as tmp:
         network.save_pretrained(tmp, safe_serialization=True)
         if adapter and not merge_lora:  # an adapter export stays an adapter: keep the task config beside it

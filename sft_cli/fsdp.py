@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pickle
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -154,21 +153,3 @@ def shared_tmp_dir(final: Path, is_main: bool) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     return tmp
-
-
-_OVERRIDE: dict[str, Any] = {"state_dict": None}
-
-
-@contextmanager
-def saving_state_dict(state: Optional[dict[str, torch.Tensor]]) -> Iterator[None]:
-    """While saving a sharded model, `save_pretrained` writes these gathered weights instead of the shards."""
-    _OVERRIDE["state_dict"] = state
-    try:
-        yield
-    finally:
-        _OVERRIDE["state_dict"] = None
-
-
-def state_dict_override() -> Optional[dict[str, torch.Tensor]]:
-    """The gathered weights to save, when a sharded model is being saved."""
-    return _OVERRIDE["state_dict"]

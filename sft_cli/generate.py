@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import torch
 
+from sft_cli.packing import pad_sequences
+
 
 @dataclass
 class DecodeSettings:
@@ -54,8 +56,6 @@ def generate(
     model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], settings: DecodeSettings, streamer: Any = None
 ) -> list[Generated]:
     """Decode a batch of tokenized prompts (left padded, so every continuation starts at the same column)."""
-    from sft_cli.tasks.text import pad_sequences  # here, not at the top: sft_cli.tasks imports this module
-
     device = next(model.parameters()).device
     prompts, max_new_tokens = fit_context(prompts, settings.max_new_tokens, model_context(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -147,7 +147,7 @@ def release_before_embedding_backward(network: nn.Module) -> None:
     for embeddings of TRIM_FROM_BYTES and more: on a small model the re-faulted heap cost 28% of the tokens/s
     (4-layer GPT-2, 4k vocabulary), on the 152k-vocabulary decoder nothing measurable.
     """
-    from sft_cli.device import trim_heap
+    from sft_cli.memory import trim_heap
 
     def on_output(_module: nn.Module, _inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.requires_grad:

@@ -106,16 +106,3 @@ def _step_of(line: str) -> float:
         return float(record.get("step", 0))
     except (ValueError, AttributeError, TypeError):
         return math.inf
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn or garbled line
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-    return records

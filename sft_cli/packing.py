@@ -8,22 +8,39 @@ flash-attention) or receives our dense block-diagonal mask. Which one works is c
 from __future__ import annotations
 
 import bisect
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
+PAD_MULTIPLE = 8  # tensor-core / vector friendly shapes at almost no padding cost
+_BUCKETS = {"on": False}  # engine.compile: lengths in powers of two, so a compiled graph is reused, not rebuilt
 
-def pack_greedy(lengths: list[int], max_length: int) -> list[list[int]]:
-    """In-order packing: consecutive examples share a row while they fit (the baseline BFD is measured against)."""
-    rows: list[list[int]] = []
-    used = max_length + 1
-    for index, length in enumerate(lengths):
-        if used + length > max_length:
-            rows.append([])
-            used = 0
-        rows[-1].append(index)
-        used += length
-    return rows
+
+def set_length_buckets(enabled: bool) -> None:
+    """Pad batch lengths to powers of two (>= 16) instead of multiples of 8 (set by the engine for compile)."""
+    _BUCKETS["on"] = enabled
+
+
+def pad_multiple(length: int, multiple: int = PAD_MULTIPLE) -> int:
+    """Round a length up to a multiple (or, with length buckets, to the next power of two)."""
+    if _BUCKETS["on"]:
+        return max(16, 1 << max(0, length - 1).bit_length())
+    return ((length + multiple - 1) // multiple) * multiple
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int] = None, side: str = "right"
+) -> torch.Tensor:
+    """A [batch, length] LongTensor of right- (or left-) padded sequences."""
+    length = length or pad_multiple(max(len(s) for s in sequences))
+    out = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = list(seq)[:length]
+        if side == "right":
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        elif seq:
+            out[row, -len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    return out
 
 
 def pack_best_fit(lengths: list[int], max_length: int) -> list[list[int]]:

@@ -10,7 +10,7 @@ import numpy as np
 from rich.table import Table
 
 from sft_cli.backbone import count_parameters
-from sft_cli.device import estimate_flops_per_token, measure_peak_flops, resolve_precision
+from sft_cli.device import autocast_dtype, estimate_flops_per_token, measure_peak_flops, resolve_precision
 from sft_cli.progress import human, stdout
 from sft_cli.recipe import Recipe, to_yaml
 from sft_cli.tasks import build_task
@@ -34,7 +34,7 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     steps = math.ceil(math.ceil(num_rows / recipe.schedule.batch_size) / recipe.schedule.grad_accum)
     on_gpu = recipe.engine.device in ("auto", "cuda") and torch.cuda.is_available()
     precision = resolve_precision(recipe.engine.precision, on_gpu)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
     tokens = int(sum(lengths)) if lengths is not None else num_rows
     seconds = (
         tokens

@@ -49,7 +49,7 @@ METRIC_PREFERENCE = ("eval_accuracy", "eval_macro_f1", "eval_exact_match", "eval
 
 def report_png(run_dirs: Sequence[Path], path: Path) -> Path:
     """Loss curves, LR schedule, the task metric over time (and the confusion matrix of one run)."""
-    from sft_cli.metrics import read_log
+    from sft_cli.rundir import read_log
 
     logs = {Path(d): read_log(Path(d) / "metrics.jsonl") for d in run_dirs if (Path(d) / "metrics.jsonl").exists()}
     single = len(logs) == 1

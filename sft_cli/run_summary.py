@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sft_cli.backbone import compile_seconds
-from sft_cli.device import measure_peak_flops
+from sft_cli.device import autocast_dtype, measure_peak_flops
 
 
 def training_summary(trainer: Any) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def training_summary(trainer: Any) -> dict[str, Any]:
     seconds = max(trainer.state.train_seconds, 1e-9)
     tokens_per_s = trainer.state.tokens / seconds
     flops = trainer.flops_per_token * trainer.state.tokens
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision)
+    dtype = autocast_dtype(trainer.accelerator.mixed_precision)
     peak = (
         trainer.engine.peak_tflops * 1e12
         if trainer.engine.peak_tflops

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from sft_cli.errors import SftError
 from sft_cli.model_files import check_model_files
@@ -33,3 +34,16 @@ def model_directory(run_dir: Path, explicit: Optional[Path] = None) -> Path:
         raise SftError(f"--model: no trained model in {directory} — {hint}")
     check_model_files(directory)
     return directory
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn or garbled line
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+    return records

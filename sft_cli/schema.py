@@ -18,6 +18,12 @@ OBJECTIVES = ("auto", "clm", "mlm")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
+# The allowed values of data.format, loss.train_on and data.history (validation checks them).
+FORMATS = ("auto", "prompt-response", "messages", "sharegpt", "alpaca")
+TRAIN_ON = ("assistant", "last", "all")
+HISTORY = ("auto", "whole", "per-turn")
+
+
 @dataclass
 class BackboneConfig:
     """Which model to start from."""

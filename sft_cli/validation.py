@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
 
-from sft_cli.chat.formats import FORMATS
-from sft_cli.chat.masks import HISTORY, TRAIN_ON
 from sft_cli.errors import SftError
 from sft_cli.schema import (
     DEVICES,
+    FORMATS,
     FREEZE_POLICIES,
+    HISTORY,
     OBJECTIVES,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
     STRATEGIES,
     TASKS,
+    TRAIN_ON,
     Recipe,
 )
-from sft_cli.zero import config_file_problem
 
 
 def _check(ok: bool, source: str, message: str) -> None:
@@ -220,3 +221,40 @@ def _check_class_weights(weights: Any, source: str) -> None:
     for label, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             raise SftError(f"{source}: 'loss.class_weights.{label}' must be a number > 0; got {value!r}")
+
+
+# DeepSpeed config keys the recipe owns: a config file may leave them out or "auto", not contradict them
+RECIPE_OWNED = {
+    "train_micro_batch_size_per_gpu": "schedule.batch_size",
+    "gradient_accumulation_steps": "schedule.grad_accum",
+    "gradient_clipping": "schedule.max_grad_norm",
+}
+OWN_SECTIONS = {"optimizer": "optim", "scheduler": "schedule.scheduler"}
+
+
+def config_file_problem(path: str, schedule: Any) -> Optional[str]:
+    """What is wrong with a DeepSpeed JSON config: it must parse, leave optimizer/scheduler to the recipe and agree."""
+    where = f"'engine.distributed.deepspeed_config': {path}"
+    try:
+        config = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as err:
+        return f"{where} is not a readable JSON file ({err}) — fix or remove it"
+    if not isinstance(config, dict):
+        return f"{where} must be a JSON object of DeepSpeed settings"
+    for section, owner in OWN_SECTIONS.items():
+        if section in config:
+            return f"{where}: remove its '{section}' section — sft builds it from the recipe's {owner}"
+    for key, value in recipe_owned_values(schedule).items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            return f"{where}: '{key}' is {given} but {RECIPE_OWNED[key]} is {value} — set it to \"auto\" or drop it"
+    return None
+
+
+def recipe_owned_values(schedule: Any) -> dict[str, Any]:
+    """The RECIPE_OWNED DeepSpeed settings, from the recipe's schedule."""
+    return {
+        "train_micro_batch_size_per_gpu": schedule.batch_size,
+        "gradient_accumulation_steps": schedule.grad_accum,
+        "gradient_clipping": schedule.max_grad_norm or 0.0,
+    }

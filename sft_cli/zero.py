@@ -9,27 +9,20 @@ and off CUDA on DeepSpeed's CPU accelerator over gloo.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from sft_cli.backbone import keyed_like_unwrapped
 from sft_cli.errors import SftError
+from sft_cli.validation import recipe_owned_values
 
 ENGINE_DIR = "deepspeed"  # inside checkpoints/step-N/: DeepSpeed's checkpoint (model + one optimizer file per rank)
 TAG = "state"
-# DeepSpeed config keys the recipe owns: a config file may leave them out or "auto", not contradict them
-RECIPE_OWNED = {
-    "train_micro_batch_size_per_gpu": "schedule.batch_size",
-    "gradient_accumulation_steps": "schedule.grad_accum",
-    "gradient_clipping": "schedule.max_grad_norm",
-}
-OWN_SECTIONS = {"optimizer": "optim", "scheduler": "schedule.scheduler"}
 
 
 def accelerator_kwargs(distributed: Any, device: str) -> dict[str, Any]:
@@ -113,34 +106,6 @@ def forget_earlier_runs() -> None:
     from transformers.integrations import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-
-
-def config_file_problem(path: str, schedule: Any) -> Optional[str]:
-    """What is wrong with a DeepSpeed JSON config: it must parse, leave optimizer/scheduler to the recipe and agree."""
-    where = f"'engine.distributed.deepspeed_config': {path}"
-    try:
-        config = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as err:
-        return f"{where} is not a readable JSON file ({err}) — fix or remove it"
-    if not isinstance(config, dict):
-        return f"{where} must be a JSON object of DeepSpeed settings"
-    for section, owner in OWN_SECTIONS.items():
-        if section in config:
-            return f"{where}: remove its '{section}' section — sft builds it from the recipe's {owner}"
-    for key, value in recipe_owned_values(schedule).items():
-        given = config.get(key, "auto")
-        if given != "auto" and given != value:
-            return f"{where}: '{key}' is {given} but {RECIPE_OWNED[key]} is {value} — set it to \"auto\" or drop it"
-    return None
-
-
-def recipe_owned_values(schedule: Any) -> dict[str, Any]:
-    """The RECIPE_OWNED DeepSpeed settings, from the recipe's schedule."""
-    return {
-        "train_micro_batch_size_per_gpu": schedule.batch_size,
-        "gradient_accumulation_steps": schedule.grad_accum,
-        "gradient_clipping": schedule.max_grad_norm or 0.0,
-    }
 
 
 def configure(accelerator: Any, schedule: Any) -> None:

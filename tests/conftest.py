@@ -143,3 +143,11 @@ def long_decoder(tmp_path_factory, tiny_decoder) -> Path:
     config.max_position_embeddings = 4096
     AutoModelForCausalLM.from_pretrained(tiny_decoder, config=config).save_pretrained(directory)
     return directory
+
+
+def full_logits(task, batch):
+    """The model's full logits for a collated batch, with the task's packed attention (the reference path)."""
+    from sft_cli import backbone as bb
+
+    inputs = task.attention_inputs(task.model, batch)
+    return bb.unwrap(task.model)(input_ids=batch["input_ids"], use_cache=False, **inputs).logits

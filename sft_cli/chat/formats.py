@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 
 from sft_cli.errors import SftError
 
-FORMATS = ("auto", "prompt-response", "messages", "sharegpt", "alpaca")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT and its relatives (LLaMA-Factory's `observation`, `function_call`) -> the four roles above.
 DEFAULT_ROLE_NAMES = {

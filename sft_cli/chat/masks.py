@@ -27,11 +27,10 @@ from typing import Any, Optional
 from sft_cli.chat.formats import InvalidConversation
 from sft_cli.chat.replies import MaskError, called_functions, own_text_end, realigned_completion, visible_content
 from sft_cli.chat.templates import ChatTemplate, render
+from sft_cli.schema import HISTORY, TRAIN_ON
 
 __all__ = ["MaskError", "ChatEncoder", "EncodedConversation", "HISTORY", "TRAIN_ON", "role_token_counts"]
 
-TRAIN_ON = ("assistant", "last", "all")
-HISTORY = ("auto", "whole", "per-turn")
 ROLE_IDS = {"system": 0, "user": 1, "assistant": 2, "tool": 3}
 TEMPLATE_ROLE = 4  # tokens the template writes outside any turn (none in the usual templates)
 ROLE_NAMES = [*ROLE_IDS, "template"]

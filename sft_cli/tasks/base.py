@@ -95,8 +95,9 @@ class Task(ABC):
         """
 
     @abstractmethod
-    def save(self, model: nn.Module, directory: Path) -> None:
-        """Write a `from_pretrained`-loadable model (+ tokenizer/processor) into `directory`."""
+    def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        """Write a `from_pretrained`-loadable model (+ tokenizer/processor) into `directory`; `state_dict` is the
+        full weights the engine gathered when the model is sharded (FSDP, ZeRO-3), else None."""
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:
         """Extra artefacts after `sft eval` (plots); nothing by default."""

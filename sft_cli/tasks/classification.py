@@ -216,9 +216,9 @@ class ClassificationTask(TextFieldInput, Task):
             out.append({"prediction": self.names[indices[0]], "score": round(values[0], 6), "scores": scores})
         return out
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
         model = getattr(model, "main", model)
-        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora, state_dict)
         self.tokenizer.save_pretrained(directory)
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:

@@ -24,7 +24,14 @@ from sft_cli.generate import DecodeSettings, generate
 from sft_cli.lm_loss import causal_lm_loss, with_loss
 from sft_cli.losses import shift_for_next_token
 from sft_cli.metrics import generation_metrics, perplexity
-from sft_cli.packing import PackedRows, isolation_mode, pack_best_fit, packed_attention, packing_efficiency
+from sft_cli.packing import (
+    PackedRows,
+    isolation_mode,
+    pack_best_fit,
+    packed_attention,
+    packing_efficiency,
+    pad_sequences,
+)
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.generation_data import (
     RowReader,
@@ -35,8 +42,13 @@ from sft_cli.tasks.generation_data import (
     trained_tokens_per_role,
 )
 from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationInference, set_stop_tokens
-from sft_cli.tasks.language_modeling import pack_texts
-from sft_cli.tasks.text import backbone_tokenizer, ensure_pad_token, load_tokenizer, pad_sequences
+from sft_cli.tasks.text import (
+    backbone_tokenizer,
+    ensure_pad_token,
+    fit_config_to_tokenizer,
+    load_tokenizer,
+    pack_texts,
+)
 
 log = logging.getLogger(__name__)
 VERIFY_ROWS = 32  # real rows whose prefixes are tokenized on their own at start-up
@@ -103,9 +115,7 @@ class GenerationTask(GenerationInference, Task):
     def _build_model(self, resolved: bb.ResolvedBackbone) -> torch.nn.Module:
         spec, tokenizer = self.recipe.backbone, self.tokenizer
         if spec.from_scratch:
-            from sft_cli.tasks.language_modeling import _fit_config_to_tokenizer
-
-            _fit_config_to_tokenizer(resolved.config, tokenizer, self.recipe.data.max_length)
+            fit_config_to_tokenizer(resolved.config, tokenizer, self.recipe.data.max_length)
         attention = bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device)
         model = bb.load_model(AutoModelForCausalLM, resolved, spec, attention)
         rows = model.get_input_embeddings().num_embeddings
@@ -255,7 +265,7 @@ class GenerationTask(GenerationInference, Task):
             counts["lm"] = (batch["lm_labels"] != -100).sum()
         return counts
 
-    def _attention(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def attention_inputs(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         """position_ids, plus the attention mask unless the model isolates packed examples from position_ids."""
         inputs = {"position_ids": batch["position_ids"]}
         if int(batch["segment_ids"].max()) > 0 and self.isolation == "position_ids":
@@ -268,16 +278,13 @@ class GenerationTask(GenerationInference, Task):
             inputs["attention_mask"] = batch["attention_mask"]
         return inputs
 
-    def _forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Full logits (the reference path; tests compare the chunked loss against it)."""
-        network = bb.unwrap(model)
-        return network(input_ids=batch["input_ids"], use_cache=False, **self._attention(model, batch)).logits
-
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         labels = batch["labels"]
         weights = batch["label_weights"].masked_fill(labels == -100, 0)
         chunked = getattr(self, "chunked", False)
-        summed = causal_lm_loss(model, chunked, batch["input_ids"], labels, weights, **self._attention(model, batch))
+        summed = causal_lm_loss(
+            model, chunked, batch["input_ids"], labels, weights, **self.attention_inputs(model, batch)
+        )
         terms = {"sup": (summed, weights.sum())}
         if "lm_labels" in batch:
             lm = causal_lm_loss(
@@ -348,8 +355,8 @@ class GenerationTask(GenerationInference, Task):
         ordered = sorted(gather(results), key=lambda r: r["index"])
         return [{k: v for k, v in r.items() if k != "index"} for r in ordered]
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora, state_dict)
         self.tokenizer.save_pretrained(directory)
         info = {"chat": self.chat is not None, "template": self.recipe.data.template}
         (directory / GENERATION_FILE).write_text(json.dumps(info, indent=2) + "\n")

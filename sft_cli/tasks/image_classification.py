@@ -227,6 +227,6 @@ class ImageClassificationTask(ClassificationTask):
     def tokens(self, batch: Batch) -> int:
         return int(batch["labels"].shape[0])  # throughput in images
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora, state_dict)
         (directory / PREPROCESS_FILE).write_text(json.dumps(self.preprocess, indent=2))

@@ -10,7 +10,7 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from sft_cli import backbone as bb
 from sft_cli.checkpoint import atomic_directory
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
+from sft_cli.data import drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.metrics import perplexity
 from sft_cli.tasks.base import Batch, LossTerms, Task
@@ -18,8 +18,10 @@ from sft_cli.tasks.lm_aux import lm_class, lm_inputs, pick_objective
 from sft_cli.tasks.text import (
     TextFieldInput,
     backbone_tokenizer,
+    document_separator,
+    fit_config_to_tokenizer,
     load_tokenizer,
-    tokenizer_fingerprint,
+    pack_texts,
     train_bpe_tokenizer,
 )
 
@@ -37,7 +39,7 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     config = resolved.config
     objective = pick_objective(objective_hint, config)
     if spec.from_scratch:
-        _fit_config_to_tokenizer(config, tokenizer, recipe.data.max_length)
+        fit_config_to_tokenizer(config, tokenizer, recipe.data.max_length)
     attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
     model = bb.load_model(lm_class(objective), resolved, spec, attention)
     return model, tokenizer, objective
@@ -73,41 +75,6 @@ def trained_tokenizer(texts: Iterable[str], corpus_key: str, vocab_size: int) ->
         with atomic_directory(target) as tmp:
             tokenizer.save_pretrained(tmp)
     return tokenizer
-
-
-def _fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> None:
-    """Vocabulary size, special-token ids and context length of a fresh model follow its tokenizer."""
-    config.vocab_size = len(tokenizer)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            setattr(config, name, value)
-    for name in ("n_positions", "max_position_embeddings"):
-        if hasattr(config, name) and getattr(config, name) < max_length:
-            setattr(config, name, max_length)
-
-
-def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: str, key: str) -> Any:
-    """Tokenize once, join documents with EOS (SEP for encoders), cut into full blocks of `block` tokens."""
-    separator = document_separator(tokenizer)
-
-    def encode(rows: dict[str, list]) -> dict[str, list]:
-        stream: list[int] = []
-        for text in rows[field]:
-            if text:
-                stream += tokenizer(str(text), add_special_tokens=False)["input_ids"] + [separator]
-        usable = (len(stream) // block) * block or len(stream)
-        return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
-
-    return cached_map(table, encode, str(("pack", field, block, objective, tokenizer_fingerprint(tokenizer))))
-
-
-def document_separator(tokenizer: Any) -> int:
-    """The token between packed documents: EOS (decoders) or SEP (encoders)."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if separator is None:
-        raise SftError("backbone: the tokenizer has neither an EOS nor a SEP token to separate documents")
-    return separator
 
 
 class LanguageModelingTask(TextFieldInput, Task):
@@ -247,6 +214,6 @@ class LanguageModelingTask(TextFieldInput, Task):
         outputs = generate(bb.unwrap(model), self.tokenizer, prompts, decode_settings(settings))
         return [{"prediction": o.text, "stopped": o.stopped, "num_tokens": len(o.ids)} for o in outputs]
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        bb.save_pretrained(model, directory, self.recipe.output.merge_lora)
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
+        bb.save_pretrained(model, directory, self.recipe.output.merge_lora, state_dict)
         self.tokenizer.save_pretrained(directory)

@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from sft_cli.errors import SftError
 from sft_cli.losses import shift_for_next_token, summed_cross_entropy
 from sft_cli.schema import Recipe
+from sft_cli.tasks.text import pack_texts
 
 MLM_PROBABILITY = 0.15
 
@@ -113,7 +114,6 @@ class AuxiliaryLM:
         unlabeled = None
         if recipe.data.unlabeled:
             from sft_cli.data import SkipCounter, drop_null_rows, load_table, require_columns
-            from sft_cli.tasks.language_modeling import pack_texts
 
             table = load_table(recipe.data.unlabeled, "data.unlabeled")
             field = recipe.data.text_field

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sft_cli.backbone import ResolvedBackbone
+from sft_cli.data import cached_map
 from sft_cli.errors import SftError
+from sft_cli.packing import pad_sequences
 from sft_cli.schema import BackboneConfig
-
-PAD_MULTIPLE = 8  # tensor-core / vector friendly shapes at almost no padding cost
-_BUCKETS = {"on": False}  # engine.compile: lengths in powers of two, so a compiled graph is reused, not rebuilt
-
-
-def set_length_buckets(enabled: bool) -> None:
-    """Pad batch lengths to powers of two (>= 16) instead of multiples of 8 (set by the engine for compile)."""
-    _BUCKETS["on"] = enabled
 
 
 def load_tokenizer(location: str, spec: BackboneConfig) -> PreTrainedTokenizerBase:
@@ -86,28 +80,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return fingerprint(body, getattr(tokenizer, "chat_template", None), tokenizer.model_max_length)
 
 
-def pad_multiple(length: int, multiple: int = PAD_MULTIPLE) -> int:
-    """Round a length up to a multiple (or, with length buckets, to the next power of two)."""
-    if _BUCKETS["on"]:
-        return max(16, 1 << max(0, length - 1).bit_length())
-    return ((length + multiple - 1) // multiple) * multiple
-
-
-def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int] = None, side: str = "right"
-) -> torch.Tensor:
-    """A [batch, length] LongTensor of right- (or left-) padded sequences."""
-    length = length or pad_multiple(max(len(s) for s in sequences))
-    out = torch.full((len(sequences), length), pad_value, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        seq = list(seq)[:length]
-        if side == "right":
-            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        elif seq:
-            out[row, -len(seq) :] = torch.tensor(seq, dtype=torch.long)
-    return out
-
-
 def text_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids + attention_mask for rows holding `input_ids`, padded to the longest (multiple of 8)."""
     ids = [r["input_ids"] for r in rows]
@@ -150,3 +122,38 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
         return False
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return True
+
+
+def fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> None:
+    """Vocabulary size, special-token ids and context length of a fresh model follow its tokenizer."""
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    for name in ("n_positions", "max_position_embeddings"):
+        if hasattr(config, name) and getattr(config, name) < max_length:
+            setattr(config, name, max_length)
+
+
+def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: str, key: str) -> Any:
+    """Tokenize once, join documents with EOS (SEP for encoders), cut into full blocks of `block` tokens."""
+    separator = document_separator(tokenizer)
+
+    def encode(rows: dict[str, list]) -> dict[str, list]:
+        stream: list[int] = []
+        for text in rows[field]:
+            if text:
+                stream += tokenizer(str(text), add_special_tokens=False)["input_ids"] + [separator]
+        usable = (len(stream) // block) * block or len(stream)
+        return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
+
+    return cached_map(table, encode, str(("pack", field, block, objective, tokenizer_fingerprint(tokenizer))))
+
+
+def document_separator(tokenizer: Any) -> int:
+    """The token between packed documents: EOS (decoders) or SEP (encoders)."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if separator is None:
+        raise SftError("backbone: the tokenizer has neither an EOS nor a SEP token to separate documents")
+    return separator

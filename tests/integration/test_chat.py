@@ -13,7 +13,7 @@ from sft_cli.errors import SftError
 from sft_cli.plan import plan
 from sft_cli.recipe import load_recipe
 from sft_cli.tasks import build_task
-from tests.conftest import REPO, read_jsonl, write_jsonl, write_recipe
+from tests.conftest import REPO, full_logits, read_jsonl, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration
 CHAT = REPO / "data" / "stdlib-chat"
@@ -108,7 +108,7 @@ def test_packing_gives_the_same_per_example_loss_as_unpacked(tmp_path, tiny_deco
         alone = [task.loss_terms(task.model, task.collate([s], train=False))["sup"][0].item() for s in singles]
         packed = task.loss_terms(task.model, task.collate([rows], train=False))["sup"][0].item()
         batch = task.collate([rows], train=False)
-        logits = task._forward(task.model, batch)
+        logits = full_logits(task, batch)
     assert packed == pytest.approx(sum(alone), rel=1e-4)
     # per example, not just in total: each segment's loss equals its unpacked loss
     per_token = torch.nn.functional.cross_entropy(logits[0], batch["labels"][0], ignore_index=-100, reduction="none")

@@ -103,7 +103,7 @@ def test_deepspeed_off_cuda_gets_its_plugin_and_a_real_gloo_group(monkeypatch, n
 )
 def test_a_deepspeed_config_file_must_agree_with_the_recipe(tmp_path, settings, expected):
     from sft_cli.schema import ScheduleConfig
-    from sft_cli.zero import config_file_problem
+    from sft_cli.validation import config_file_problem
 
     path = tmp_path / "ds.json"
     path.write_text(settings if isinstance(settings, str) else json.dumps(settings))

@@ -112,7 +112,7 @@ def test_layer_lr_decay_and_no_decay_groups(tiny_recipe):
 
 def test_compile_length_buckets_bound_the_number_of_shapes():
     """With engine.compile the batch lengths fall in a few power-of-two buckets (no recompile per length)."""
-    from sft_cli.tasks.text import pad_multiple, set_length_buckets
+    from sft_cli.packing import pad_multiple, set_length_buckets
 
     assert [pad_multiple(n) for n in (1, 9, 17)] == [8, 16, 24]
     set_length_buckets(True)

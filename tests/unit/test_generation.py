@@ -5,11 +5,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft_cli.metrics import generation_metrics
-from sft_cli.packing import pack_best_fit, pack_greedy, packed_attention, packing_efficiency
+from sft_cli.packing import pack_best_fit, packed_attention, packing_efficiency
 from sft_cli.schema import Recipe
 from sft_cli.tasks.classification import ClassificationTask
 from sft_cli.tasks.generation import GenerationTask
 from sft_cli.tasks.text import train_bpe_tokenizer
+from tests.conftest import full_logits
 
 TEXTS = ["return the sum of the values", "open a file for reading", "send data over the socket"] * 20
 
@@ -74,12 +75,25 @@ def test_packed_examples_cannot_see_each_other(task):
     assert all(batch["labels"][0, i] == -100 for i in ends)
     # and the packed forward equals running each example alone
     with torch.no_grad():
-        packed_logits = task._forward(task.model, batch)[0]
+        packed_logits = full_logits(task, batch)[0]
         start = 0
         for e in examples:
             alone = task.model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
             assert torch.allclose(packed_logits[start : start + len(e["input_ids"])], alone, atol=1e-4)
             start += len(e["input_ids"])
+
+
+def pack_greedy(lengths: list[int], max_length: int) -> list[list[int]]:
+    """In-order packing: consecutive examples share a row while they fit (the baseline BFD is measured against)."""
+    rows: list[list[int]] = []
+    used = max_length + 1
+    for index, length in enumerate(lengths):
+        if used + length > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += length
+    return rows
 
 
 SKEWED = [120, 100, 90, 70, 40, 30, 30, 20, 12, 10, 8, 8, 6, 5, 4, 4, 3, 3, 2, 2] * 5  # a long tail of short ones

@@ -131,7 +131,8 @@ def test_plain_loss_reference_is_the_summed_weighted_cross_entropy(tiny_decoder)
 def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tiny_decoder, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sft_cli import device, lm_loss
+    from sft_cli import lm_loss
+    from sft_cli import memory as device
     from sft_cli.lm_loss import with_loss
 
     calls = []
@@ -156,7 +157,7 @@ def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tin
 def test_small_embeddings_are_not_worth_a_trim(tiny_decoder, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sft_cli import device
+    from sft_cli import memory as device
     from sft_cli.lm_loss import with_loss
 
     calls = []

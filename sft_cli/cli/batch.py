@@ -1,4 +1,4 @@
-"""CLI commands for CI and batch use: `sft prepare`, `sft check`, `sft runs` (registered on the app)."""
+"""CLI commands for CI and batch use: `sft prepare`, `sft check`, `sft runs` (see `register`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from sft_cli.cli import JSON, OVERRIDES, _emit, _json_mode, _load, _quiet_libraries, _run, _setup_logging, app
+from sft_cli.cli.common import JSON, OVERRIDES, begin, emit, guard, load
 
 
-@app.command("prepare")
 def prepare_command(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[List[str]] = OVERRIDES,
@@ -22,17 +21,14 @@ def prepare_command(
     from sft_cli.prepare import prepare
     from sft_cli.progress import print_table
 
-    _quiet_libraries()
-    _setup_logging()
-    _json_mode(as_json)
-    parsed = _run(_load, recipe, overrides)
-    result = _run(prepare, parsed)
+    begin(as_json)
+    parsed = guard(load, recipe, overrides)
+    result = guard(prepare, parsed)
     if not as_json:
         print_table(f"{parsed.name}: prepared data", result)
-    _emit(result, as_json)
+    emit(result, as_json)
 
 
-@app.command("check")
 def check_command(
     recipes: List[Path] = typer.Argument(..., help="Recipe files (a shell glob such as recipes/**/*.yaml works)."),
     overrides: Optional[List[str]] = typer.Option(
@@ -46,16 +42,14 @@ def check_command(
     from sft_cli.check import check
     from sft_cli.progress import quiet
 
-    _quiet_libraries()
-    _setup_logging()
-    _json_mode(as_json)
+    begin(as_json)
     overrides = list(overrides or []) + [r for r in map(str, recipes) if "=" in r and not r.endswith((".yaml", ".yml"))]
     paths = [r for r in recipes if not ("=" in str(r) and not str(r).endswith((".yaml", ".yml")))]
     logging.getLogger("sft").setLevel(logging.WARNING)
     with quiet():
-        rows = _run(check, paths, overrides, steps, device)
+        rows = guard(check, paths, overrides, steps, device)
     _print_check(rows)
-    _emit(rows, as_json)
+    emit(rows, as_json)
     if any(r["status"] == "fail" for r in rows):
         raise typer.Exit(2)
 
@@ -90,7 +84,6 @@ def _print_check(rows: list) -> None:
     stdout.print(table)
 
 
-@app.command("runs")
 def runs_command(
     dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories or folders of them (default: runs/)."),
     sort: str = typer.Option(
@@ -102,9 +95,9 @@ def runs_command(
     """One row per run directory: status, steps, train time, the task's main metric, tokens/s."""
     from sft_cli.runs import COLUMNS, render, table_rows
 
-    rows = _run(table_rows, list(dirs or [Path("runs")]), sort, desc)
+    rows = guard(table_rows, list(dirs or [Path("runs")]), sort, desc)
     if fmt != "table":
-        sys.stdout.write(_run(render, rows, fmt))
+        sys.stdout.write(guard(render, rows, fmt))
         return
     from rich.table import Table
 
@@ -116,3 +109,10 @@ def runs_command(
     for row in rows:
         table.add_row(*[str(row[c]) if c in ("dir", "name") else human(row[c]) for c in COLUMNS])
     stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the app, in the order `sft --help` lists them."""
+    app.command("prepare")(prepare_command)
+    app.command("check")(check_command)
+    app.command("runs")(runs_command)

@@ -1,4 +1,4 @@
-"""CLI commands that use a trained model: `sft predict`, `sft chat`, `sft export` (registered on the app)."""
+"""CLI commands that use a trained model: `sft predict`, `sft chat`, `sft export` (see `register`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from sft_cli.cli import NPROC, OVERRIDES, _launch, _quiet_libraries, _run, _setup_logging, app
+from sft_cli.cli.common import NPROC, OVERRIDES, begin, guard, launch
 
 
-@app.command()
 def predict(
     run: Path = typer.Argument(..., metavar="RUN_OR_RECIPE", help="A run directory, or a recipe (its output.dir)."),
     overrides: Optional[List[str]] = OVERRIDES,
@@ -30,18 +29,16 @@ def predict(
     from sft_cli.predict import predict as run_predict
     from sft_cli.rundir import model_directory, resolve_run
 
-    _launch(nproc)
-    _quiet_libraries()
-    _setup_logging()
-    recipe, run_dir = _run(resolve_run, run, list(overrides or []))
-    model_dir = _run(model_directory, run_dir, model)
+    launch(nproc)
+    begin()
+    recipe, run_dir = guard(resolve_run, run, list(overrides or []))
+    model_dir = guard(model_directory, run_dir, model)
     target = output or default_output(run_dir, input)
-    result = _run(run_predict, recipe, model_dir, input, target, resume, overwrite)
+    result = guard(run_predict, recipe, model_dir, input, target, resume, overwrite)
     if os.environ.get("RANK", "0") == "0":
         sys.stderr.write(f"{result['written']:,} rows predicted -> {result['output']}\n")
 
 
-@app.command()
 def chat(
     run: Path = typer.Argument(..., metavar="RUN_OR_RECIPE", help="A run directory, or a recipe (its output.dir)."),
     overrides: Optional[List[str]] = OVERRIDES,
@@ -51,13 +48,11 @@ def chat(
     from sft_cli.chat_session import chat as run_chat
     from sft_cli.rundir import model_directory, resolve_run
 
-    _quiet_libraries()
-    _setup_logging()
-    recipe, run_dir = _run(resolve_run, run, list(overrides or []))
-    _run(run_chat, recipe, _run(model_directory, run_dir, model))
+    begin()
+    recipe, run_dir = guard(resolve_run, run, list(overrides or []))
+    guard(run_chat, recipe, guard(model_directory, run_dir, model))
 
 
-@app.command()
 def export(
     run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (or its recipe)."),
     to: Path = typer.Option(..., "--to", help="The directory to write."),
@@ -69,7 +64,13 @@ def export(
     """Write a self-contained Hugging Face model directory (weights, config, tokenizer, model card)."""
     from sft_cli.export import export as run_export
 
-    _quiet_libraries()
-    _setup_logging()
-    result = _run(run_export, run, to, merge_lora, dtype, model, overwrite)
+    begin()
+    result = guard(run_export, run, to, merge_lora, dtype, model, overwrite)
     typer.echo(result["to"])
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the app, in the order `sft --help` lists them."""
+    app.command()(predict)
+    app.command()(chat)
+    app.command()(export)
