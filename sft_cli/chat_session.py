@@ -20,6 +20,7 @@ from sft_cli.device import make_accelerator
 from sft_cli.errors import SftError
 from sft_cli.generate import generate
 from sft_cli.schema import Recipe
+from sft_cli.task_specs import TASK_SPECS
 from sft_cli.tasks import build_task
 
 HELP = "commands: /reset (forget the conversation), /system TEXT, /save FILE, /exit"
@@ -110,9 +111,10 @@ class ChatSession:
 
 def chat(recipe: Recipe, model_dir: Path, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """Run the conversation loop until /exit or end of input; returns the number of replies."""
-    if recipe.task != "generation":
+    if not TASK_SPECS[recipe.task].can_chat:
+        chatting = " or ".join(name for name, spec in TASK_SPECS.items() if spec.can_chat)
         raise SftError(
-            f"task: '{recipe.task}' models do not chat — use `sft predict` (sft chat needs task: generation)"
+            f"task: '{recipe.task}' models do not chat — use `sft predict` (sft chat needs task: {chatting})"
         )
     accelerator = make_accelerator(recipe.engine, training=False)
     task = build_task(recipe)

@@ -19,6 +19,7 @@ from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
 from sft_cli.recipe import load_recipe
 from sft_cli.schema import Recipe
+from sft_cli.task_specs import TASK_SPECS
 
 FULL_READ_BYTES = 100 * 2**20  # local files up to this size are read whole
 SAMPLE_ROWS = 32  # examples a smoke run trains on
@@ -144,8 +145,7 @@ def check_one(
             work.mkdir(parents=True)
             with use_cache_dir(work / "cache"):
                 smoke = smoke_recipe(recipe, work, steps, device, models)
-                command = "pretrain" if recipe.task == "language-modeling" else "finetune"
-                commands.train(smoke, command, overwrite=True)
+                commands.train(smoke, TASK_SPECS[recipe.task].command, overwrite=True)
                 if smoke.data.eval:
                     commands.evaluate_model(smoke)
             models[(Path(recipe.output.dir).expanduser().resolve() / "model")] = work / "run" / "model"

@@ -39,11 +39,11 @@ from sft_cli.prepare import tokenize_once
 from sft_cli.progress import print_per_class, print_table
 from sft_cli.recipe import Recipe, to_yaml
 from sft_cli.runs import write_status
+from sft_cli.task_specs import TASK_SPECS
 from sft_cli.tasks import build_task
 
 log = logging.getLogger("sft")
 
-PRETRAIN_TASKS = ("language-modeling",)
 EVAL_FILES = ("eval.json", "confusion_matrix.png", "predictions.jsonl", "report.png")
 
 
@@ -93,7 +93,7 @@ def train(
 
     The run directory is locked for the whole run (rank 0 holds it); `status.json` says how it ended.
     """
-    wants_pretrain = recipe.task in PRETRAIN_TASKS
+    wants_pretrain = TASK_SPECS[recipe.task].command == "pretrain"
     if (command == "pretrain") != wants_pretrain:
         other = "pretrain" if wants_pretrain else "finetune"
         raise SftError(f"task: '{recipe.task}' runs with `sft {other}`, not `sft {command}`")

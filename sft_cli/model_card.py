@@ -10,20 +10,9 @@ from typing import Any, Optional
 import yaml
 
 from sft_cli.schema import Recipe
+from sft_cli.task_specs import TASK_SPECS
 
-PIPELINES = {
-    "classification": "text-classification",
-    "image-classification": "image-classification",
-    "generation": "text-generation",
-    "language-modeling": "text-generation",
-}
 HUB_NAMES = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}  # embedded aliases -> where they come from
-USE = {
-    "classification": "Labels short texts like those in the training data with one of the labels below.",
-    "image-classification": "Labels images like those in the training data with one of the labels below.",
-    "generation": "Answers prompts or continues conversations in the style of the training data.",
-    "language-modeling": "Scores or continues text like the training corpus.",
-}
 
 
 def base_model(recipe: Recipe) -> str:
@@ -77,7 +66,7 @@ def render(recipe: Recipe, run_dir: Path, model_dir: Path, labels: Optional[list
     front = {
         "base_model": base_model(recipe),
         "library_name": "peft" if (model_dir / "adapter_config.json").exists() else "transformers",
-        "pipeline_tag": PIPELINES[recipe.task],
+        "pipeline_tag": TASK_SPECS[recipe.task].pipeline_tag,
         "tags": tags,
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {recipe.name}", ""]
@@ -108,7 +97,7 @@ def render(recipe: Recipe, run_dir: Path, model_dir: Path, labels: Optional[list
             f"- trainable parameters: {summary.get('trainable_params', 0):,} of {summary.get('total_params', 0):,}",
             f"- hardware: {hardware(summary)}",
         ]
-    lines += ["", "## Intended use and limits", "", USE[recipe.task]]
+    lines += ["", "## Intended use and limits", "", TASK_SPECS[recipe.task].card_use]
     lines += [
         "It was trained on the data above only: expect it to do poorly on text, images or questions unlike them, "
         "and check its outputs before relying on them. The metrics above are from the held-out split named in "

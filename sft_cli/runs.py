@@ -18,17 +18,12 @@ from typing import Any, Optional
 from sft_cli.checkpoint import list_checkpoints, read_json_object, write_json_atomic
 from sft_cli.errors import SftError
 from sft_cli.lock import holder
+from sft_cli.task_specs import TASK_SPECS
 
 log = logging.getLogger("sft")
 STATUS_FILE = "status.json"
 STATUSES = ("finished", "interrupted", "running", "failed", "unreadable")
 COLUMNS = ("dir", "name", "task", "status", "step", "train_s", "metric", "value", "tokens_per_s")
-MAIN_METRIC = {  # what a person compares runs by
-    "classification": "accuracy",
-    "image-classification": "accuracy",
-    "generation": "loss",
-    "language-modeling": "perplexity",
-}
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:
@@ -103,7 +98,7 @@ def _describe(run_dir: Path, name: Optional[str]) -> dict[str, Any]:
     task = recipe.get("task") if isinstance(recipe.get("task"), str) else "?"
     summary = read_json_object(run_dir / "summary.json")
     train, evaluation = _last_records(run_dir / "metrics.jsonl")
-    metric = MAIN_METRIC.get(task, "loss")
+    metric = TASK_SPECS[task].headline_metric if task in TASK_SPECS else "loss"
     value = _number(read_json_object(run_dir / "eval.json").get(metric))
     if value is None and evaluation is not None:
         value = _number(evaluation.get(f"eval_{metric}"))

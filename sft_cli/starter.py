@@ -8,41 +8,18 @@ from omegaconf import OmegaConf
 
 from sft_cli.errors import SftError
 from sft_cli.schema import TASKS, Recipe
-
-STARTERS = {
-    "classification": {
-        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "text_field": "text", "label_field": "label"},
-    },
-    "image-classification": {
-        "backbone": {"name": "path/to/vision-model", "arch": "resnet", "from_scratch": False},
-        "data": {
-            "train": "data/images/train",
-            "eval": "data/images/test",
-            "image_size": 224,
-            "augment": {"random_crop_padding": 4, "horizontal_flip": True},
-        },
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-    },
-    "generation": {
-        "backbone": {"name": "runs/tiny-gpt-pretrain/model"},
-        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "template": "{prompt} =>", "packing": True},
-    },
-    "language-modeling": {
-        "objective": "clm",
-        "backbone": {"arch": "gpt2", "from_scratch": True, "config": {"n_layer": 4, "n_embd": 256, "n_head": 4}},
-        "tokenizer": {"train": True, "vocab_size": 8000},
-        "data": {"train": "data/corpus.txt", "eval": "data/corpus-eval.txt", "max_length": 128},
-    },
-}
+from sft_cli.task_specs import TASK_SPECS
 
 
 def starter_recipe(task: str, path: str) -> str:
     """YAML for `task` with every key and its default, each section headed by its schema docstring."""
     if task not in TASKS:
         raise SftError(f"TASK: '{task}' is not one of {', '.join(TASKS)}")
-    command = "pretrain" if task == "language-modeling" else "finetune"
+    command = TASK_SPECS[task].command
     config = OmegaConf.merge(
-        OmegaConf.structured(Recipe), {"name": task, "task": task, "output": {"dir": f"runs/{task}"}}, STARTERS[task]
+        OmegaConf.structured(Recipe),
+        {"name": task, "task": task, "output": {"dir": f"runs/{task}"}},
+        TASK_SPECS[task].starter,
     )
     lines = [
         f"# sft {command} {path} && sft eval {path}",

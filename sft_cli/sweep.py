@@ -12,6 +12,7 @@ from sft_cli.checkpoint import write_json_atomic, write_text_atomic
 from sft_cli.errors import SftError
 from sft_cli.progress import stdout
 from sft_cli.recipe import Recipe, to_yaml
+from sft_cli.task_specs import TASK_SPECS
 
 SAMPLERS = ("tpe", "random", "grid")
 
@@ -75,9 +76,7 @@ def sweep(
         overrides = [f"{k}={json.dumps(_suggest(trial, k, v))}" for k, v in recipe.sweep.items()]
         overrides += [f"output.dir={root / f'trial-{trial.number:03d}'}", "sweep={}"]
         trial_recipe = load(overrides)
-        summary = commands.train(
-            trial_recipe, "finetune" if trial_recipe.task != "language-modeling" else "pretrain", overwrite=True
-        )
+        summary = commands.train(trial_recipe, TASK_SPECS[trial_recipe.task].command, overwrite=True)
         record = summary.get("eval") or {}
         value = record.get(metric, record.get(f"eval_{metric}"))
         if value is None:

@@ -74,6 +74,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "config | rundir",
         [
             "sft_cli.schema",
+            "sft_cli.task_specs",
             "sft_cli.recipe",
             "sft_cli.validation",
             "sft_cli.rundir",
@@ -183,3 +184,13 @@ def test_the_engine_uses_only_the_task_interface():
         if target.startswith("sft_cli.tasks") and target not in ENGINE_MAY_IMPORT_FROM_TASKS
     ]
     assert not reaching, "the engine may import only the task interface (sft_cli.tasks.base):\n" + "\n".join(reaching)
+
+
+def test_one_task_list_in_schema_specs_and_registry():
+    """Adding a task is its module, its registry line and its spec; none can be forgotten."""
+    from sft_cli.schema import TASKS
+    from sft_cli.task_specs import TASK_SPECS
+    from sft_cli.tasks import TASKS as REGISTRY
+
+    assert list(TASKS) == list(TASK_SPECS) == list(REGISTRY)
+    assert all(spec.command in ("finetune", "pretrain") for spec in TASK_SPECS.values())

@@ -1,0 +1,82 @@
+"""What sft knows about each task beyond its code: the command that runs it, the metric people compare runs by,
+its model-card pipeline tag and text, its starter recipe, and whether `sft chat` talks to it.
+
+One entry per task; `sft_cli.tasks.TASKS` maps the same names to their classes and `schema.TASKS` lists them (a
+test keeps the three equal). Plain data, so `sft runs` and `sft init` read it without loading any model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The facts about one task that commands need."""
+
+    command: str  # finetune | pretrain
+    headline_metric: str  # what `sft runs` compares runs by (an eval.json key)
+    pipeline_tag: str  # the model card's Hugging Face pipeline tag
+    card_use: str  # the model card's one-line "what it does"
+    starter: dict[str, Any] = field(default_factory=dict)  # `sft init`: what the starter recipe sets
+    can_chat: bool = False  # `sft chat` talks to its models
+
+
+STARTERS = {
+    "classification": {
+        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "text_field": "text", "label_field": "label"},
+    },
+    "image-classification": {
+        "backbone": {"name": "path/to/vision-model", "arch": "resnet", "from_scratch": False},
+        "data": {
+            "train": "data/images/train",
+            "eval": "data/images/test",
+            "image_size": 224,
+            "augment": {"random_crop_padding": 4, "horizontal_flip": True},
+        },
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    },
+    "generation": {
+        "backbone": {"name": "runs/tiny-gpt-pretrain/model"},
+        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "template": "{prompt} =>", "packing": True},
+    },
+    "language-modeling": {
+        "objective": "clm",
+        "backbone": {"arch": "gpt2", "from_scratch": True, "config": {"n_layer": 4, "n_embd": 256, "n_head": 4}},
+        "tokenizer": {"train": True, "vocab_size": 8000},
+        "data": {"train": "data/corpus.txt", "eval": "data/corpus-eval.txt", "max_length": 128},
+    },
+}
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "classification": TaskSpec(
+        command="finetune",
+        headline_metric="accuracy",
+        pipeline_tag="text-classification",
+        card_use="Labels short texts like those in the training data with one of the labels below.",
+        starter=STARTERS["classification"],
+    ),
+    "image-classification": TaskSpec(
+        command="finetune",
+        headline_metric="accuracy",
+        pipeline_tag="image-classification",
+        card_use="Labels images like those in the training data with one of the labels below.",
+        starter=STARTERS["image-classification"],
+    ),
+    "generation": TaskSpec(
+        command="finetune",
+        headline_metric="loss",
+        pipeline_tag="text-generation",
+        card_use="Answers prompts or continues conversations in the style of the training data.",
+        starter=STARTERS["generation"],
+        can_chat=True,
+    ),
+    "language-modeling": TaskSpec(
+        command="pretrain",
+        headline_metric="perplexity",
+        pipeline_tag="text-generation",
+        card_use="Scores or continues text like the training corpus.",
+        starter=STARTERS["language-modeling"],
+    ),
+}
