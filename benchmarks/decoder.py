@@ -46,7 +46,7 @@ def make_base() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sft_cli.data import load_table
+    from sft_cli.data.tables import load_table
     from sft_cli.tasks.text import train_bpe_tokenizer
 
     texts = load_table(str(REPO / "data" / "python-docs" / "train.txt"), "bench")["text"]
@@ -69,8 +69,8 @@ def make_base() -> None:
 def sft_run(name: str) -> dict:
     import yaml
 
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     values = {
         "name": name,
@@ -189,9 +189,9 @@ def _train_and_save(trainer, tokenizer, name: str) -> dict:
 
 def held_out_loss(model_dir: str) -> float:
     """Mean cross-entropy on the assistant tokens (replies + end-of-turn) of the held-out conversations."""
-    from sft_cli.device import make_accelerator
-    from sft_cli.evaluation import evaluate
-    from sft_cli.recipe import load_recipe
+    from sft_cli.config.recipe import load_recipe
+    from sft_cli.engine.accelerator import make_accelerator
+    from sft_cli.engine.evaluation import evaluate
     from sft_cli.tasks import build_task
 
     path = WORK / "held-out.yaml"

@@ -40,8 +40,8 @@ def run_sft(name: str, values: dict, quality: tuple[str, ...]) -> dict:
     """Write the recipe, train and evaluate through sft's own commands; throughput + the named metrics."""
     import yaml
 
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     recipe_path = WORK / f"{name}.yaml"
     recipe_path.write_text(
@@ -88,7 +88,7 @@ def trainer_classification(name: str) -> dict:
         TrainingArguments,
     )
 
-    from sft_cli.backbone import embedded_aliases
+    from sft_cli.model.backbone import embedded_aliases
 
     path = str(embedded_aliases()["minilm-l6"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -226,7 +226,7 @@ def make_generation_base() -> None:
     """A tokenizer trained on the docs corpus + a 4-layer GPT-2 config, shared by every generation run."""
     from transformers import AutoConfig
 
-    from sft_cli.data import load_table
+    from sft_cli.data.tables import load_table
     from sft_cli.tasks.text import train_bpe_tokenizer
 
     base = WORK / "gen-base"

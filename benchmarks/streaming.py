@@ -40,8 +40,8 @@ def pretrain_run(name: str) -> dict:
     """`sft pretrain` of the benchmark's 4-layer GPT-2 (its 4k tokenizer) for RUN['steps'] steps."""
     import yaml
 
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     scale = 10 if "-10x" in name else 1
     streaming = name.endswith("streaming")

@@ -66,8 +66,8 @@ def recipe_values(tmp_path: Path, **sections: Any) -> dict[str, Any]:
 
 def train_and_eval_in_process(recipe: Path, command: str = "finetune") -> None:
     """`sft finetune` (or pretrain) + `sft eval` in this process: the commands without an interpreter start."""
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     commands.train(load_recipe(recipe), command)
     commands.evaluate_model(load_recipe(recipe))
@@ -147,7 +147,7 @@ def long_decoder(tmp_path_factory, tiny_decoder) -> Path:
 
 def full_logits(task, batch):
     """The model's full logits for a collated batch, with the task's packed attention (the reference path)."""
-    from sft_cli import backbone as bb
+    from sft_cli.model import backbone as bb
 
     inputs = task.attention_inputs(task.model, batch)
     return bb.unwrap(task.model)(input_ids=batch["input_ids"], use_cache=False, **inputs).logits

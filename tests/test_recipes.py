@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_cli.recipe import load_recipe
+from sft_cli.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

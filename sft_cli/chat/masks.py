@@ -27,7 +27,7 @@ from typing import Any, Optional
 from sft_cli.chat.formats import InvalidConversation
 from sft_cli.chat.replies import MaskError, called_functions, own_text_end, realigned_completion, visible_content
 from sft_cli.chat.templates import ChatTemplate, render
-from sft_cli.schema import HISTORY, TRAIN_ON
+from sft_cli.config.schema import HISTORY, TRAIN_ON
 
 __all__ = ["MaskError", "ChatEncoder", "EncodedConversation", "HISTORY", "TRAIN_ON", "role_token_counts"]
 

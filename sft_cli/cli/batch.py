@@ -18,8 +18,8 @@ def prepare_command(
     as_json: bool = JSON,
 ) -> None:
     """Parse and tokenize (pretraining: pack) the recipe's data once into data.cache_dir, for every later run."""
-    from sft_cli.prepare import prepare
-    from sft_cli.progress import print_table
+    from sft_cli.commands.prepare import prepare
+    from sft_cli.ui.progress import print_table
 
     begin(as_json)
     parsed = guard(load, recipe, overrides)
@@ -39,8 +39,8 @@ def check_command(
     as_json: bool = JSON,
 ) -> None:
     """Smoke-test recipes in seconds: validate, read the data, build the model, a few steps and a tiny eval."""
-    from sft_cli.check import check
-    from sft_cli.progress import quiet
+    from sft_cli.commands.check import check
+    from sft_cli.ui.progress import quiet
 
     begin(as_json)
     overrides = list(overrides or []) + [r for r in map(str, recipes) if "=" in r and not r.endswith((".yaml", ".yml"))]
@@ -58,7 +58,7 @@ def _print_check(rows: list) -> None:
     """A table on a terminal; one plain line per recipe elsewhere (CI logs, pipes)."""
     from rich.table import Table
 
-    from sft_cli.progress import stdout
+    from sft_cli.ui.progress import stdout
 
     if not stdout.is_terminal:
         for row in rows:
@@ -93,7 +93,7 @@ def runs_command(
     fmt: str = typer.Option("table", "--format", help="table | md | csv | json"),
 ) -> None:
     """One row per run directory: status, steps, train time, the task's main metric, tokens/s."""
-    from sft_cli.runs import COLUMNS, render, table_rows
+    from sft_cli.commands.runs import COLUMNS, render, table_rows
 
     rows = guard(table_rows, list(dirs or [Path("runs")]), sort, desc)
     if fmt != "table":
@@ -101,7 +101,7 @@ def runs_command(
         return
     from rich.table import Table
 
-    from sft_cli.progress import human, stdout
+    from sft_cli.ui.progress import human, stdout
 
     table = Table(title=f"{len(rows)} run(s)")
     for column in COLUMNS:

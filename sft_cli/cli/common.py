@@ -45,7 +45,7 @@ def quiet_libraries() -> None:
 def setup_logging() -> None:
     from rich.logging import RichHandler
 
-    from sft_cli.progress import console
+    from sft_cli.ui.progress import console
 
     handler = RichHandler(console=console, show_time=False, show_path=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
@@ -61,7 +61,7 @@ def begin(as_json: bool = False) -> None:
 
 def guard(action, *args, **kwargs):
     """Call a command: a user error is one line and exit 2, a bug one line and exit 1 (tracebacks with --debug)."""
-    from sft_cli.checkpointing import Interrupted, Stopped
+    from sft_cli.engine.checkpointer import Interrupted, Stopped
 
     try:
         return action(*args, **kwargs)
@@ -100,7 +100,7 @@ _DOCUMENT: dict[str, Any] = {"stream": None}  # where --json writes its one docu
 
 def json_mode(enabled: bool) -> None:
     if enabled:
-        from sft_cli.progress import json_mode as redirect_stdout
+        from sft_cli.ui.progress import json_mode as redirect_stdout
 
         _DOCUMENT["stream"] = redirect_stdout()
 
@@ -121,7 +121,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def load(recipe: Path, overrides: Optional[List[str]]):
-    from sft_cli.recipe import load_recipe
+    from sft_cli.config.recipe import load_recipe
 
     return load_recipe(recipe, list(overrides or []))
 

@@ -27,7 +27,7 @@ from sft_cli.cli.common import (
 def _train(
     command: str, recipe: Path, overrides: Optional[List[str]], resume: Optional[str], overwrite: bool, as_json: bool
 ) -> None:
-    from sft_cli import commands
+    from sft_cli.commands import train as commands
 
     begin(as_json)
     parsed = guard(load, recipe, overrides)
@@ -75,7 +75,7 @@ def evaluate(
     as_json: bool = JSON,
 ) -> None:
     """Evaluate a trained model on data.eval; writes eval.json into output.dir."""
-    from sft_cli import commands
+    from sft_cli.commands import train as commands
 
     launch(nproc)
     begin(as_json)
@@ -89,7 +89,7 @@ def plan_command(
     as_json: bool = JSON,
 ) -> None:
     """Show what a run would do before any compute: recipe, parameters, data, examples, cost."""
-    from sft_cli.plan import plan
+    from sft_cli.commands.plan import plan
 
     begin(as_json)
     parsed = guard(load, recipe, overrides)
@@ -107,7 +107,7 @@ def sweep_command(
     direction: Optional[str] = typer.Option(None, "--direction", help="minimize | maximize"),
 ) -> None:
     """Hyperparameter search (Optuna): each trial a normal run in output.dir/trial-NNN."""
-    from sft_cli.sweep import sweep
+    from sft_cli.commands.sweep import sweep
 
     begin()
     parsed = guard(load, recipe, overrides)
@@ -119,7 +119,7 @@ def report(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: RUN_DIR/report.png)."),
 ) -> None:
     """Redraw a run's report.png (loss, LR, task metric, confusion matrix); several runs are overlaid."""
-    from sft_cli.plots import report_png
+    from sft_cli.ui.plots import report_png
 
     missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
     if missing:
@@ -136,7 +136,7 @@ def init(
     ),
 ) -> None:
     """Write a commented starter recipe for a task."""
-    from sft_cli.starter import starter_recipe
+    from sft_cli.commands.starter import starter_recipe
 
     target = output or Path("recipes") / f"{task}.yaml"
     if target.exists():

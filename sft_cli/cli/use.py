@@ -25,9 +25,9 @@ def predict(
     nproc: int = NPROC,
 ) -> None:
     """Predict every input row with a trained model: one JSON line per row, in input order."""
-    from sft_cli.predict import default_output
-    from sft_cli.predict import predict as run_predict
-    from sft_cli.rundir import model_directory, resolve_run
+    from sft_cli.commands.predict import default_output
+    from sft_cli.commands.predict import predict as run_predict
+    from sft_cli.rundir.layout import model_directory, resolve_run
 
     launch(nproc)
     begin()
@@ -45,8 +45,8 @@ def chat(
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: RUN/model)."),
 ) -> None:
     """Talk to a trained generation model (history kept). Without a terminal: one stdin line per turn."""
-    from sft_cli.chat_session import chat as run_chat
-    from sft_cli.rundir import model_directory, resolve_run
+    from sft_cli.commands.chat import chat as run_chat
+    from sft_cli.rundir.layout import model_directory, resolve_run
 
     begin()
     recipe, run_dir = guard(resolve_run, run, list(overrides or []))
@@ -62,7 +62,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --to directory."),
 ) -> None:
     """Write a self-contained Hugging Face model directory (weights, config, tokenizer, model card)."""
-    from sft_cli.export import export as run_export
+    from sft_cli.commands.export import export as run_export
 
     begin()
     result = guard(run_export, run, to, merge_lora, dtype, model, overwrite)

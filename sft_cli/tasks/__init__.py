@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from sft_cli.config.schema import Recipe
 from sft_cli.errors import SftError
-from sft_cli.schema import Recipe
 from sft_cli.tasks.base import Task
 from sft_cli.tasks.classification import ClassificationTask
 from sft_cli.tasks.generation import GenerationTask

@@ -9,9 +9,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from sft_cli.data import SkipCounter
+from sft_cli.config.schema import Recipe
+from sft_cli.data.tables import SkipCounter
 from sft_cli.errors import SftError
-from sft_cli.schema import Recipe
 
 Batch = dict[str, torch.Tensor]
 # A loss term as (sum over the items of this micro-batch, number of items): the engine divides by the
@@ -38,6 +38,9 @@ class Task(ABC):
     streaming: bool = False
     #: its evaluation runs under FSDP2 sharding (every rank the same forward passes; no free-running decoding)
     shardable: bool = True
+    #: pad batches to power-of-two lengths: set by the engine while it trains a compiled model (engine.compile),
+    #: so its graphs are reused, not rebuilt for every length
+    length_buckets: bool = False
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -57,6 +60,11 @@ class Task(ABC):
     def lengths(self, split: str) -> Optional[list[int]]:
         """Example lengths used for length-grouped batching (None: no grouping)."""
         return None
+
+    @property
+    def name(self) -> str:
+        """The recipe's `task` (for messages)."""
+        return self.recipe.task
 
     def train_stream(self, rank: int, world: int, batch_size: int, skip_batches: int) -> Any:
         """This rank's endless stream of collated training batches, after `skip_batches` (data.streaming)."""
@@ -110,7 +118,7 @@ class Task(ABC):
 
     def prediction_table(self, location: str) -> Any:
         """The rows `sft predict` reads, loaded like training data (labels are not needed)."""
-        from sft_cli.data import load_table
+        from sft_cli.data.tables import load_table
 
         return load_table(location, "--input")
 

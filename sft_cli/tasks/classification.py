@@ -8,13 +8,13 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from sft_cli import backbone as bb
-from sft_cli.data import cached_map, drop_null_rows, load_table, require_columns
+from sft_cli.data.tables import cached_map, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
-from sft_cli.losses import summed_cross_entropy
-from sft_cli.metrics import classification_metrics
+from sft_cli.model import backbone as bb
+from sft_cli.model.losses import summed_cross_entropy
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import AuxiliaryLM
+from sft_cli.tasks.metrics import classification_metrics
 from sft_cli.tasks.text import TextFieldInput, backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
 
 
@@ -122,10 +122,10 @@ class ClassificationTask(TextFieldInput, Task):
         return table["length"] if table is not None else None
 
     def collate(self, rows: list[dict], train: bool) -> Batch:
-        batch = text_batch(rows, self.tokenizer.pad_token_id or 0)
+        batch = text_batch(rows, self.tokenizer.pad_token_id or 0, self.length_buckets)
         batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         if train and self.aux is not None:
-            batch.update(self.aux.make_inputs(batch))
+            batch.update(self.aux.make_inputs(batch, self.length_buckets))
         return batch
 
     def set_class_weights(self, label_ids: list[int]) -> None:
@@ -222,6 +222,6 @@ class ClassificationTask(TextFieldInput, Task):
         self.tokenizer.save_pretrained(directory)
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:
-        from sft_cli.plots import confusion_matrix_png
+        from sft_cli.ui.plots import confusion_matrix_png
 
         confusion_matrix_png(metrics["confusion_matrix"], metrics["labels"], directory / "confusion_matrix.png")

@@ -1,7 +1,7 @@
 """Generative SFT on prompt/response pairs and conversations: loss on what the assistant says.
 
 Data shapes (messages, sharegpt, alpaca, pairs) and chat templates live in `sft_cli.chat`; rows become
-examples in `generation_data`; packing in `sft_cli.packing`; decoding in `sft_cli.generate`.
+examples in `generation_data`; packing in `sft_cli.data.packing`; decoding in `sft_cli.model.decoding`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers import AutoModelForCausalLM
 
-from sft_cli import backbone as bb
 from sft_cli.chat.formats import conversation_column, detect_format, role_names, tools_of
 from sft_cli.chat.masks import ChatEncoder, MaskError
 from sft_cli.chat.templates import prepare_tokenizer
-from sft_cli.data import load_table, require_columns
-from sft_cli.errors import SftError
-from sft_cli.generate import DecodeSettings, generate
-from sft_cli.lm_loss import causal_lm_loss, with_loss
-from sft_cli.losses import shift_for_next_token
-from sft_cli.metrics import generation_metrics, perplexity
-from sft_cli.packing import (
+from sft_cli.data.packing import (
     PackedRows,
     isolation_mode,
     pack_best_fit,
@@ -32,6 +25,12 @@ from sft_cli.packing import (
     packing_efficiency,
     pad_sequences,
 )
+from sft_cli.data.tables import load_table, require_columns
+from sft_cli.errors import SftError
+from sft_cli.model import backbone as bb
+from sft_cli.model.decoding import DecodeSettings, generate
+from sft_cli.model.lm_loss import causal_lm_loss, with_loss
+from sft_cli.model.losses import shift_for_next_token
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.generation_data import (
     RowReader,
@@ -42,6 +41,7 @@ from sft_cli.tasks.generation_data import (
     trained_tokens_per_role,
 )
 from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationInference, set_stop_tokens
+from sft_cli.tasks.metrics import generation_metrics, perplexity
 from sft_cli.tasks.text import (
     backbone_tokenizer,
     ensure_pad_token,
@@ -233,7 +233,7 @@ class GenerationTask(GenerationInference, Task):
             weights.append(w)
             segments.append(seg)
             positions.append(pos)
-        input_ids = pad_sequences(sequences, pad)
+        input_ids = pad_sequences(sequences, pad, buckets=self.length_buckets)
         length = input_ids.shape[1]
         token_weights = torch.zeros(input_ids.shape)
         for i, w in enumerate(weights):
@@ -253,7 +253,7 @@ class GenerationTask(GenerationInference, Task):
         if train and getattr(self, "unlabeled", None) is not None:
             picks = torch.randint(len(self.unlabeled), (len(rows),)).tolist()
             blocks = [self.unlabeled[i]["input_ids"] for i in picks]
-            lm_ids = pad_sequences(blocks, pad)
+            lm_ids = pad_sequences(blocks, pad, buckets=self.length_buckets)
             lm_mask = pad_sequences([[1] * len(b) for b in blocks], 0, lm_ids.shape[1])
             batch["lm_input_ids"], batch["lm_attention_mask"] = lm_ids, lm_mask
             batch["lm_labels"] = shift_for_next_token(lm_ids.masked_fill(lm_mask == 0, -100))

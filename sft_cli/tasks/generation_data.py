@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from sft_cli.chat.formats import InvalidConversation, to_messages, tools_of
 from sft_cli.chat.masks import ROLE_IDS, ROLE_NAMES, ChatEncoder, MaskError, role_token_counts
-from sft_cli.data import SkipCounter, cached_map
+from sft_cli.data.tables import SkipCounter, cached_map
 from sft_cli.errors import SftError
 from sft_cli.tasks.text import tokenizer_fingerprint
 

@@ -9,13 +9,13 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM
 
-from sft_cli import backbone as bb
 from sft_cli.chat.formats import conversation_column, detect_format, role_names, tools_of
 from sft_cli.chat.masks import ChatEncoder
 from sft_cli.chat.templates import prepare_tokenizer
-from sft_cli.data import require_columns_named
+from sft_cli.data.tables import require_columns_named
 from sft_cli.errors import SftError
-from sft_cli.generate import DecodeSettings, generate
+from sft_cli.model import backbone as bb
+from sft_cli.model.decoding import DecodeSettings, generate
 from sft_cli.tasks.generation_data import RowReader, render_prompt
 from sft_cli.tasks.text import ensure_pad_token, input_problem, load_tokenizer
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from sft_cli import backbone as bb
-from sft_cli.data import SkipCounter, drop_null_rows, load_table, require_columns
+from sft_cli.data.tables import SkipCounter, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
+from sft_cli.model import backbone as bb
 from sft_cli.tasks.base import Batch, Task
 from sft_cli.tasks.classification import ClassificationTask, label_names
 

@@ -8,13 +8,13 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from sft_cli import backbone as bb
-from sft_cli.checkpoint import atomic_directory
-from sft_cli.data import drop_null_rows, load_table, require_columns
+from sft_cli.data.tables import drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
-from sft_cli.metrics import perplexity
+from sft_cli.model import backbone as bb
+from sft_cli.rundir.atomic import atomic_directory
 from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.lm_aux import lm_class, lm_inputs, pick_objective
+from sft_cli.tasks.metrics import perplexity
 from sft_cli.tasks.text import (
     TextFieldInput,
     backbone_tokenizer,
@@ -49,8 +49,8 @@ def _corpus_tokenizer(recipe: Any) -> Any:
     """tokenizer.train: a tokenizer trained on data.train (read as a stream when data.streaming)."""
     field = recipe.data.text_field
     if recipe.data.streaming:
-        from sft_cli.data_files import content_hash, resolve_files
-        from sft_cli.streaming import read_texts
+        from sft_cli.data.files import content_hash, resolve_files
+        from sft_cli.data.streaming import read_texts
 
         builder, files = resolve_files(recipe.data.train, "data.train")
         skip = recipe.data.skip_invalid
@@ -64,7 +64,7 @@ def _corpus_tokenizer(recipe: Any) -> Any:
 
 def trained_tokenizer(texts: Iterable[str], corpus_key: str, vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained on a corpus, kept in the data cache so no later run trains it again."""
-    from sft_cli.data import cache_directory, fingerprint
+    from sft_cli.data.tables import cache_directory, fingerprint
 
     root = cache_directory()
     target = Path(root) / "tokenizers" / fingerprint(corpus_key, vocab_size) if root else None
@@ -94,12 +94,12 @@ class LanguageModelingTask(TextFieldInput, Task):
         self.auto_class = lm_class(self.objective)
         self.chunked = False
         if self.objective == "clm":  # next-token loss without the full logits (checked against them)
-            from sft_cli.lm_loss import with_loss
+            from sft_cli.model.lm_loss import with_loss
 
             self.model, self.chunked = with_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
         self.tokens_per_example = data.max_length
         if train and data.streaming:
-            from sft_cli.data_files import resolve_files
+            from sft_cli.data.files import resolve_files
 
             self.streaming = True
             self.stream_files = resolve_files(data.train, "data.train")
@@ -124,7 +124,7 @@ class LanguageModelingTask(TextFieldInput, Task):
         return {"lm": 1.0}
 
     def train_stream(self, rank: int, world: int, batch_size: int, skip_batches: int) -> Any:
-        from sft_cli.streaming import BlockStream
+        from sft_cli.data.streaming import BlockStream
 
         builder, files = self.stream_files
         tokenizer, data = self.tokenizer, self.recipe.data
@@ -148,7 +148,8 @@ class LanguageModelingTask(TextFieldInput, Task):
     def collate(self, rows: list[dict], train: bool) -> Batch:
         from sft_cli.tasks.text import text_batch
 
-        batch = text_batch(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = text_batch(rows, pad, self.length_buckets)
         if train:
             return lm_inputs(self.objective, batch, self.tokenizer)
         with torch.random.fork_rng():  # the same masks at every evaluation
@@ -162,7 +163,7 @@ class LanguageModelingTask(TextFieldInput, Task):
         return int(batch["lm_attention_mask"].sum())
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
-        from sft_cli.lm_loss import causal_lm_loss
+        from sft_cli.model.lm_loss import causal_lm_loss
 
         labels = batch["lm_labels"]
         chunked = getattr(self, "chunked", False)
@@ -202,7 +203,7 @@ class LanguageModelingTask(TextFieldInput, Task):
             raise SftError("a masked-LM model has no continuation to predict — use `sft eval` for its perplexity")
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
-        from sft_cli.generate import generate
+        from sft_cli.model.decoding import generate
         from sft_cli.tasks.generation_infer import decode_settings
 
         field, limit = self.recipe.data.text_field, self.recipe.data.max_length

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from sft_cli.config.schema import Recipe
 from sft_cli.errors import SftError
-from sft_cli.losses import shift_for_next_token, summed_cross_entropy
-from sft_cli.schema import Recipe
+from sft_cli.model.losses import shift_for_next_token, summed_cross_entropy
 from sft_cli.tasks.text import pack_texts
 
 MLM_PROBABILITY = 0.15
@@ -113,7 +113,7 @@ class AuxiliaryLM:
         objective = pick_objective(recipe.objective, model.config)
         unlabeled = None
         if recipe.data.unlabeled:
-            from sft_cli.data import SkipCounter, drop_null_rows, load_table, require_columns
+            from sft_cli.data.tables import SkipCounter, drop_null_rows, load_table, require_columns
 
             table = load_table(recipe.data.unlabeled, "data.unlabeled")
             field = recipe.data.text_field
@@ -134,18 +134,19 @@ class AuxiliaryLM:
             ) from None
         lm = share_backbone(main, lm)
         if self.objective == "clm":  # the next-token term without full logits, where it matches them
-            from sft_cli.lm_loss import with_loss
+            from sft_cli.model.lm_loss import with_loss
 
             lm, self.chunked = with_loss(lm, len(self.tokenizer), self.kernels)
         return WithAuxiliaryLM(main, lm)
 
-    def make_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """LM inputs from the batch's own texts, or from as many blocks drawn from data.unlabeled."""
+    def make_inputs(self, batch: dict[str, torch.Tensor], buckets: bool = False) -> dict[str, torch.Tensor]:
+        """LM inputs from the batch's own texts, or from as many blocks drawn from data.unlabeled (padded like
+        the task's batches: see `Task.length_buckets`)."""
         if self.unlabeled is not None:
             from sft_cli.tasks.text import text_batch
 
             picks = torch.randint(len(self.unlabeled), (batch["input_ids"].shape[0],)).tolist()
-            batch = text_batch([self.unlabeled[i] for i in picks], self.tokenizer.pad_token_id or 0)
+            batch = text_batch([self.unlabeled[i] for i in picks], self.tokenizer.pad_token_id or 0, buckets)
         return lm_inputs(self.objective, batch, self.tokenizer)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

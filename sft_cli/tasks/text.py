@@ -7,11 +7,11 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from sft_cli.backbone import ResolvedBackbone
-from sft_cli.data import cached_map
+from sft_cli.config.schema import BackboneConfig
+from sft_cli.data.packing import pad_sequences
+from sft_cli.data.tables import cached_map
 from sft_cli.errors import SftError
-from sft_cli.packing import pad_sequences
-from sft_cli.schema import BackboneConfig
+from sft_cli.model.backbone import ResolvedBackbone
 
 
 def load_tokenizer(location: str, spec: BackboneConfig) -> PreTrainedTokenizerBase:
@@ -42,7 +42,7 @@ class TextFieldInput:
     recipe: Any
 
     def check_input(self, columns: list[str]) -> None:
-        from sft_cli.data import require_columns_named
+        from sft_cli.data.tables import require_columns_named
 
         require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
 
@@ -60,7 +60,7 @@ class TextFieldInput:
 def input_problem(value: Any, field: str, number: int, skip_invalid: bool) -> Optional[str]:
     """Why an input row's text is skipped (`null text`), or None; a non-string text is an error naming the row
     (skipped with data.skip_invalid) — the rule training applies to its data."""
-    from sft_cli.data import text_problem
+    from sft_cli.data.tables import text_problem
 
     problem = text_problem(value, field)
     if problem and problem.startswith("non-string") and not skip_invalid:
@@ -73,17 +73,18 @@ def input_problem(value: Any, field: str, number: int, skip_invalid: bool) -> Op
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of what a tokenizer does (vocabulary, merges, added tokens, normalizer, template): keys caches."""
-    from sft_cli.data import fingerprint
+    from sft_cli.data.tables import fingerprint
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     return fingerprint(body, getattr(tokenizer, "chat_template", None), tokenizer.model_max_length)
 
 
-def text_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids + attention_mask for rows holding `input_ids`, padded to the longest (multiple of 8)."""
+def text_batch(rows: list[dict[str, Any]], pad_id: int, buckets: bool = False) -> dict[str, torch.Tensor]:
+    """input_ids + attention_mask for rows holding `input_ids`, padded to the longest (multiple of 8, or a power
+    of two with length `buckets`)."""
     ids = [r["input_ids"] for r in rows]
-    input_ids = pad_sequences(ids, pad_id)
+    input_ids = pad_sequences(ids, pad_id, buckets=buckets)
     mask = pad_sequences([[1] * len(s) for s in ids], 0, input_ids.shape[1])
     return {"input_ids": input_ids, "attention_mask": mask}
 

@@ -187,10 +187,10 @@ def test_an_internal_error_is_exit_1_asking_for_a_report(tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
-        "import sft_cli.plan\n"
+        "import sft_cli.commands.plan\n"
         "def broken(recipe):\n"
         "    raise KeyError('an unexpected bug')\n"
-        "sft_cli.plan.plan = broken\n"
+        "sft_cli.commands.plan.plan = broken\n"
     )
     recipe = write_recipe(tmp_path / "r.yaml", recipe_values(tmp_path))
     env = {"PYTHONPATH": f"{hooks}{os.pathsep}{REPO}"}
@@ -202,8 +202,8 @@ def test_an_internal_error_is_exit_1_asking_for_a_report(tmp_path):
 
 
 def test_balanced_class_weights_raise_macro_f1_on_imbalanced_labels(tmp_path):
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     rng = __import__("random").Random(0)
     words = "the a report about this that with from our their system data value file".split()

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from sft_cli import commands
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
 from tests.conftest import REPO, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration

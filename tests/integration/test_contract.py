@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sft_cli import commands
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
 from tests.conftest import DOCS, REPO, TINY_BERT, keyword_rows, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sft_cli import commands
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
 from tests.conftest import REPO, TINY_BERT, keyword_rows, write_jsonl, write_recipe
 from tests.integration.test_bad_input import invoke
 
@@ -106,15 +106,15 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(trained, tmp_path, c
 
 
 def test_merge_lora_on_a_full_model_says_so(trained, tmp_path, caplog):
-    from sft_cli.export import export
+    from sft_cli.commands.export import export
 
     result = export(trained, tmp_path / "exported", merge_lora=True, dtype=None)
     assert not result["merged"] and "nothing to merge" in caplog.text
 
 
 def test_predict_resume_refuses_another_models_output(trained, tmp_path):
-    from sft_cli.predict import predict
-    from sft_cli.rundir import resolve_run
+    from sft_cli.commands.predict import predict
+    from sft_cli.rundir.layout import resolve_run
 
     rows = str(write_jsonl(tmp_path / "in.jsonl", keyword_rows(5, 3)))
     out = tmp_path / "out.jsonl"

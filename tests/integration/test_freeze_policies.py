@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sft_cli.backbone import embedded_aliases
+from sft_cli.model.backbone import embedded_aliases
 from tests.conftest import TOPICS, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -84,7 +84,7 @@ def test_pattern_matching_nothing_is_a_clear_error(tmp_path):
 def test_lora_trains_adapters_and_reloads(tmp_path, merge):
     from transformers import AutoModelForSequenceClassification
 
-    from sft_cli.backbone import load_trained
+    from sft_cli.model.backbone import load_trained
 
     done = finetune(tmp_path, "freeze.policy=lora", "freeze.lora.r=4", f"output.merge_lora={str(merge).lower()}")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -109,7 +109,7 @@ def test_export_merges_a_lora_adapter_and_refuses_a_missing_base(tmp_path):
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sft_cli.backbone import load_trained
+    from sft_cli.model.backbone import load_trained
 
     done = finetune(tmp_path, "freeze.policy=lora", "freeze.lora.r=4")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from sft_cli.recipe import load_recipe
+from sft_cli.config.recipe import load_recipe
 from sft_cli.tasks.image_classification import ImageClassificationTask
 from tests.conftest import write_jsonl
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_cli import commands
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
 from tests.conftest import read_jsonl, write_jsonl, write_recipe
 from tests.integration.test_chat_template_corpus import SOURCES, model_for
 
@@ -90,7 +90,7 @@ def test_reasoning_conversations_train_per_turn_and_transformers_reproduces_eval
 def test_plan_says_how_history_is_laid_out_and_why(
     template, history, examples, because, stop, tmp_path, long_decoder, tiny_decoder
 ):
-    from sft_cli.plan import plan
+    from sft_cli.commands.plan import plan
 
     model = model_for(SOURCES[template], long_decoder, tiny_decoder, tmp_path / "base")
     train = write_jsonl(tmp_path / "train.jsonl", reasoning_rows("qwen3", 6, 0))

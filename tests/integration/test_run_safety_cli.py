@@ -61,12 +61,12 @@ def test_sigterm_during_setup_leaves_an_honest_status_and_no_lock(tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
-        "import time, sft_cli.engine\n"
-        "original = sft_cli.engine.Trainer.setup\n"
+        "import time, sft_cli.engine.trainer\n"
+        "original = sft_cli.engine.trainer.Trainer.setup\n"
         "def slow(self, *a, **k):\n"
         "    time.sleep(60)\n"
         "    return original(self, *a, **k)\n"
-        "sft_cli.engine.Trainer.setup = slow\n"
+        "sft_cli.engine.trainer.Trainer.setup = slow\n"
     )
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", recipe_values(tmp_path, schedule={"max_steps": 3, "batch_size": 8}))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_cli.data import batches_per_rank, epoch_batches, load_table, shard_batches
+from sft_cli.data.tables import batches_per_rank, epoch_batches, load_table, shard_batches
 from sft_cli.errors import SftError
 from tests.conftest import REPO, TINY_BERT, keyword_rows, recipe_values, write_jsonl, write_recipe
 
@@ -112,8 +112,8 @@ def lm_recipe(tmp_path: Path, name: str, **data) -> Path:
 
 def test_prepare_once_then_runs_on_two_processes_tokenize_nothing(tmp_path):
     recipe = lm_recipe(tmp_path, "prepared", cache_dir=str(tmp_path / "cache"))
-    from sft_cli.prepare import prepare
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands.prepare import prepare
+    from sft_cli.config.recipe import load_recipe
 
     prepared = prepare(load_recipe(recipe))  # `sft prepare`, in this process
     assert prepared["tokenized_rows"] > 0 and prepared["train_examples"] > 0
@@ -135,7 +135,7 @@ def test_a_fresh_cache_is_filled_by_exactly_one_of_two_processes(tmp_path):
 def test_two_processes_train_each_example_of_an_uneven_epoch_once(tmp_path):
     from transformers import AutoTokenizer
 
-    from sft_cli.backbone import embedded_aliases
+    from sft_cli.model.backbone import embedded_aliases
 
     rows = keyword_rows(41, 5)  # 10 full batches of 4 + 1 left over
     train = write_jsonl(tmp_path / "odd.jsonl", rows)

@@ -37,8 +37,8 @@ def finetune(tmp: Path, name: str, **sections) -> Path:
 
 def train_here(tmp: Path, name: str, **sections) -> Path:
     """The same training as `sft finetune`, in this process (the LR logged per step is what is checked)."""
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     sections.setdefault("output", {"dir": str(tmp / name)})
     commands.train(load_recipe(write_recipe(tmp / f"{name}.yaml", recipe_values(tmp, **sections))), "finetune")

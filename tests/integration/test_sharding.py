@@ -115,8 +115,8 @@ def losses(run: Path) -> list[float]:
 def reference(tmp_path_factory) -> Path:
     """One process, global batch 8, no sharding (in-process): what the sharded runs must reproduce."""
     tmp = tmp_path_factory.mktemp("sharding")
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     commands.train(load_recipe(recipe(tmp, "one", "ddp", 8)), "pretrain")
     return tmp

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_cli.streaming import BlockStream
+from sft_cli.data.streaming import BlockStream
 from tests.conftest import REPO, read_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration
@@ -93,8 +93,8 @@ def kill_after_checkpoint(run: Path, process: subprocess.Popen, step: int) -> No
 
 
 def test_streaming_kill_9_and_resume_twice_gives_the_same_losses(tmp_path):
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     commands.train(load_recipe(lm_recipe(tmp_path, "whole")), "pretrain")  # the uninterrupted run, in-process
     killed = lm_recipe(tmp_path, "killed")
@@ -117,7 +117,7 @@ def test_two_processes_stream_their_own_shards_to_a_token_budget(tmp_path):
 
 
 def test_dataloader_workers_split_the_stream_and_skip_their_own_share(tmp_path):
-    from sft_cli.streaming import stream_loader
+    from sft_cli.data.streaming import stream_loader
 
     files = sorted(write_corpus(tmp_path / "c", LINES[:400], 3).glob("*.gz"))
     full = iter(stream_loader(stream(files), num_workers=2))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sft_cli import commands
-from sft_cli.plan import plan
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.commands.plan import plan
+from sft_cli.config.recipe import load_recipe
 from tests.conftest import keyword_rows, write_jsonl
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sft_cli.recipe import load_recipe
+from sft_cli.config.recipe import load_recipe
 from tests.conftest import recipe_values, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration
@@ -63,8 +63,8 @@ def test_plan_shows_the_masked_prompt_and_the_trained_response(tmp_path):
 
 
 def test_report_images_are_written_and_overlay_runs(tmp_path):
-    from sft_cli import commands
-    from sft_cli.recipe import load_recipe
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
 
     for name in ("a", "b"):  # trained in this process; the report command itself runs as `sft report`
         recipe = write_recipe(tmp_path / f"{name}.yaml", recipe_values(tmp_path, output={"dir": str(tmp_path / name)}))

@@ -16,74 +16,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "sft_cli"
 LAYERS: list[tuple[str, list[str]]] = [
     ("cli", ["sft_cli.cli", "sft_cli.__main__"]),
-    (
-        "commands",
-        [
-            "sft_cli.commands",
-            "sft_cli.check",
-            "sft_cli.plan",
-            "sft_cli.predict",
-            "sft_cli.export",
-            "sft_cli.sweep",
-            "sft_cli.prepare",
-            "sft_cli.runs",
-            "sft_cli.chat_session",
-            "sft_cli.model_card",
-            "sft_cli.starter",
-        ],
-    ),
-    (
-        "engine",
-        [
-            "sft_cli.engine",
-            "sft_cli.checkpointing",
-            "sft_cli.evaluation",
-            "sft_cli.optim",
-            "sft_cli.meter",
-            "sft_cli.run_summary",
-            "sft_cli.device",
-            "sft_cli.fsdp",
-            "sft_cli.zero",
-        ],
-    ),
+    ("commands", ["sft_cli.commands"]),
+    ("engine", ["sft_cli.engine"]),
     ("tasks", ["sft_cli.tasks"]),
-    (
-        "model | chat",
-        [
-            "sft_cli.backbone",
-            "sft_cli.losses",
-            "sft_cli.lm_loss",
-            "sft_cli.memory",
-            "sft_cli.generate",
-            "sft_cli.metrics",
-            "sft_cli.chat",
-        ],
-    ),
-    (
-        "data | ui",
-        [
-            "sft_cli.data",
-            "sft_cli.data_files",
-            "sft_cli.streaming",
-            "sft_cli.packing",
-            "sft_cli.progress",
-            "sft_cli.plots",
-        ],
-    ),
-    (
-        "config | rundir",
-        [
-            "sft_cli.schema",
-            "sft_cli.task_specs",
-            "sft_cli.recipe",
-            "sft_cli.validation",
-            "sft_cli.rundir",
-            "sft_cli.model_files",
-            "sft_cli.manifest",
-            "sft_cli.lock",
-            "sft_cli.checkpoint",
-        ],
-    ),
+    ("model | chat", ["sft_cli.model", "sft_cli.chat"]),
+    ("data | ui", ["sft_cli.data", "sft_cli.ui"]),
+    ("config | rundir", ["sft_cli.config", "sft_cli.rundir"]),
     ("errors", ["sft_cli.errors", "sft_cli.environment", "sft_cli"]),
 ]
 ENGINE_MAY_IMPORT_FROM_TASKS = {"sft_cli.tasks.base"}
@@ -188,9 +126,9 @@ def test_the_engine_uses_only_the_task_interface():
 
 def test_one_task_list_in_schema_specs_and_registry():
     """Adding a task is its module, its registry line and its spec; none can be forgotten."""
-    from sft_cli.schema import TASKS
-    from sft_cli.task_specs import TASK_SPECS
+    from sft_cli.config.schema import TASKS
     from sft_cli.tasks import TASKS as REGISTRY
+    from sft_cli.tasks.specs import TASK_SPECS
 
     assert list(TASKS) == list(TASK_SPECS) == list(REGISTRY)
     assert all(spec.command in ("finetune", "pretrain") for spec in TASK_SPECS.values())

@@ -6,8 +6,8 @@ from transformers import AutoTokenizer
 from sft_cli.chat.formats import InvalidConversation, check_conversation, role_names, to_messages
 from sft_cli.chat.masks import ChatEncoder, MaskError
 from sft_cli.chat.templates import prepare_tokenizer
+from sft_cli.config.schema import DataConfig
 from sft_cli.errors import SftError
-from sft_cli.schema import DataConfig
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

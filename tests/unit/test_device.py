@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from sft_cli import device
+from sft_cli.config.schema import EngineConfig
+from sft_cli.engine import accelerator as device
 from sft_cli.errors import SftError
-from sft_cli.schema import EngineConfig
 
 
 @pytest.mark.parametrize(
@@ -102,8 +102,8 @@ def test_deepspeed_off_cuda_gets_its_plugin_and_a_real_gloo_group(monkeypatch, n
     ],
 )
 def test_a_deepspeed_config_file_must_agree_with_the_recipe(tmp_path, settings, expected):
-    from sft_cli.schema import ScheduleConfig
-    from sft_cli.validation import config_file_problem
+    from sft_cli.config.schema import ScheduleConfig
+    from sft_cli.config.validation import config_file_problem
 
     path = tmp_path / "ds.json"
     path.write_text(settings if isinstance(settings, str) else json.dumps(settings))
@@ -135,7 +135,7 @@ def test_fsdp_on_gpu_asks_accelerate_for_fsdp2():
 def test_a_deepspeed_run_earlier_in_the_process_leaves_nothing_to_the_next(no_launcher):
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
-    from sft_cli.zero import set_launcher_environment
+    from sft_cli.engine.parallel.deepspeed import set_launcher_environment
 
     pytest.importorskip("deepspeed")
     set_launcher_environment()  # as a single-process DeepSpeed recipe in `sft check` or a sweep does

@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from sft_cli import commands
-from sft_cli.device import make_accelerator
-from sft_cli.engine import Trainer
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
+from sft_cli.engine.accelerator import make_accelerator
+from sft_cli.engine.trainer import Trainer
 from sft_cli.tasks import build_task
 from tests.conftest import TINY_BERT, read_jsonl
 
@@ -94,8 +94,8 @@ def test_accumulation_matches_a_larger_batch(tiny_recipe, tmp_path):
 
 
 def test_layer_lr_decay_and_no_decay_groups(tiny_recipe):
-    from sft_cli.optim import build_optimizer
-    from sft_cli.schema import OptimConfig
+    from sft_cli.config.schema import OptimConfig
+    from sft_cli.engine.optim import build_optimizer
 
     trainer = build_trainer(tiny_recipe())
     optimizer = build_optimizer(trainer.model, OptimConfig(lr=1.0, weight_decay=0.1, layer_lr_decay=0.5))
@@ -112,13 +112,9 @@ def test_layer_lr_decay_and_no_decay_groups(tiny_recipe):
 
 def test_compile_length_buckets_bound_the_number_of_shapes():
     """With engine.compile the batch lengths fall in a few power-of-two buckets (no recompile per length)."""
-    from sft_cli.packing import pad_multiple, set_length_buckets
+    from sft_cli.data.packing import pad_multiple
 
     assert [pad_multiple(n) for n in (1, 9, 17)] == [8, 16, 24]
-    set_length_buckets(True)
-    try:
-        shapes = {pad_multiple(n) for n in range(1, 1025)}
-        assert shapes == {16, 32, 64, 128, 256, 512, 1024}
-        assert all(pad_multiple(n) >= n for n in range(1, 1025))
-    finally:
-        set_length_buckets(False)
+    shapes = {pad_multiple(n, buckets=True) for n in range(1, 1025)}
+    assert shapes == {16, 32, 64, 128, 256, 512, 1024}
+    assert all(pad_multiple(n, buckets=True) >= n for n in range(1, 1025))

@@ -9,9 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft_cli import checkpoint
+from sft_cli.config.recipe import Recipe, load_recipe
 from sft_cli.errors import SftError
-from sft_cli.recipe import Recipe, load_recipe
+from sft_cli.rundir import atomic
+from sft_cli.rundir import checkpoints as checkpoint
 from tests.unit.test_engine import build_trainer
 
 
@@ -71,14 +72,14 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
 def test_atomic_json_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"
-    checkpoint.write_json_atomic(target, {"old": 1})
+    atomic.write_json_atomic(target, {"old": 1})
 
     def broken_fsync(fd):
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(checkpoint.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        checkpoint.write_json_atomic(target, {"new": 2})
+        atomic.write_json_atomic(target, {"new": 2})
     assert yaml.safe_load(target.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 

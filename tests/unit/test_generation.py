@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft_cli.metrics import generation_metrics
-from sft_cli.packing import pack_best_fit, packed_attention, packing_efficiency
-from sft_cli.schema import Recipe
+from sft_cli.config.schema import Recipe
+from sft_cli.data.packing import pack_best_fit, packed_attention, packing_efficiency
 from sft_cli.tasks.classification import ClassificationTask
 from sft_cli.tasks.generation import GenerationTask
+from sft_cli.tasks.metrics import generation_metrics
 from sft_cli.tasks.text import train_bpe_tokenizer
 from tests.conftest import full_logits
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sft_cli import backbone as bb
-from sft_cli.lm_loss import CausalLMLoss, linear_cross_entropy, plain_loss
-from sft_cli.recipe import load_recipe
+from sft_cli.config.recipe import load_recipe
+from sft_cli.model import backbone as bb
+from sft_cli.model.lm_loss import CausalLMLoss, linear_cross_entropy, plain_loss
 from sft_cli.tasks import build_task
 from tests.conftest import DOCS, REPO, read_jsonl, write_jsonl, write_recipe
 
@@ -79,7 +79,7 @@ def test_the_loss_mix_lm_term_equals_the_plain_loss_and_gradients(tmp_path, tiny
 
 
 def test_ignored_positions_never_reach_the_projection(tmp_path, tiny_decoder):
-    import sft_cli.lm_loss as lm_loss
+    import sft_cli.model.lm_loss as lm_loss
 
     task = task_for(tmp_path, tiny_decoder)
     batch = task.collate([task.train_set[i] for i in range(4)], train=True)
@@ -131,9 +131,9 @@ def test_plain_loss_reference_is_the_summed_weighted_cross_entropy(tiny_decoder)
 def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tiny_decoder, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sft_cli import lm_loss
-    from sft_cli import memory as device
-    from sft_cli.lm_loss import with_loss
+    from sft_cli.model import lm_loss
+    from sft_cli.model import memory as device
+    from sft_cli.model.lm_loss import with_loss
 
     calls = []
 
@@ -157,8 +157,8 @@ def test_the_heap_is_trimmed_once_per_backward_before_the_embedding_gradient(tin
 def test_small_embeddings_are_not_worth_a_trim(tiny_decoder, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sft_cli import memory as device
-    from sft_cli.lm_loss import with_loss
+    from sft_cli.model import memory as device
+    from sft_cli.model.lm_loss import with_loss
 
     calls = []
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from sft_cli import commands
-from sft_cli.recipe import load_recipe
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
 from sft_cli.tasks.lm_aux import mask_tokens
 from tests.conftest import read_jsonl
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sft_cli.config.recipe import Recipe, load_recipe
 from sft_cli.errors import SftError
-from sft_cli.recipe import Recipe, load_recipe
 
 
 def write(tmp_path, text):
@@ -96,7 +96,7 @@ def _numeric_keys(schema=Recipe, prefix=""):
     import dataclasses
     import typing
 
-    from sft_cli.recipe import _nested_dataclass
+    from sft_cli.config.recipe import _nested_dataclass
 
     hints = typing.get_type_hints(schema)
     for item in dataclasses.fields(schema):
@@ -112,7 +112,7 @@ def _numeric_keys(schema=Recipe, prefix=""):
 
 
 def test_every_numeric_key_has_bounds():
-    from sft_cli.validation import RANGES
+    from sft_cli.config.validation import RANGES
 
     missing = sorted(set(_numeric_keys()) - set(RANGES))
     assert not missing, f"numeric recipe keys without a RANGES row: {missing}"
@@ -120,7 +120,7 @@ def test_every_numeric_key_has_bounds():
 
 
 def _out_of_range_cases():
-    from sft_cli.validation import RANGES
+    from sft_cli.config.validation import RANGES
 
     cases = []
     for key, (low, low_in, high, _high_in) in RANGES.items():

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_cli import checkpoint, commands, manifest
+from sft_cli.commands import train as commands
+from sft_cli.config.recipe import load_recipe
 from sft_cli.errors import SftError, StorageError
-from sft_cli.lock import RunLock, holder
-from sft_cli.recipe import load_recipe
+from sft_cli.rundir import checkpoints as checkpoint
+from sft_cli.rundir import manifest
+from sft_cli.rundir.lock import RunLock, holder
 
 # -- the manifest and what a run may replace ---------------------------------------------------------------
 
@@ -168,8 +170,8 @@ def test_sharded_resume_never_unpickles_code(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from sft_cli.checkpointing import _readable
-    from sft_cli.fsdp import SHARDED_DIR, load_sharded
+    from sft_cli.engine.checkpointer import _readable
+    from sft_cli.engine.parallel.fsdp import SHARDED_DIR, load_sharded
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -200,7 +202,7 @@ def test_sharded_resume_never_unpickles_code(tmp_path):
 
 
 def test_disk_full_mid_run_is_a_storage_error_and_the_run_stays_resumable(tiny_recipe, monkeypatch):
-    from sft_cli.metrics import MetricLog
+    from sft_cli.rundir.metrics_log import MetricLog
 
     path = tiny_recipe(schedule={"max_steps": 12, "batch_size": 8, "log_every": 2}, output={"save_every": 4})
     original, calls = MetricLog.write, {"n": 0}

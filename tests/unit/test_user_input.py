@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 from sft_cli.chat.formats import InvalidConversation, role_names, to_messages
 from sft_cli.chat.masks import ChatEncoder
 from sft_cli.chat.templates import prepare_tokenizer
-from sft_cli.data import SkipCounter, load_table
+from sft_cli.config.schema import DataConfig
+from sft_cli.data.tables import SkipCounter, load_table
 from sft_cli.errors import SftError
-from sft_cli.schema import DataConfig
 from sft_cli.tasks.generation_data import RowReader, _encode_row, encode_split
 from tests.conftest import write_jsonl
 
@@ -144,7 +144,7 @@ GARBAGE = {
 
 
 def test_runs_lists_every_directory_and_marks_garbage_unreadable(tmp_path):
-    from sft_cli.runs import COLUMNS, render, table_rows
+    from sft_cli.commands.runs import COLUMNS, render, table_rows
 
     root = tmp_path / "runs"
     for index, (name, content) in enumerate(GARBAGE[k] for k in sorted(GARBAGE)):
@@ -174,7 +174,7 @@ def test_runs_lists_every_directory_and_marks_garbage_unreadable(tmp_path):
 
 
 def test_export_refuses_a_target_that_is_or_holds_the_run(tmp_path):
-    from sft_cli.export import _check_target
+    from sft_cli.commands.export import _check_target
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
@@ -186,7 +186,7 @@ def test_export_refuses_a_target_that_is_or_holds_the_run(tmp_path):
 
 
 def test_predict_output_names_and_refusals(tmp_path):
-    from sft_cli.predict import check_output, default_output
+    from sft_cli.commands.predict import check_output, default_output
 
     assert default_output(tmp_path, "d/a.v1.jsonl").name == "a.v1.predictions.jsonl"
     assert default_output(tmp_path, "d/a.v2.jsonl.gz").name == "a.v2.predictions.jsonl"
@@ -204,8 +204,8 @@ def test_predict_output_names_and_refusals(tmp_path):
 def test_chat_budgets_the_prompt_and_goes_on_after_a_bad_save(tmp_path):
     import io
 
-    from sft_cli.chat_session import ChatSession
-    from sft_cli.recipe import Recipe
+    from sft_cli.commands.chat import ChatSession
+    from sft_cli.config.recipe import Recipe
 
     class Task:
         tokenizer = None
@@ -248,7 +248,7 @@ def test_chat_budgets_the_prompt_and_goes_on_after_a_bad_save(tmp_path):
 
 
 def test_non_string_text_one_rule_for_training_and_predict(tiny_recipe, tmp_path):
-    from sft_cli.recipe import load_recipe
+    from sft_cli.config.recipe import load_recipe
     from sft_cli.tasks import build_task
     from tests.conftest import keyword_rows
 
@@ -272,7 +272,7 @@ def test_non_string_text_one_rule_for_training_and_predict(tiny_recipe, tmp_path
 def test_a_truncated_or_missing_model_file_is_one_line(tmp_path, tiny_decoder):
     import shutil
 
-    from sft_cli.model_files import check_model_files
+    from sft_cli.rundir.model_files import check_model_files
 
     model = tmp_path / "model"
     shutil.copytree(tiny_decoder, model)

@@ -1,0 +1,159 @@
+"""`sft plan`: everything a run would do, before any compute — recipe, model size, data, examples, cost."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from sft_cli.config.recipe import Recipe, to_yaml
+from sft_cli.engine.accelerator import autocast_dtype, estimate_flops_per_token, measure_peak_flops, resolve_precision
+from sft_cli.model.backbone import count_parameters
+from sft_cli.tasks import build_task
+from sft_cli.ui.progress import human, stdout
+
+ASSUMED_MFU = 0.25  # what sft reaches on CPU for MiniLM-sized models (benchmarks/RESULTS.md)
+
+
+def plan(recipe: Recipe) -> dict[str, Any]:
+    """Build the task (no training), print the plan, and return its numbers."""
+    import torch
+
+    task = build_task(recipe)
+    task.setup(train=True)
+    if task.streaming:
+        return _stream_plan(recipe, task)
+    params = count_parameters(task.model)
+    lengths = task.lengths("train")
+    num_rows = len(task.train_set)
+    packed = hasattr(task.train_set, "rows")
+    example_lengths = [len(e) for r in task.train_set.rows for e in r["input_ids"]] if packed else lengths
+    steps = math.ceil(math.ceil(num_rows / recipe.schedule.batch_size) / recipe.schedule.grad_accum)
+    on_gpu = recipe.engine.device in ("auto", "cuda") and torch.cuda.is_available()
+    precision = resolve_precision(recipe.engine.precision, on_gpu)
+    dtype = autocast_dtype(precision)
+    tokens = int(sum(lengths)) if lengths is not None else num_rows
+    seconds = (
+        tokens
+        * estimate_flops_per_token(task.model)
+        / (measure_peak_flops(torch.device("cuda" if on_gpu else "cpu"), dtype) * ASSUMED_MFU)
+    )
+    trainable_bytes = params["trainable_params"] * (4 + 4 + 8)  # weights, grads, Adam moments
+    memory_mb = (params["total_params"] * 4 + trainable_bytes) / 2**20
+    info = {
+        **params,
+        "train_examples": len(example_lengths) if example_lengths is not None else num_rows,
+        **({"packed_rows": num_rows} if packed else {}),
+        "eval_examples": len(task.eval_set) if task.eval_set is not None else 0,
+        "steps_per_epoch": steps,
+        "total_steps": min(recipe.schedule.max_steps or 10**12, math.ceil(steps * recipe.schedule.epochs)),
+        "precision": precision,
+        "skipped_rows": task.skipped.total(),
+        "est_seconds_per_epoch": round(seconds, 1),
+        "est_memory_mb": round(memory_mb, 1),
+    }
+    if example_lengths is not None:
+        arr = np.asarray(example_lengths)
+        info.update({f"length_p{p}": int(np.percentile(arr, p)) for p in (50, 90, 99)})
+        info["length_max"] = int(arr.max())
+        info["truncated_examples"] = int((arr >= recipe.data.max_length).sum())
+    stdout.rule("recipe (resolved)")
+    stdout.print(to_yaml(recipe), highlight=False, markup=False)
+    table = Table(
+        title=f"plan: {recipe.name} ({recipe.task}, backbone {recipe.backbone.arch or recipe.backbone.name})",
+        show_header=False,
+    )
+    for key, value in info.items():
+        table.add_row(key, human(value))
+    stdout.print(table)
+    for key in task.skipped.by_split:
+        stdout.print(f"skipped in {key}: {task.skipped.describe(key)}", highlight=False)
+    info["skipped_rows_by_split"] = task.skipped.by_split
+    names = getattr(task, "names", None)
+    if names is not None and "label" in task.train_set.column_names:
+        counts = Counter(task.train_set["label"])
+        info["label_distribution"] = {names[i]: counts.get(i, 0) for i in range(len(names))}
+        stdout.print("labels: " + ", ".join(f"{k} {v}" for k, v in info["label_distribution"].items()), highlight=False)
+    extras = task.summary_extras()
+    if extras.get("packing_efficiency") is not None:
+        info["packing_efficiency"] = extras["packing_efficiency"]
+        stdout.print(f"packing efficiency: {extras['packing_efficiency']:.1%} of slot tokens are real", highlight=False)
+    if extras.get("trained_tokens_per_role"):
+        info["trained_tokens_per_role"] = extras["trained_tokens_per_role"]
+        print_role_shares(extras["trained_tokens_per_role"])
+    if extras.get("chat_history"):
+        info["chat_history"] = history = extras["chat_history"]
+        counts = ", ".join(f"{n:,} {mode}" for mode, n in history["examples"].items())
+        because = f" — per-turn because {history['per_turn_because']}" if history.get("per_turn_because") else ""
+        stdout.print(f"chat history (data.history): {counts} example(s){because}", highlight=False)
+        stdout.print(f"end of turn: {history['end_of_turn']}", highlight=False)
+    stdout.rule("two examples as the model sees them")
+    for index in range(min(2, num_rows)):
+        stdout.print(render_example(task, task.train_set[index]), highlight=False)
+    return info
+
+
+def render_example(task: Any, row: dict) -> str:
+    """Decoded tokens; for generation the untrained (masked) and trained spans are marked apart."""
+    from rich.markup import escape
+
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is None or "input_ids" not in row:
+        return f"label={row.get(task.recipe.data.label_field)!r} (image)"
+    ids, trained = row["input_ids"], row.get("trained")
+    if isinstance(ids[0], list):  # a packed row: show its first example
+        ids, trained = ids[0], trained[0]
+    if trained is None:
+        label = f"  -> label {task.names[row['label']]}" if "label" in row and hasattr(task, "names") else ""
+        return escape(tokenizer.decode(ids)) + label
+    weight = task.recipe.loss.prompt
+    untrained = "no loss" if weight == 0 else f"weight {weight}"
+    parts, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or trained[end] != trained[start]:
+            text = escape(tokenizer.decode(ids[start:end]))
+            if trained[start]:
+                parts.append(f"[bold green]\\[trained][/bold green][bold]{text}[/bold]")
+            else:
+                parts.append(f"[dim]\\[{untrained}]{text}[/dim]")
+            start = end
+    return "".join(parts)
+
+
+def print_role_shares(shares: dict[str, dict[str, Any]]) -> None:
+    """Tokens per role and the share of them that trains."""
+    table = Table(title="tokens trained per role (training split)")
+    for column in ("role", "tokens", "trained", "share"):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    for role, row in shares.items():
+        table.add_row(role, f"{row['tokens']:,}", f"{row['trained']:,}", f"{row['share']:.1%}")
+    stdout.print(table)
+
+
+def _stream_plan(recipe: Recipe, task: Any) -> dict[str, Any]:
+    """data.streaming: the corpus is not read ahead, so the plan has the files and the budget, not counts."""
+    schedule = recipe.schedule
+    builder, files = task.stream_files
+    per_step = recipe.data.max_length * schedule.batch_size * schedule.grad_accum
+    steps = [n for n in (schedule.max_steps, math.ceil((schedule.max_tokens or 0) / per_step)) if n]
+    info = {
+        **count_parameters(task.model),
+        "streaming": True,
+        "train_files": len(files),
+        "train_format": builder,
+        "train_bytes": sum(p.stat().st_size for p in files),
+        "eval_examples": len(task.eval_set) if task.eval_set is not None else 0,
+        "total_steps": min(steps),
+        "tokens_per_step": per_step,
+        "skipped_rows": task.skipped.total(),
+    }
+    stdout.rule("recipe (resolved)")
+    stdout.print(to_yaml(recipe), highlight=False, markup=False)
+    table = Table(title=f"plan: {recipe.name} (streaming {recipe.task})", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, human(value))
+    stdout.print(table)
+    return info

@@ -1,0 +1,104 @@
+"""Tokenize once: the prepared-data cache (`data.cache_dir`) and `sft prepare`.
+
+Parsed files and tokenized (packed) tables live under the cache directory, keyed by a hash of the data
+files' content + the tokenizer + the task settings. The first process to need a key fills it while holding
+a file lock; every other process (other ranks, later runs) blocks on that lock — no collective, so no
+NCCL/gloo timeout however long tokenizing takes — and then reads the cache without tokenizing again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from sft_cli.config.schema import Recipe
+from sft_cli.data.files import content_hash, is_data_location, resolve_files
+from sft_cli.data.tables import data_settings, fingerprint, tokenizing_stats
+
+log = logging.getLogger("sft")
+
+
+def cache_root(recipe: Recipe) -> Path:
+    """data.cache_dir, or `.sft-cache` beside the run directory (shared by the runs of one parent)."""
+    if recipe.data.cache_dir:
+        return Path(recipe.data.cache_dir).expanduser()
+    return Path(recipe.output.dir).expanduser().resolve().parent / ".sft-cache"
+
+
+def data_key(recipe: Recipe) -> str:
+    """What the prepared data depends on: the files' content, the tokenizer and the task's data settings."""
+    sources = {}
+    for name in ("train", "eval", "unlabeled"):
+        location = getattr(recipe.data, name)
+        if location is None:
+            continue
+        if is_data_location(location):
+            builder, files = resolve_files(location, f"data.{name}")
+            sources[name] = [builder, content_hash(files)]
+        else:
+            sources[name] = [str(location), _directory_stamp(Path(str(location)).expanduser())]
+    data = {k: v for k, v in vars(recipe.data).items() if k not in ("train", "eval", "unlabeled", "cache_dir")}
+    return fingerprint(
+        sources,
+        recipe.task,
+        recipe.objective,
+        vars(recipe.backbone),
+        vars(recipe.tokenizer),
+        data,
+        recipe.loss.train_on,
+    )
+
+
+def _directory_stamp(path: Path) -> str:
+    """A saved dataset or image folder changes when its files do: names, sizes and modification times."""
+    if not path.is_dir():
+        return ""
+    stats = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+    return fingerprint(stats)
+
+
+@contextmanager
+def tokenize_once(recipe: Recipe) -> Iterator[tuple[Path, str]]:
+    """Run the data setup inside this: the first process to need the key fills the cache, the rest reuse it.
+
+    Yields (cache root, data key)."""
+    root = cache_root(recipe)
+    root.mkdir(parents=True, exist_ok=True)
+    key = data_key(recipe)
+    ready = root / f"{key}.ready"
+    with data_settings(str(root / "datasets"), recipe.data.num_proc):
+        if ready.exists():
+            yield root, key
+            return
+        with open(root / f"{key}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process tokenizes (no timeout)
+            if ready.exists():
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                yield root, key
+                return
+            yield root, key
+            tmp = ready.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(key)
+            os.replace(tmp, ready)
+
+
+def prepare(recipe: Recipe) -> dict[str, Any]:
+    """`sft prepare`: parse and tokenize (and for pretraining pack) every split once, into the cache."""
+    from sft_cli.tasks import build_task
+
+    before = tokenizing_stats()
+    task = build_task(recipe)
+    with tokenize_once(recipe) as (root, key):
+        task.setup(train=True)
+    return {
+        "cache_dir": str(root),
+        "key": key,
+        "tokenized_rows": tokenizing_stats() - before,
+        "train_examples": len(task.train_set) if task.train_set is not None else 0,
+        "eval_examples": len(task.eval_set) if task.eval_set is not None else 0,
+        "skipped_rows": task.skipped.total(),
+    }

@@ -1,0 +1,85 @@
+"""Decoding for eval, `sft predict` and `sft chat`: batched, left-padded, cut at the stop token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from sft_cli.data.packing import pad_sequences
+
+
+@dataclass
+class DecodeSettings:
+    """How to decode (greedy unless do_sample); `eval:` and `predict:` recipe sections fill it."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+
+@dataclass
+class Generated:
+    """One generation: its text, token ids (without the stop token), and whether it ended with the stop token."""
+
+    text: str
+    ids: list[int]
+    stopped: bool
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a reply: the (end-of-turn) EOS."""
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def model_context(model: torch.nn.Module) -> Optional[int]:
+    """How many positions the model takes (prompt + generated), from its config; None when it does not say."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def fit_context(prompts: list[list[int]], max_new_tokens: int, context: Optional[int]) -> tuple[list[list[int]], int]:
+    """Prompts and a token budget that fit the context: prompts lose their oldest tokens first; when a
+    prompt leaves no room at all, generation gets half the context."""
+    if not context or max(len(p) for p in prompts) + max_new_tokens <= context:
+        return prompts, max_new_tokens
+    new = max_new_tokens if max_new_tokens < context else max(1, context // 2)
+    keep = context - new
+    return [p[-keep:] for p in prompts], new
+
+
+def generate(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], settings: DecodeSettings, streamer: Any = None
+) -> list[Generated]:
+    """Decode a batch of tokenized prompts (left padded, so every continuation starts at the same column)."""
+    device = next(model.parameters()).device
+    prompts, max_new_tokens = fit_context(prompts, settings.max_new_tokens, model_context(model))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = pad_sequences(prompts, pad, max(len(p) for p in prompts), side="left")
+    mask = pad_sequences([[1] * len(p) for p in prompts], 0, input_ids.shape[1], side="left")
+    stops = stop_ids(tokenizer)
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    if settings.do_sample and settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        num_beams=settings.num_beams,
+        do_sample=settings.do_sample,
+        eos_token_id=stops or None,
+        pad_token_id=pad,
+        streamer=streamer,
+        **sampling,
+    )
+    results = []
+    for generated in output[:, input_ids.shape[1] :].tolist():
+        cut = next((i for i, t in enumerate(generated) if t in stops), None)
+        ids = generated if cut is None else generated[:cut]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        results.append(Generated(text=text, ids=ids, stopped=cut is not None))
+    return results

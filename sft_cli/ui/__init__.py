@@ -1,0 +1,1 @@
+"""What the user watches: progress bars and plots."""
