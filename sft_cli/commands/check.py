@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from sft_cli.config.recipe import load_recipe
 from sft_cli.config.schema import Recipe
+from sft_cli.data.tables import DataCache
 from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
 from sft_cli.tasks.specs import TASK_SPECS
@@ -65,7 +66,9 @@ def sample_indices(table: Any, rows: int, label_field: Optional[str]) -> list[in
     return sorted(picks)[: max(rows, len(picks))]
 
 
-def _sample(location: str, key: str, rows: int, target: Path, label_field: Optional[str] = None) -> str:
+def _sample(
+    location: str, key: str, rows: int, target: Path, label_field: Optional[str] = None, cache: DataCache = DataCache()
+) -> str:
     """Read the source (whole up to FULL_READ_BYTES), keep a spread of its rows as a saved dataset for the smoke run."""
     import datasets
 
@@ -79,12 +82,14 @@ def _sample(location: str, key: str, rows: int, target: Path, label_field: Optio
         )
         table = datasets.Dataset.from_list(list(stream.take(rows)))
     else:
-        table = load_table(location, key)
+        table = load_table(location, key, cache)
     table.select(sample_indices(table, rows, label_field)).save_to_disk(str(target))
     return str(target)
 
 
-def smoke_recipe(recipe: Recipe, work: Path, steps: int, device: str, models: dict[Path, Path]) -> Recipe:
+def smoke_recipe(
+    recipe: Recipe, work: Path, steps: int, device: str, models: dict[Path, Path], cache: DataCache = DataCache()
+) -> Recipe:
     """The recipe shrunk to a smoke run: sampled data, a few steps, tiny batches, output in `work`."""
     data = recipe.data
     labels = data.label_field if recipe.task in ("classification", "image-classification") else None
@@ -95,6 +100,7 @@ def smoke_recipe(recipe: Recipe, work: Path, steps: int, device: str, models: di
             EVAL_ROWS if key == "eval" else SAMPLE_ROWS,
             work / key,
             labels if key != "unlabeled" else None,
+            cache,
         )
         for key in ("train", "eval", "unlabeled")
         if getattr(data, key)
@@ -131,7 +137,6 @@ def check_one(
 ) -> dict[str, Any]:
     """Check one recipe; returns its row (name, task, status, seconds, error)."""
     from sft_cli.commands import train as commands
-    from sft_cli.data.tables import use_cache_dir
 
     started = time.perf_counter()
     row: dict[str, Any] = {"recipe": str(path), "name": path.stem, "task": None, "status": "pass", "error": None}
@@ -143,11 +148,11 @@ def check_one(
             row.update(status="skipped", error=reason)
         else:
             work.mkdir(parents=True)
-            with use_cache_dir(work / "cache"):
-                smoke = smoke_recipe(recipe, work, steps, device, models)
-                commands.train(smoke, TASK_SPECS[recipe.task].command, overwrite=True)
-                if smoke.data.eval:
-                    commands.evaluate_model(smoke)
+            scratch = work / "cache"  # parsed and tokenized samples stay in the check's own directory
+            smoke = smoke_recipe(recipe, work, steps, device, models, DataCache(str(scratch)))
+            commands.train(smoke, TASK_SPECS[recipe.task].command, overwrite=True, scratch_cache=scratch)
+            if smoke.data.eval:
+                commands.evaluate_model(smoke, scratch_cache=scratch)
             models[(Path(recipe.output.dir).expanduser().resolve() / "model")] = work / "run" / "model"
     except SftError as err:
         row.update(status="fail", error=" ".join(str(err).split()))

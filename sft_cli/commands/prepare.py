@@ -13,11 +13,11 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from sft_cli.config.schema import Recipe
 from sft_cli.data.files import content_hash, is_data_location, resolve_files
-from sft_cli.data.tables import data_settings, fingerprint, tokenizing_stats
+from sft_cli.data.tables import DataCache, fingerprint, tokenizing_stats
 
 log = logging.getLogger("sft")
 
@@ -62,28 +62,29 @@ def _directory_stamp(path: Path) -> str:
 
 
 @contextmanager
-def tokenize_once(recipe: Recipe) -> Iterator[tuple[Path, str]]:
+def tokenize_once(recipe: Recipe, scratch: Optional[Path] = None) -> Iterator[tuple[Path, str, DataCache]]:
     """Run the data setup inside this: the first process to need the key fills the cache, the rest reuse it.
 
-    Yields (cache root, data key)."""
+    Yields (cache root, data key, the data cache to load and map with); `scratch` (`sft check`) sends the parsed
+    and tokenized data there instead of under the cache root."""
     root = cache_root(recipe)
     root.mkdir(parents=True, exist_ok=True)
     key = data_key(recipe)
     ready = root / f"{key}.ready"
-    with data_settings(str(root / "datasets"), recipe.data.num_proc):
+    cache = DataCache(str(scratch or root / "datasets"), recipe.data.num_proc)
+    if ready.exists():
+        yield root, key, cache
+        return
+    with open(root / f"{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process tokenizes (no timeout)
         if ready.exists():
-            yield root, key
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            yield root, key, cache
             return
-        with open(root / f"{key}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process tokenizes (no timeout)
-            if ready.exists():
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                yield root, key
-                return
-            yield root, key
-            tmp = ready.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(key)
-            os.replace(tmp, ready)
+        yield root, key, cache
+        tmp = ready.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(key)
+        os.replace(tmp, ready)
 
 
 def prepare(recipe: Recipe) -> dict[str, Any]:
@@ -92,7 +93,8 @@ def prepare(recipe: Recipe) -> dict[str, Any]:
 
     before = tokenizing_stats()
     task = build_task(recipe)
-    with tokenize_once(recipe) as (root, key):
+    with tokenize_once(recipe) as (root, key, cache):
+        task.data_cache = cache
         task.setup(train=True)
     return {
         "cache_dir": str(root),

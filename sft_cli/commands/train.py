@@ -80,11 +80,17 @@ def _refuse_replacing(run_dir: Path) -> None:
 
 
 def train(
-    recipe: Recipe, command: str, resume: Optional[str] = None, overwrite: bool = False, resume_command: str = ""
+    recipe: Recipe,
+    command: str,
+    resume: Optional[str] = None,
+    overwrite: bool = False,
+    resume_command: str = "",
+    scratch_cache: Optional[Path] = None,
 ) -> dict[str, Any]:
     """`sft pretrain` / `sft finetune`: train, keep the best (or last) model in model/, write summary.json.
 
     The run directory is locked for the whole run (rank 0 holds it); `status.json` says how it ended.
+    `scratch_cache` (`sft check`) keeps the parsed and tokenized data out of the shared cache.
     """
     wants_pretrain = TASK_SPECS[recipe.task].command == "pretrain"
     if (command == "pretrain") != wants_pretrain:
@@ -96,7 +102,7 @@ def train(
         check_output_dir(run_dir, overwrite, resume is not None)
         started: dict[str, bool] = {"training": False}
         try:
-            return _train(recipe, run_dir, resume, resume_command, started)
+            return _train(recipe, run_dir, resume, resume_command, started, scratch_cache)
         except Interrupted as stop:
             if rank_zero:
                 write_status(run_dir, "interrupted", checkpoint=str(stop.checkpoint), resume=resume_command)
@@ -130,7 +136,12 @@ def _record_failure(run_dir: Path, err: BaseException, resume_command: str) -> N
 
 
 def _train(
-    recipe: Recipe, run_dir: Path, resume: Optional[str], resume_command: str, started: dict[str, bool]
+    recipe: Recipe,
+    run_dir: Path,
+    resume: Optional[str],
+    resume_command: str,
+    started: dict[str, bool],
+    scratch_cache: Optional[Path],
 ) -> dict[str, Any]:
     resume_from = find_resume_point(run_dir, resume or None) if resume is not None else None
     limit_heap_retention()
@@ -138,7 +149,9 @@ def _train(
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
     before = tokenizing_stats()
-    with tokenize_once(recipe):  # the first process fills the data cache (file lock, no collective); the rest read it
+    # the first process fills the data cache (file lock, no collective); the rest read it
+    with tokenize_once(recipe, scratch_cache) as (_, _, cache):
+        task.data_cache = cache
         task.setup(train=True)
     tokenized = gather_object([tokenizing_stats() - before])
     if accelerator.is_main_process:
@@ -210,7 +223,9 @@ def _report(run_dir: Path) -> None:
     report_png([run_dir], run_dir / "report.png")
 
 
-def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str, Any]:
+def evaluate_model(
+    recipe: Recipe, model_dir: Optional[str] = None, scratch_cache: Optional[Path] = None
+) -> dict[str, Any]:
     """`sft eval`: the task's metrics for a trained model on data.eval; writes eval.json."""
     run_dir = Path(recipe.output.dir)
     directory = Path(model_dir) if model_dir else run_dir / "model"
@@ -223,7 +238,8 @@ def evaluate_model(recipe: Recipe, model_dir: Optional[str] = None) -> dict[str,
     accelerator = make_accelerator(recipe.engine, training=False)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
-    with tokenize_once(recipe):
+    with tokenize_once(recipe, scratch_cache) as (_, _, cache):
+        task.data_cache = cache
         task.setup(model_dir=str(directory), train=False)
     model = accelerator.prepare_model(task.model, evaluation_mode=True)
     metrics = evaluate(task, model, accelerator, recipe.eval.batch_size)

@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import re
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -49,53 +49,31 @@ def _check_utf8(path: Path, key: str) -> None:
             raise SftError(f"{key}: {path} is not UTF-8 text (byte {err.start}) — re-save it as UTF-8") from None
 
 
-_CACHE: dict[str, Any] = {"dir": None, "num_proc": None}  # dir None: the datasets library's own cache
+@dataclass(frozen=True)
+class DataCache:
+    """Where parsed data is cached (None: the datasets library's own cache) and how many workers fill it
+    (data.num_proc); passed to every load and map, never kept in a global."""
+
+    directory: Optional[str] = None
+    num_proc: Optional[int] = None
+
+    def workers(self, work_items: int) -> Optional[int]:
+        """data.num_proc workers when there is enough work to share (datasets refuses more workers than shards)."""
+        wanted = self.num_proc
+        return min(wanted, work_items) if wanted and wanted > 1 and work_items > 1 else None
 
 
-def _num_proc(work_items: int) -> Optional[int]:
-    """data.num_proc workers when there is enough work to share (datasets refuses more workers than shards)."""
-    wanted = _CACHE["num_proc"]
-    return min(wanted, work_items) if wanted and wanted > 1 and work_items > 1 else None
-
-
-def cache_directory() -> Optional[str]:
-    """The data cache in use (data.cache_dir during a run), None for the datasets library's default."""
-    return _CACHE["dir"]
-
-
-@contextmanager
-def data_settings(cache_dir: Optional[str], num_proc: Optional[int]) -> Iterator[None]:
-    """Where parsed and tokenized data is cached (data.cache_dir) and how many workers fill it (data.num_proc)."""
-    previous = dict(_CACHE)
-    _CACHE.update({"dir": previous["dir"] or cache_dir, "num_proc": num_proc})  # `sft check`'s temp cache wins
-    try:
-        yield
-    finally:
-        _CACHE.update(previous)
-
-
-@contextmanager
-def use_cache_dir(directory: Path) -> Iterator[None]:
-    """Send the datasets cache (parsed files, tokenized maps) to `directory` for a while (`sft check`)."""
-    previous = _CACHE["dir"]
-    _CACHE["dir"] = str(directory)
-    try:
-        yield
-    finally:
-        _CACHE["dir"] = previous
-
-
-def load_table(location: Any, key: str) -> datasets.Dataset:
+def load_table(location: Any, key: str, cache: DataCache = DataCache()) -> datasets.Dataset:
     """Load one split: data files (a file, glob, list or directory of shards, compressed or not), a
     `save_to_disk` directory, an image folder, or a hub name."""
     if is_data_location(location):
-        table = _load_files(location, key)
+        table = _load_files(location, key, cache)
     else:
         path = Path(str(location)).expanduser()
         if path.is_dir():
-            table = _load_directory(path, key)
+            table = _load_directory(path, key, cache)
         elif HUB_ID.match(str(location)) and not path.exists() and not str(location).startswith((".", "/", "~")):
-            table = _load_hub(str(location), key)
+            table = _load_hub(str(location), key, cache)
         else:
             known = ", ".join(EXTENSIONS)
             raise SftError(
@@ -106,7 +84,7 @@ def load_table(location: Any, key: str) -> datasets.Dataset:
     return table
 
 
-def _load_directory(path: Path, key: str) -> datasets.Dataset:
+def _load_directory(path: Path, key: str, cache: DataCache) -> datasets.Dataset:
     """A `save_to_disk` dataset or an image folder."""
     if (path / "dataset_info.json").exists() or (path / "state.json").exists():
         table = datasets.load_from_disk(str(path))
@@ -114,11 +92,11 @@ def _load_directory(path: Path, key: str) -> datasets.Dataset:
             raise SftError(f"{key}: {path} holds several splits ({', '.join(table)}); point at one")
         return table
     if any(child.is_dir() or child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir()):
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=_CACHE["dir"])
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=cache.directory)
     raise SftError(f"{key}: {path} is neither a saved dataset, a directory of data files, nor an image folder")
 
 
-def _load_files(location: Any, key: str) -> datasets.Dataset:
+def _load_files(location: Any, key: str, cache: DataCache) -> datasets.Dataset:
     """Read data files through the datasets library (Arrow on disk, memory-mapped), one-line errors."""
     builder, files = resolve_files(location, key)
     if builder in ("json", "csv", "text"):
@@ -129,8 +107,8 @@ def _load_files(location: Any, key: str) -> datasets.Dataset:
             builder,
             data_files=[str(p) for p in files],
             split="train",
-            cache_dir=_CACHE["dir"],
-            num_proc=_num_proc(len(files)),
+            cache_dir=cache.directory,
+            num_proc=cache.workers(len(files)),
         )
     except SftError:
         raise
@@ -145,7 +123,7 @@ def _load_files(location: Any, key: str) -> datasets.Dataset:
         table = table.map(
             lambda rows: {"text": [t.strip() for t in rows["text"] if t.strip()]},
             batched=True,
-            num_proc=_num_proc(len(table) // 10_000),
+            num_proc=cache.workers(len(table) // 10_000),
             desc="reading lines",
         )
     return table
@@ -169,11 +147,11 @@ def _raise_on_bad_json_line(path: Path, key: str) -> None:
                 )
 
 
-def _load_hub(location: str, key: str) -> datasets.Dataset:
+def _load_hub(location: str, key: str, cache: DataCache) -> datasets.Dataset:
     """A dataset from the Hugging Face hub (or its local cache when offline); `org/name:split` picks a split."""
     name, _, split = location.partition(":")
     try:
-        return datasets.load_dataset(name, split=split or "train", cache_dir=_CACHE["dir"])
+        return datasets.load_dataset(name, split=split or "train", cache_dir=cache.directory)
     except Exception:
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if hub_offline() else ""
         raise SftError(
@@ -282,7 +260,12 @@ def tokenizing_stats() -> int:
 
 
 def cached_map(
-    table: datasets.Dataset, fn: Callable[..., dict], key: str, remove: bool = True, with_indices: bool = False
+    table: datasets.Dataset,
+    fn: Callable[..., dict],
+    key: str,
+    remove: bool = True,
+    with_indices: bool = False,
+    cache: DataCache = DataCache(),
 ) -> datasets.Dataset:
     """`datasets.map` in batches with a cache fingerprint that names data + tokenizer + settings.
 
@@ -298,7 +281,7 @@ def cached_map(
         with_indices=with_indices,
         remove_columns=table.column_names if remove else None,
         new_fingerprint=new_fingerprint,
-        num_proc=_num_proc(len(table) // 1000),
+        num_proc=cache.workers(len(table) // 1000),
         desc="tokenizing",
     )
 

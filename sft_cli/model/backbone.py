@@ -374,3 +374,10 @@ def compile_seconds() -> tuple[float, int]:
     metrics = get_compilation_metrics()
     micros = sum((m.duration_us or 0) + (m.backward_cumulative_compile_time_us or 0) for m in metrics)
     return micros / 1e6, len(metrics)
+
+
+def compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention scores are computed in (autocast's when active)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sft_cli.config.schema import Recipe
-from sft_cli.data.tables import SkipCounter
+from sft_cli.data.tables import DataCache, SkipCounter
 from sft_cli.errors import SftError
 
 Batch = dict[str, torch.Tensor]
@@ -48,6 +48,7 @@ class Task(ABC):
         self.train_set: Any = None
         self.eval_set: Any = None
         self.skipped = SkipCounter()  # rows left out of each split, by reason
+        self.data_cache = DataCache()  # where parsed and tokenized data goes: the command sets it (tokenize once)
 
     @abstractmethod
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
@@ -120,7 +121,7 @@ class Task(ABC):
         """The rows `sft predict` reads, loaded like training data (labels are not needed)."""
         from sft_cli.data.tables import load_table
 
-        return load_table(location, "--input")
+        return load_table(location, "--input", self.data_cache)
 
     def check_input(self, columns: list[str]) -> None:
         """Fail, naming the recipe key, when the input lacks a column the task needs."""

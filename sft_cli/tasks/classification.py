@@ -45,7 +45,7 @@ class ClassificationTask(TextFieldInput, Task):
         data, spec = self.recipe.data, self.recipe.backbone
         fields = [data.text_field, data.label_field]
         if train:
-            self.train_set = load_table(data.train, "data.train")
+            self.train_set = load_table(data.train, "data.train", self.data_cache)
             require_columns(self.train_set, fields, "data.text_field/label_field", f"data.train ({data.train})")
             self.train_set = drop_null_rows(
                 self.train_set, fields, "data.train", self.skipped, [data.text_field], data.skip_invalid
@@ -63,7 +63,7 @@ class ClassificationTask(TextFieldInput, Task):
             names = self.names
         self.names = names
         self.label2id = {n: i for i, n in enumerate(names)}
-        self.aux = AuxiliaryLM.maybe(self.recipe, self.model, self.tokenizer) if train else None
+        self.aux = AuxiliaryLM.maybe(self.recipe, self.model, self.tokenizer, self.data_cache) if train else None
         if train:
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)
         if self.aux is not None:
@@ -72,7 +72,7 @@ class ClassificationTask(TextFieldInput, Task):
             self.train_set = self._tokenize(self.train_set, "data.train")
             self.set_class_weights(self.train_set["label"])
         if data.eval:
-            eval_raw = load_table(data.eval, "data.eval")
+            eval_raw = load_table(data.eval, "data.eval", self.data_cache)
             require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
             eval_raw = drop_null_rows(eval_raw, fields, "data.eval", self.skipped, [data.text_field], data.skip_invalid)
             unseen = sorted({str(v) for v in eval_raw[data.label_field]} - set(self.label2id))
@@ -115,7 +115,7 @@ class ClassificationTask(TextFieldInput, Task):
             tokenizer_fingerprint(tokenizer),
             sorted(label2id.items()),
         )
-        return cached_map(table, encode, str(cache_key))
+        return cached_map(table, encode, str(cache_key), cache=self.data_cache)
 
     def lengths(self, split: str) -> Optional[list[int]]:
         table = self.train_set if split == "train" else self.eval_set

@@ -40,7 +40,7 @@ from sft_cli.tasks.generation_data import (
     render_prompt,
     trained_tokens_per_role,
 )
-from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationInference, set_stop_tokens
+from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationPredictor, set_stop_tokens
 from sft_cli.tasks.metrics import generation_metrics, perplexity
 from sft_cli.tasks.text import (
     backbone_tokenizer,
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 VERIFY_ROWS = 32  # real rows whose prefixes are tokenized on their own at start-up
 
 
-class GenerationTask(GenerationInference, Task):
+class GenerationTask(Task):
     """Causal-LM fine-tuning on pairs or conversations; eval with exact match, BLEU, ROUGE-L, stop rate."""
 
     main_metric = "eval_loss"
@@ -67,7 +67,7 @@ class GenerationTask(GenerationInference, Task):
         resolved = bb.resolve(spec) if train else None
         self.tokenizer = backbone_tokenizer(resolved, spec) if train else load_tokenizer(model_dir, spec)
         tables = {
-            key: load_table(location, key)
+            key: load_table(location, key, self.data_cache)
             for key, location in (("data.train", data.train), ("data.eval", data.eval))
             if location and (train or key == "data.eval")
         }
@@ -81,7 +81,7 @@ class GenerationTask(GenerationInference, Task):
         self.isolation = None
         if train:
             encoded, _ = encode_split(
-                tables["data.train"], readers["data.train"], "data.train", data.train, self.skipped
+                tables["data.train"], readers["data.train"], "data.train", data.train, self.skipped, self.data_cache
             )
             self.role_tokens = trained_tokens_per_role(encoded)
             self.history = history_summary(encoded)
@@ -91,7 +91,9 @@ class GenerationTask(GenerationInference, Task):
         self.model, self.chunked = with_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
         if "data.eval" in tables:
             reader = readers["data.eval"]
-            self.eval_set, kept = encode_split(tables["data.eval"], reader, "data.eval", data.eval, self.skipped)
+            self.eval_set, kept = encode_split(
+                tables["data.eval"], reader, "data.eval", data.eval, self.skipped, self.data_cache
+            )
             self.eval_prompts = self._eval_prompts(tables["data.eval"].select(kept), reader)
 
     # -- model and template ------------------------------------------------------------------
@@ -183,10 +185,16 @@ class GenerationTask(GenerationInference, Task):
     def _unlabeled(self) -> Any:
         if not self.recipe.data.unlabeled:
             raise SftError("loss.lm: generation takes its LM loss from data.unlabeled — set it to a text corpus")
-        table = load_table(self.recipe.data.unlabeled, "data.unlabeled")
+        table = load_table(self.recipe.data.unlabeled, "data.unlabeled", self.data_cache)
         require_columns(table, [self.recipe.data.text_field], "data.text_field", "data.unlabeled")
         return pack_texts(
-            table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, "clm", "data.unlabeled"
+            table,
+            self.tokenizer,
+            self.recipe.data.text_field,
+            self.recipe.data.max_length,
+            "clm",
+            "data.unlabeled",
+            self.data_cache,
         )
 
     def _eval_prompts(self, table: Any, reader: RowReader) -> list[dict[str, Any]]:
@@ -272,7 +280,7 @@ class GenerationTask(GenerationInference, Task):
             return inputs  # padding-free: no T x T mask at all
         if int(batch["segment_ids"].max()) > 0:
             inputs["attention_mask"] = packed_attention(
-                batch["segment_ids"], _compute_dtype(model, batch["input_ids"].device)
+                batch["segment_ids"], bb.compute_dtype(model, batch["input_ids"].device)
             )
         else:
             inputs["attention_mask"] = batch["attention_mask"]
@@ -361,9 +369,29 @@ class GenerationTask(GenerationInference, Task):
         info = {"chat": self.chat is not None, "template": self.recipe.data.template}
         (directory / GENERATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
+    # -- using a trained model: the predictor does the work -----------------------------------------
 
-def _compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
-    """The dtype attention scores are computed in (autocast's when active)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return next(model.parameters()).dtype
+    def load_for_inference(self, model_dir: str) -> None:
+        self.predictor, self.model = GenerationPredictor.load(self.recipe, model_dir)
+        self.tokenizer, self.chat = self.predictor.tokenizer, self.predictor.chat
+
+    def check_input(self, columns: list[str]) -> None:
+        self.predictor.check_input(columns)
+
+    def predict_length(self, row: dict) -> int:
+        return self.predictor.predict_length(row)
+
+    def row_problems(self, rows: list[dict], first: int) -> list[Optional[str]]:
+        return self.predictor.row_problems(rows, first)
+
+    def prompt_ids(self, messages: list, tools: Any = None) -> list[int]:
+        """Token ids of a conversation (or a lone prompt) with the generation prompt, as training rendered it."""
+        return self.predictor.prompt_ids(messages, tools)
+
+    def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        return self.predictor.predict(model, rows, settings)
+
+    def report(self, metrics: dict[str, Any], directory: Path) -> None:
+        predictions = metrics.pop("predictions", [])
+        with open(directory / "predictions.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from sft_cli.chat.formats import InvalidConversation, to_messages, tools_of
 from sft_cli.chat.masks import ROLE_IDS, ROLE_NAMES, ChatEncoder, MaskError, role_token_counts
-from sft_cli.data.tables import SkipCounter, cached_map
+from sft_cli.data.tables import DataCache, SkipCounter, cached_map
 from sft_cli.errors import SftError
 from sft_cli.tasks.text import tokenizer_fingerprint
 
@@ -71,7 +71,9 @@ class RowReader:
 COLUMNS = ("input_ids", "trained", "length", "role_tokens", "role_trained", "row", "history", "why", "skip")
 
 
-def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped: SkipCounter) -> tuple[Any, list[int]]:
+def encode_split(
+    table: Any, reader: RowReader, key: str, location: str, skipped: SkipCounter, cache: DataCache = DataCache()
+) -> tuple[Any, list[int]]:
     """Tokenize and mask every row (cached); rows that cannot train are counted by reason and left out.
 
     A row gives one example, or one per assistant turn when its template needs `per-turn` history. Returns the
@@ -103,7 +105,7 @@ def encode_split(table: Any, reader: RowReader, key: str, location: str, skipped
         reader.chat.history if reader.chat else None,
         tokenizer_fingerprint(reader.tokenizer),
     )
-    encoded = cached_map(table, encode, str(fingerprint), with_indices=True)
+    encoded = cached_map(table, encode, str(fingerprint), with_indices=True, cache=cache)
     reasons = encoded["skip"]
     for reason in sorted(set(reasons) - {""}):
         skipped.add(key, reason, reasons.count(reason))

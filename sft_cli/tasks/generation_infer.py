@@ -22,21 +22,30 @@ from sft_cli.tasks.text import ensure_pad_token, input_problem, load_tokenizer
 GENERATION_FILE = "sft_generation.json"  # in model/: chat template or format string, for predict and chat
 
 
-class GenerationInference:
-    """The inference half of GenerationTask (mixed in): load a trained model, read prompts, decode."""
+class GenerationPredictor:
+    """Reads prompts for a trained generation model and decodes them: `sft predict` and `sft chat` through
+    GenerationTask, which holds one (composition: the task's training half never sees this state)."""
 
-    def load_for_inference(self, model_dir: str) -> None:
-        self.tokenizer = load_tokenizer(model_dir, self.recipe.backbone)
-        info = _generation_info(Path(model_dir), self.recipe, self.tokenizer)
-        self.chat = None
+    def __init__(self, recipe: Any, tokenizer: Any, chat: Optional[ChatEncoder], prompt_template: Optional[str]):
+        self.recipe, self.tokenizer, self.chat, self.prompt_template = recipe, tokenizer, chat, prompt_template
+        self.input_format = "prompt-response"
+        self.input_reader: Any = None
+
+    @classmethod
+    def load(cls, recipe: Any, model_dir: str) -> tuple[GenerationPredictor, torch.nn.Module]:
+        """The predictor (tokenizer, template as trained) and the model from a trained model directory."""
+        tokenizer = load_tokenizer(model_dir, recipe.backbone)
+        info = _generation_info(Path(model_dir), recipe, tokenizer)
+        chat = None
         if info["chat"]:
-            self.chat = ChatEncoder(self.tokenizer, prepare_tokenizer(self.tokenizer, None, model_dir), "assistant")
-        self.prompt_template = info["template"]
-        ensure_pad_token(self.tokenizer)
-        self.model = bb.load_trained(AutoModelForCausalLM, model_dir)
-        set_stop_tokens(bb.unwrap(self.model), self.tokenizer)
+            chat = ChatEncoder(tokenizer, prepare_tokenizer(tokenizer, None, model_dir), "assistant")
+        ensure_pad_token(tokenizer)
+        model = bb.load_trained(AutoModelForCausalLM, model_dir)
+        set_stop_tokens(bb.unwrap(model), tokenizer)
+        return cls(recipe, tokenizer, chat, info["template"]), model
 
     def check_input(self, columns: list[str]) -> None:
+        """Pick the input's format from its columns (as training did) and refuse missing columns."""
         data = self.recipe.data
         self.input_format = detect_format(columns, data.format, data.messages_field) if self.chat else "prompt-response"
         column = conversation_column(self.input_format, data.messages_field)
@@ -47,6 +56,7 @@ class GenerationInference:
         )
 
     def predict_length(self, row: dict) -> int:
+        """The prompt's length in characters (rows of similar length are decoded together)."""
         key = self.input_reader.column or (
             "instruction" if self.input_format == "alpaca" else self.recipe.data.prompt_field
         )
@@ -87,14 +97,10 @@ class GenerationInference:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.recipe.data.max_length :]
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
+        """Decode every row's prompt with the `predict:` settings."""
         prompts = [self.prompt_ids(self.input_reader.messages(row, prompt=True), tools_of(row)) for row in rows]
         outputs = generate(bb.unwrap(model), self.tokenizer, prompts, decode_settings(settings))
         return [{"prediction": o.text, "stopped": o.stopped, "num_tokens": len(o.ids)} for o in outputs]
-
-    def report(self, metrics: dict[str, Any], directory: Path) -> None:
-        predictions = metrics.pop("predictions", [])
-        with open(directory / "predictions.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
 
 
 def decode_settings(settings: Any) -> DecodeSettings:

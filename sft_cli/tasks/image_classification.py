@@ -147,7 +147,7 @@ class ImageClassificationTask(ClassificationTask):
         """Rows with a decodable image column; relative image paths resolve against the data file."""
         import datasets
 
-        table = load_table(location, key)
+        table = load_table(location, key, self.data_cache)
         field = self.recipe.data.image_field
         if (
             field == "image"

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from sft_cli.data.tables import drop_null_rows, load_table, require_columns
+from sft_cli.data.tables import DataCache, drop_null_rows, load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.rundir.atomic import atomic_directory
@@ -26,12 +26,12 @@ from sft_cli.tasks.text import (
 )
 
 
-def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
+def build_lm(recipe: Any, objective_hint: str = "auto", cache: DataCache = DataCache()) -> tuple[Any, Any, str]:
     """(model, tokenizer, objective) for a recipe: pretrained, or fresh weights with an optional new tokenizer."""
     spec = recipe.backbone
     resolved = bb.resolve(spec)
     if recipe.tokenizer.train:
-        tokenizer = _corpus_tokenizer(recipe)
+        tokenizer = _corpus_tokenizer(recipe, cache)
         if not spec.from_scratch:
             raise SftError("tokenizer.train: a new tokenizer needs fresh embeddings — set backbone.from_scratch: true")
     else:
@@ -45,7 +45,7 @@ def build_lm(recipe: Any, objective_hint: str = "auto") -> tuple[Any, Any, str]:
     return model, tokenizer, objective
 
 
-def _corpus_tokenizer(recipe: Any) -> Any:
+def _corpus_tokenizer(recipe: Any, cache: DataCache) -> Any:
     """tokenizer.train: a tokenizer trained on data.train (read as a stream when data.streaming)."""
     field = recipe.data.text_field
     if recipe.data.streaming:
@@ -55,18 +55,18 @@ def _corpus_tokenizer(recipe: Any) -> Any:
         builder, files = resolve_files(recipe.data.train, "data.train")
         skip = recipe.data.skip_invalid
         texts = (text for path in files for text in read_texts(path, builder, field, skip))
-        return trained_tokenizer(texts, content_hash(files) + field, recipe.tokenizer.vocab_size)
-    table = load_table(recipe.data.train, "data.train")
+        return trained_tokenizer(texts, content_hash(files) + field, recipe.tokenizer.vocab_size, cache)
+    table = load_table(recipe.data.train, "data.train", cache)
     require_columns(table, [field], "data.text_field", f"data.train ({recipe.data.train})")
     texts = (t for t in table[field] if isinstance(t, str) and t)
-    return trained_tokenizer(texts, table._fingerprint + field, recipe.tokenizer.vocab_size)
+    return trained_tokenizer(texts, table._fingerprint + field, recipe.tokenizer.vocab_size, cache)
 
 
-def trained_tokenizer(texts: Iterable[str], corpus_key: str, vocab_size: int) -> Any:
+def trained_tokenizer(texts: Iterable[str], corpus_key: str, vocab_size: int, cache: DataCache = DataCache()) -> Any:
     """A byte-level BPE tokenizer trained on a corpus, kept in the data cache so no later run trains it again."""
-    from sft_cli.data.tables import cache_directory, fingerprint
+    from sft_cli.data.tables import fingerprint
 
-    root = cache_directory()
+    root = cache.directory
     target = Path(root) / "tokenizers" / fingerprint(corpus_key, vocab_size) if root else None
     if target is not None and (target / "tokenizer_config.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(target))
@@ -87,7 +87,7 @@ class LanguageModelingTask(TextFieldInput, Task):
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         recipe, data = self.recipe, self.recipe.data
         if train:
-            self.model, self.tokenizer, self.objective = build_lm(recipe, recipe.objective)
+            self.model, self.tokenizer, self.objective = build_lm(recipe, recipe.objective, self.data_cache)
             self.model = bb.apply_freeze(self.model, recipe.freeze)
         else:
             self._load(model_dir)
@@ -109,12 +109,18 @@ class LanguageModelingTask(TextFieldInput, Task):
             self.eval_set = self._blocks(data.eval, "data.eval")
 
     def _blocks(self, location: str, key: str) -> Any:
-        table = load_table(location, key)
+        table = load_table(location, key, self.data_cache)
         require_columns(table, [self.recipe.data.text_field], "data.text_field", f"{key} ({location})")
         field = self.recipe.data.text_field
         table = drop_null_rows(table, [field], key, self.skipped, [field], self.recipe.data.skip_invalid)
         blocks = pack_texts(
-            table, self.tokenizer, self.recipe.data.text_field, self.recipe.data.max_length, self.objective, key
+            table,
+            self.tokenizer,
+            self.recipe.data.text_field,
+            self.recipe.data.max_length,
+            self.objective,
+            key,
+            self.data_cache,
         )
         if len(blocks) == 0:
             raise SftError(f"{key}: {location} has no text to train on")

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedC
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from sft_cli.config.schema import Recipe
+from sft_cli.data.tables import DataCache
 from sft_cli.errors import SftError
 from sft_cli.model.losses import shift_for_next_token, summed_cross_entropy
 from sft_cli.tasks.text import pack_texts
@@ -106,7 +107,9 @@ class AuxiliaryLM:
         self.chunked = False
 
     @classmethod
-    def maybe(cls, recipe: Recipe, model: nn.Module, tokenizer: Any) -> Optional[AuxiliaryLM]:
+    def maybe(
+        cls, recipe: Recipe, model: nn.Module, tokenizer: Any, cache: DataCache = DataCache()
+    ) -> Optional[AuxiliaryLM]:
         """None unless `loss.lm > 0`; otherwise wraps the task model so it also has an LM head."""
         if recipe.loss.lm <= 0:
             return None
@@ -115,12 +118,12 @@ class AuxiliaryLM:
         if recipe.data.unlabeled:
             from sft_cli.data.tables import SkipCounter, drop_null_rows, load_table, require_columns
 
-            table = load_table(recipe.data.unlabeled, "data.unlabeled")
+            table = load_table(recipe.data.unlabeled, "data.unlabeled", cache)
             field = recipe.data.text_field
             require_columns(table, [field], "data.text_field", "data.unlabeled")
             table = drop_null_rows(table, [field], "data.unlabeled", SkipCounter(), [field], recipe.data.skip_invalid)
             unlabeled = pack_texts(
-                table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled"
+                table, tokenizer, recipe.data.text_field, recipe.data.max_length, objective, "data.unlabeled", cache
             )
         return cls(objective, tokenizer, unlabeled, recipe.engine.kernels)
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sft_cli.config.schema import BackboneConfig
 from sft_cli.data.packing import pad_sequences
-from sft_cli.data.tables import cached_map
+from sft_cli.data.tables import DataCache, cached_map
 from sft_cli.errors import SftError
 from sft_cli.model.backbone import ResolvedBackbone
 
@@ -137,7 +137,9 @@ def fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> Non
             setattr(config, name, max_length)
 
 
-def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: str, key: str) -> Any:
+def pack_texts(
+    table: Any, tokenizer: Any, field: str, block: int, objective: str, key: str, cache: DataCache = DataCache()
+) -> Any:
     """Tokenize once, join documents with EOS (SEP for encoders), cut into full blocks of `block` tokens."""
     separator = document_separator(tokenizer)
 
@@ -149,7 +151,8 @@ def pack_texts(table: Any, tokenizer: Any, field: str, block: int, objective: st
         usable = (len(stream) // block) * block or len(stream)
         return {"input_ids": [stream[i : i + block] for i in range(0, usable, block)]}
 
-    return cached_map(table, encode, str(("pack", field, block, objective, tokenizer_fingerprint(tokenizer))))
+    key = str(("pack", field, block, objective, tokenizer_fingerprint(tokenizer)))
+    return cached_map(table, encode, key, cache=cache)
 
 
 def document_separator(tokenizer: Any) -> int:
