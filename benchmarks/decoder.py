@@ -191,7 +191,7 @@ def held_out_loss(model_dir: str) -> float:
     """Mean cross-entropy on the assistant tokens (replies + end-of-turn) of the held-out conversations."""
     from sft_cli.config.recipe import load_recipe
     from sft_cli.engine.accelerator import make_accelerator
-    from sft_cli.engine.evaluation import evaluate
+    from sft_cli.engine.evaluation import evaluate_over_processes
     from sft_cli.tasks import build_task
 
     path = WORK / "held-out.yaml"
@@ -214,7 +214,7 @@ def held_out_loss(model_dir: str) -> float:
     accelerator = make_accelerator(recipe.engine)
     task = build_task(recipe)
     task.setup(model_dir=model_dir, train=False)
-    return evaluate(task, task.model, accelerator, 16, final=False)["loss"]
+    return evaluate_over_processes(task, task.model, accelerator, 16, final=False)["loss"]
 
 
 RUNS = {"dec/trainer-clm-collator": trainer_run, "dec/trl-sfttrainer": trl_run, "dec/sft": sft_run}

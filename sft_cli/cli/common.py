@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Turn a YAML recipe into a trained, evaluated model.",
     pretty_exceptions_enable=False,
 )
-state = {"debug": False}
+state: dict[str, Any] = {"debug": False, "document": None}  # this invocation: --debug, where --json writes
 
 OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-5 schedule.epochs=1", show_default=False)
 RESUME_HELP = "Continue from the newest checkpoint in output.dir (or from PATH)."
@@ -95,20 +95,17 @@ def guard(action, *args, **kwargs):
 JSON = typer.Option(False, "--json", help="Human output to stderr; stdout gets exactly one JSON document.")
 
 
-_DOCUMENT: dict[str, Any] = {"stream": None}  # where --json writes its one document
-
-
 def json_mode(enabled: bool) -> None:
     if enabled:
         from sft_cli.ui.progress import json_mode as redirect_stdout
 
-        _DOCUMENT["stream"] = redirect_stdout()
+        state["document"] = redirect_stdout()
 
 
 def emit(result: Any, enabled: bool) -> None:
     """The command's result as one JSON document on stdout (rank 0 only)."""
     if enabled and os.environ.get("RANK", "0") == "0":
-        stream = _DOCUMENT["stream"] or sys.stdout
+        stream = state["document"] or sys.stdout
         stream.write(json.dumps(result, default=_jsonable) + "\n")
         stream.flush()
 

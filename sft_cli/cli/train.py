@@ -67,7 +67,7 @@ def pretrain(
     _train("pretrain", recipe, overrides, resume, overwrite, as_json)
 
 
-def evaluate(
+def eval_command(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[List[str]] = OVERRIDES,
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: output.dir/model)."),
@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
     """Add these commands to the app, in the order `sft --help` lists them."""
     app.command()(finetune)
     app.command()(pretrain)
-    app.command("eval")(evaluate)
+    app.command("eval")(eval_command)
     app.command("plan")(plan_command)
     app.command("sweep")(sweep_command)
     app.command()(report)

@@ -22,7 +22,7 @@ from sft_cli.config.recipe import Recipe, to_yaml
 from sft_cli.data.tables import tokenizing_stats
 from sft_cli.engine.accelerator import make_accelerator
 from sft_cli.engine.checkpointer import Interrupted, Stopped, stop_on_signals
-from sft_cli.engine.evaluation import evaluate
+from sft_cli.engine.evaluation import evaluate_over_processes
 from sft_cli.engine.trainer import Trainer
 from sft_cli.errors import SftError, StorageError, is_storage_error, storage_message
 from sft_cli.model.memory import limit_heap_retention
@@ -242,7 +242,7 @@ def evaluate_model(
         task.data_cache = cache
         task.setup(model_dir=str(directory), train=False)
     model = accelerator.prepare_model(task.model, evaluation_mode=True)
-    metrics = evaluate(task, model, accelerator, recipe.eval.batch_size)
+    metrics = evaluate_over_processes(task, model, accelerator, recipe.eval.batch_size)
     metrics["model"] = str(directory)
     metrics["skipped_rows"] = task.skipped.count("data.eval")
     if accelerator.is_main_process:

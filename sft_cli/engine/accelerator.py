@@ -81,8 +81,9 @@ def make_accelerator(config: EngineConfig, training: bool = True) -> Accelerator
 def sharding_plugins(config: EngineConfig, on_gpu: bool) -> dict[str, Any]:
     """Accelerate's FSDP2 or DeepSpeed plugin for engine.distributed.strategy (nothing for ddp).
 
-    Off CUDA, Accelerate's CPU path (gloo) ignores an FSDP plugin and would wrap the model in DDP, so there
-    the engine shards with PyTorch's FSDP2 itself (sft_cli/engine/parallel/fsdp.py); DeepSpeed runs on CUDA or its CPU accelerator.
+    Off CUDA, Accelerate's CPU path (gloo) ignores an FSDP plugin and would wrap the model in DDP, so there the
+    engine shards with PyTorch's FSDP2 itself (engine/parallel/fsdp.py); DeepSpeed runs on CUDA or its CPU
+    accelerator.
     """
     distributed = config.distributed
     if distributed.strategy == "deepspeed":

@@ -24,7 +24,7 @@ def even_batches(total: int, indices: list[int], batch_size: int, world: int) ->
     return [part.tolist() for part in np.array_split(np.asarray(indices), count)]
 
 
-def evaluate(
+def evaluate_over_processes(
     task: Task,
     model: torch.nn.Module,
     accelerator: Accelerator,

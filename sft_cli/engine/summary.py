@@ -12,7 +12,7 @@ from sft_cli.model.backbone import compile_seconds
 
 
 def training_summary(trainer: Any) -> dict[str, Any]:
-    """What summary.json records about a finished (or stopped) `engine.Trainer` run."""
+    """What summary.json records about a finished (or stopped) `Trainer` run (engine/trainer.py)."""
     seconds = max(trainer.state.train_seconds, 1e-9)
     tokens_per_s = trainer.state.tokens / seconds
     flops = trainer.flops_per_token * trainer.state.tokens

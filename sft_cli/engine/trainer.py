@@ -23,7 +23,7 @@ from sft_cli.data.streaming import stream_loader
 from sft_cli.data.tables import batches_per_rank, epoch_batches, shard_batches
 from sft_cli.engine.accelerator import estimate_flops_per_token
 from sft_cli.engine.checkpointer import Checkpointer, SignalWatch
-from sft_cli.engine.evaluation import evaluate
+from sft_cli.engine.evaluation import evaluate_over_processes
 from sft_cli.engine.meter import Meter
 from sft_cli.engine.optim import build_optimizer, build_scheduler
 from sft_cli.engine.parallel import for_training
@@ -316,7 +316,9 @@ class Trainer:
         """Task metrics on the eval split, sharded over processes and gathered exactly once each."""
         if self.task.eval_set is None:
             return {}
-        return evaluate(self.task, self.model, self.accelerator, self.schedule.batch_size, False, self.parallel)
+        return evaluate_over_processes(
+            self.task, self.model, self.accelerator, self.schedule.batch_size, False, self.parallel
+        )
 
     def _evaluate_and_track(self) -> bool:
         """Evaluate, log, keep the best model, feed plateau/early stopping; True means stop."""

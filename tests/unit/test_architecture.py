@@ -124,6 +124,15 @@ def test_the_engine_uses_only_the_task_interface():
     assert not reaching, "the engine may import only the task interface (sft_cli.tasks.base):\n" + "\n".join(reaching)
 
 
+def test_every_module_sits_in_its_layer_package():
+    """The folders show the layers: nothing but the entry points and the bottom layer lies loose in sft_cli/."""
+    loose = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py", "environment.py", "errors.py"], loose
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    layered = {prefix.split(".")[1] for _, prefixes in LAYERS for prefix in prefixes if prefix.count(".") == 1}
+    assert set(packages) <= layered, f"packages in no layer: {set(packages) - layered}"
+
+
 def test_one_task_list_in_schema_specs_and_registry():
     """Adding a task is its module, its registry line and its spec; none can be forgotten."""
     from sft_cli.config.schema import TASKS
