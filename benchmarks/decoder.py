@@ -192,7 +192,7 @@ def held_out_loss(model_dir: str) -> float:
     from sft_cli.config.recipe import load_recipe
     from sft_cli.engine.accelerator import make_accelerator
     from sft_cli.engine.evaluation import evaluate_over_processes
-    from sft_cli.tasks import build_task
+    from sft_cli.tasks.registry import build_task
 
     path = WORK / "held-out.yaml"
     path.write_text(

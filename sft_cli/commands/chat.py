@@ -20,7 +20,7 @@ from sft_cli.engine.accelerator import make_accelerator
 from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.model.decoding import generate
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from sft_cli.tasks.specs import TASK_SPECS
 
 HELP = "commands: /reset (forget the conversation), /system TEXT, /save FILE, /exit"

@@ -15,7 +15,7 @@ from sft_cli.model import backbone as bb
 from sft_cli.rundir import manifest
 from sft_cli.rundir.atomic import atomic_directory
 from sft_cli.rundir.layout import model_directory, resolve_run
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 
 log = logging.getLogger("sft")
 SIDE_FILES = ("sft_preprocess.json", "sft_generation.json")

@@ -12,7 +12,7 @@ from rich.table import Table
 from sft_cli.config.recipe import Recipe, to_yaml
 from sft_cli.engine.accelerator import autocast_dtype, estimate_flops_per_token, measure_peak_flops, resolve_precision
 from sft_cli.model.backbone import count_parameters
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from sft_cli.ui.progress import human, stdout
 
 ASSUMED_MFU = 0.25  # what sft reaches on CPU for MiniLM-sized models (benchmarks/RESULTS.md)

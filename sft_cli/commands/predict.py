@@ -26,7 +26,7 @@ from sft_cli.engine.accelerator import make_accelerator
 from sft_cli.errors import SftError
 from sft_cli.rundir import manifest
 from sft_cli.rundir.atomic import check_writable, write_json_atomic
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from sft_cli.ui.progress import console
 
 log = logging.getLogger("sft")

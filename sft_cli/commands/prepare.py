@@ -89,7 +89,7 @@ def tokenize_once(recipe: Recipe, scratch: Optional[Path] = None) -> Iterator[tu
 
 def prepare(recipe: Recipe) -> dict[str, Any]:
     """`sft prepare`: parse and tokenize (and for pretraining pack) every split once, into the cache."""
-    from sft_cli.tasks import build_task
+    from sft_cli.tasks.registry import build_task
 
     before = tokenizing_stats()
     task = build_task(recipe)

@@ -31,7 +31,7 @@ from sft_cli.rundir.atomic import atomic_directory, check_writable, write_json_a
 from sft_cli.rundir.checkpoints import clean_stale_temporaries, find_resume_point, list_checkpoints
 from sft_cli.rundir.lock import RunLock
 from sft_cli.rundir.model_files import check_model_files
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from sft_cli.tasks.specs import TASK_SPECS
 from sft_cli.ui.progress import print_per_class, print_table
 

@@ -1,8 +1,9 @@
 """What sft knows about each task beyond its code: the command that runs it, the metric people compare runs by,
 its model-card pipeline tag and text, its starter recipe, and whether `sft chat` talks to it.
 
-One entry per task; `sft_cli.tasks.TASKS` maps the same names to their classes and `schema.TASKS` lists them (a
-test keeps the three equal). Plain data, so `sft runs` and `sft init` read it without loading any model code.
+One entry per task; `sft_cli.tasks.registry.TASKS` maps the same names to their classes and `schema.TASKS`
+lists them (a test keeps the three equal). Plain data, so `sft runs` and `sft init` read it without loading
+any model code.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from sft_cli.commands import train as commands
 from sft_cli.commands.plan import plan
 from sft_cli.config.recipe import load_recipe
 from sft_cli.errors import SftError
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from tests.conftest import REPO, full_logits, read_jsonl, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration

@@ -136,7 +136,7 @@ def test_every_module_sits_in_its_layer_package():
 def test_one_task_list_in_schema_specs_and_registry():
     """Adding a task is its module, its registry line and its spec; none can be forgotten."""
     from sft_cli.config.schema import TASKS
-    from sft_cli.tasks import TASKS as REGISTRY
+    from sft_cli.tasks.registry import TASKS as REGISTRY
     from sft_cli.tasks.specs import TASK_SPECS
 
     assert list(TASKS) == list(TASK_SPECS) == list(REGISTRY)

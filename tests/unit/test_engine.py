@@ -10,7 +10,7 @@ from sft_cli.commands import train as commands
 from sft_cli.config.recipe import load_recipe
 from sft_cli.engine.accelerator import make_accelerator
 from sft_cli.engine.trainer import Trainer
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from tests.conftest import TINY_BERT, read_jsonl
 
 NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}

@@ -6,7 +6,7 @@ import torch
 from sft_cli.config.recipe import load_recipe
 from sft_cli.model import backbone as bb
 from sft_cli.model.lm_loss import CausalLMLoss, linear_cross_entropy, plain_loss
-from sft_cli.tasks import build_task
+from sft_cli.tasks.registry import build_task
 from tests.conftest import DOCS, REPO, read_jsonl, write_jsonl, write_recipe
 
 # (loss rtol, gradient error / the largest gradient): fp32 agrees to rounding; bf16 keeps ~3 significant digits

@@ -249,7 +249,7 @@ def test_chat_budgets_the_prompt_and_goes_on_after_a_bad_save(tmp_path):
 
 def test_non_string_text_one_rule_for_training_and_predict(tiny_recipe, tmp_path):
     from sft_cli.config.recipe import load_recipe
-    from sft_cli.tasks import build_task
+    from sft_cli.tasks.registry import build_task
     from tests.conftest import keyword_rows
 
     rows = keyword_rows(64, 0)

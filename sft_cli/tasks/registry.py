@@ -1,0 +1,25 @@
+"""Task registry: a plain name -> class mapping (no import strings in recipes); one line per task."""
+
+from __future__ import annotations
+
+from sft_cli.config.schema import Recipe
+from sft_cli.errors import SftError
+from sft_cli.tasks.base import Task
+from sft_cli.tasks.classification import ClassificationTask
+from sft_cli.tasks.generation import GenerationTask
+from sft_cli.tasks.image_classification import ImageClassificationTask
+from sft_cli.tasks.language_modeling import LanguageModelingTask
+
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "image-classification": ImageClassificationTask,
+    "generation": GenerationTask,
+    "language-modeling": LanguageModelingTask,
+}
+
+
+def build_task(recipe: Recipe) -> Task:
+    """The task object named by `recipe.task`."""
+    if recipe.task not in TASKS:
+        raise SftError(f"task: '{recipe.task}' is not supported (available: {', '.join(TASKS)})")
+    return TASKS[recipe.task](recipe)
