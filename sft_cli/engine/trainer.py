@@ -99,11 +99,11 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.optim_config)
         self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
         self.model, self.optimizer = self.parallel.prepare(model, self.optimizer)
-        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.parallel, self.task, self.output.keep)
-        self.checkpointer.bind(self.model, self.optimizer, self.scheduler)
         self.task.length_buckets = self.engine.compile
         if self.engine.compile:
             self.model = compile_blocks(self.model)
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.parallel, self.task, self.output.keep)
+        self.checkpointer.bind(self.model, self.optimizer, self.scheduler)
         self.flops_per_token = estimate_flops_per_token(self.model)
         if resume_from is not None:
             self._restore(resume_from)
