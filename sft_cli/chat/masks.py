@@ -69,6 +69,7 @@ class ChatEncoder:
         self.history = history
         self.bos_id = tokenizer.bos_token_id
         self.markers = _special_text(tokenizer)
+        self.reply_markers = _special_text(tokenizer, template.end_of_turn)  # where a reply's text cannot be
 
     def render(self, messages: list, generation_prompt: bool = False, tools: Any = None) -> str:
         return render(self.tokenizer, messages, self.template.text, generation_prompt, tools)
@@ -121,7 +122,7 @@ class ChatEncoder:
         encoding = self.tokenizer(reply.completion, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         stops = self.template.stop_ids or ({self.template.end_of_turn_id} - {None})
-        own = own_text_end(reply.completion, message)
+        own = own_text_end(reply.completion, message, self.reply_markers)
         end = next((i for i, token in enumerate(ids) if token in stops and offsets[i][0] >= own), None)
         if end is None:
             if self.template.end_of_turn is not None:
@@ -306,9 +307,10 @@ def _runs(flags: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _special_text(tokenizer: Any) -> Optional[re.Pattern]:
-    """A pattern matching the text of the tokenizer's special tokens (not plain added tokens like `<think>`)."""
-    texts = set(tokenizer.all_special_tokens)
+def _special_text(tokenizer: Any, *more: Optional[str]) -> Optional[re.Pattern]:
+    """A pattern matching the text of the tokenizer's special tokens (not plain added tokens like `<think>`), and
+    of `more` markers."""
+    texts = set(tokenizer.all_special_tokens) | {text for text in more if text}
     texts |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     texts.discard("")
     if not texts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Optional
 
 
 class MaskError(ValueError):
@@ -21,9 +22,14 @@ def called_functions(message: dict) -> list[str]:
     return names
 
 
-def own_text_end(completion: str, message: dict) -> int:
+def own_text_end(completion: str, message: dict, markers: Optional[re.Pattern] = None) -> int:
     """Where the reply's own text ends in its completion: after its content, else after its last tool-call
-    argument; markers before that point (gpt-oss closes its reasoning message with `<|end|>`) do not end it."""
+    argument; markers before that point (gpt-oss closes its reasoning message with `<|end|>`) do not end it.
+
+    Text inside a marker is never the reply's (a reply `end` is also in `<|im_end|>`): `markers` matches them.
+    """
+    if markers is not None:
+        completion = markers.sub(lambda found: "\0" * len(found.group(0)), completion)
     visible = visible_content(message)
     if visible and visible in completion:
         return completion.rindex(visible) + len(visible)

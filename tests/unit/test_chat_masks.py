@@ -326,3 +326,16 @@ def test_tool_calls_train_like_assistant_text_and_tool_results_like_user_text(to
     assert "sunny, 21C" not in trained and "Tools:" not in trained
     full = tokenizer.decode(encoded.input_ids)
     assert "Tools:" in full and "sunny, 21C" in full
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+@pytest.mark.parametrize("reply", ["end", "im_end", "eot_id", "|>"])
+def test_a_reply_that_is_part_of_a_marker_still_ends_at_the_marker(tokenizer, template, reply):
+    """A reply like `end` also appears inside `<|im_end|>`: the reply is its own text, not the marker's."""
+    messages = [{"role": "user", "content": "What does `re.Match.end` do, without the module?"}]
+    messages.append({"role": "assistant", "content": reply})
+    chat = encoder(tokenizer, template)
+    encoded = whole(chat, messages)
+    trained = tokenizer.decode([t for t, m in zip(encoded.input_ids, encoded.trained) if m])
+    assert trained.startswith(reply) and trained.endswith(chat.template.end_of_turn)
+    chat.verify([(messages, None)])
