@@ -91,7 +91,7 @@ def encode_split(
         return out
 
     fingerprint = (
-        "generation-v3",
+        "generation-v4",
         reader.fmt,
         reader.column,
         sorted(reader.roles.items()),
