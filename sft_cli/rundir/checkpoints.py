@@ -45,9 +45,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_dir(directory: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives: checkpoints/step-NNNNNNNN (sorts by step)."""
+    return directory / f"step-{step:08d}"
+
+
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], write_model: Callable[[Path], None]) -> Path:
     """Save model + optimizer/scheduler/RNG/progress as checkpoints/step-N, atomically, with checksums."""
-    final = directory / f"step-{step:08d}"
+    final = checkpoint_dir(directory, step)
     with atomic_directory(final) as tmp:
         write_model(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")

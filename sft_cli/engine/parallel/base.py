@@ -19,7 +19,7 @@ from torch import nn
 from sft_cli.errors import SftError
 from sft_cli.model.backbone import unwrap
 from sft_cli.rundir.atomic import replace_directory
-from sft_cli.rundir.checkpoints import mark_complete, save_checkpoint, untie_shared
+from sft_cli.rundir.checkpoints import checkpoint_dir, mark_complete, save_checkpoint, untie_shared
 
 #: what a checkpoint's trainer state holds besides the weights (the rank-0 part every strategy writes)
 TrainerState = Callable[[bool], dict[str, Any]]
@@ -99,7 +99,7 @@ class Parallel:
                 save_file(untie_shared(tensors), str(target / "weights.safetensors"))
 
             return save_checkpoint(directory, step, trainer_state(True), write_model)
-        return directory / f"step-{step:08d}"
+        return checkpoint_dir(directory, step)
 
     def read_checkpoint(self, checkpoint: Path, model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> None:
         """Load the weights and optimizer state a checkpoint of this strategy holds."""
@@ -125,7 +125,7 @@ class Sharded(Parallel):
         self, directory: Path, step: int, model: nn.Module, optimizer: Any, trainer_state: TrainerState
     ) -> Path:
         """Every rank writes its shard (nothing gathered); rank 0 the trainer state, then publishes atomically."""
-        final = directory / f"step-{step:08d}"
+        final = checkpoint_dir(directory, step)
         tmp = shared_tmp_dir(final, self.accelerator.is_main_process)
         self.save_shards(tmp, model, optimizer)
         self.accelerator.wait_for_everyone()

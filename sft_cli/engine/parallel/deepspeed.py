@@ -3,8 +3,8 @@
 DeepSpeed owns three things the training loop otherwise does itself: the optimizer step (taken inside
 backward at the accumulation boundary, with its gradient clipping), the optimizer state (partitioned over
 ranks, so checkpoints are DeepSpeed's own, one optimizer file per rank) and, under ZeRO-3, the weights
-(gathered once for the final model). The loop calls the functions here at those points. It runs on CUDA,
-and off CUDA on DeepSpeed's CPU accelerator over gloo.
+(gathered once for the final model). The `DeepSpeed` strategy calls the functions here at those points for
+the loop. It runs on CUDA, and off CUDA on DeepSpeed's CPU accelerator over gloo.
 """
 
 from __future__ import annotations
