@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -72,11 +71,11 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     for key in task.skipped.by_split:
         stdout.print(f"skipped in {key}: {task.skipped.describe(key)}", highlight=False)
     info["skipped_rows_by_split"] = task.skipped.by_split
-    names = getattr(task, "names", None)
-    if names is not None and "label" in task.train_set.column_names:
-        counts = Counter(task.train_set["label"])
-        info["label_distribution"] = {names[i]: counts.get(i, 0) for i in range(len(names))}
-        stdout.print("labels: " + ", ".join(f"{k} {v}" for k, v in info["label_distribution"].items()), highlight=False)
+    for key, value in task.plan_statistics().items():
+        info[key] = value
+        shown = ", ".join(f"{k} {human(v)}" for k, v in value.items()) if isinstance(value, dict) else human(value)
+        title = "labels" if key == "label_distribution" else key.replace("_", " ")
+        stdout.print(f"{title}: {shown}", highlight=False)
     extras = task.summary_extras()
     if extras.get("packing_efficiency") is not None:
         info["packing_efficiency"] = extras["packing_efficiency"]
@@ -107,8 +106,7 @@ def render_example(task: Any, row: dict) -> str:
     if isinstance(ids[0], list):  # a packed row: show its first example
         ids, trained = ids[0], trained[0]
     if trained is None:
-        label = f"  -> label {task.names[row['label']]}" if "label" in row and hasattr(task, "names") else ""
-        return escape(tokenizer.decode(ids)) + label
+        return escape(tokenizer.decode(ids)) + escape(task.describe_target(row))
     weight = task.recipe.loss.prompt
     untrained = "no loss" if weight == 0 else f"weight {weight}"
     parts, start = [], 0

@@ -8,7 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-TASKS = ("classification", "image-classification", "generation", "language-modeling")
+TASKS = (
+    "classification",
+    "regression",
+    "multi-label-classification",
+    "token-classification",
+    "image-classification",
+    "generation",
+    "language-modeling",
+)
 FREEZE_POLICIES = ("none", "head-only", "last-n", "patterns", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "step", "plateau")
@@ -22,6 +30,7 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed")
 FORMATS = ("auto", "prompt-response", "messages", "sharegpt", "alpaca")
 TRAIN_ON = ("assistant", "last", "all")
 HISTORY = ("auto", "whole", "per-turn")
+REGRESSION_LOSSES = ("mse", "huber", "l1")
 
 
 @dataclass
@@ -60,7 +69,18 @@ class DataConfig:
     train: Any = None
     eval: Any = None
     text_field: str = "text"
+    text_pair_field: Optional[str] = None  # classification/regression: a second text, encoded as a pair (NLI, STS)
     label_field: str = "label"
+    label_fields: Optional[list[str]] = None  # regression: several numeric targets (instead of label_field)
+    normalize_targets: bool = True  # regression: standardize targets for training (folded back into the saved head)
+    label_separator: Optional[str] = None  # multi-label: split a string label into names (null: a list column)
+    tokens_field: str = "tokens"  # token-classification: a list of words
+    tags_field: str = "tags"  # token-classification: one tag per word
+    label_all_subtokens: bool = False  # token-classification: train every sub-token on its word's tag
+    question_field: str = "question"  # question-answering
+    context_field: str = "context"  # question-answering
+    answers_field: str = "answers"  # question-answering: {text: [...], answer_start: [...]}; empty = unanswerable
+    stride: int = 128  # token-classification / question-answering: tokens shared by consecutive windows (<= half)
     prompt_field: str = "prompt"
     response_field: str = "response"
     image_field: str = "image"
@@ -118,6 +138,7 @@ class LossConfig:
     train_on: str = "assistant"  # conversations: assistant (every reply) | last (the final reply) | all (every token)
     class_weights: Any = None  # classification: null | balanced | {label: weight}
     label_smoothing: float = 0.0  # classification: 0 <= x < 1
+    regression: str = "mse"  # regression: mse | huber | l1
 
 
 @dataclass
@@ -209,6 +230,11 @@ class EvalConfig:
     batch_size: int = 64
     num_beams: int = 1
     max_new_tokens: int = 32
+    threshold: float = 0.5  # multi-label: a label is predicted when its probability is >= threshold
+    tune_threshold: bool = False  # multi-label / question-answering (v2): tune the threshold on eval, save it
+    max_answer_length: int = 30  # question-answering: longest answer span, in tokens
+    n_best: int = 20  # question-answering: start and end candidates searched per window
+    null_threshold: float = 0.0  # question-answering: answer "" when null score - best span score > this
 
 
 @dataclass

@@ -16,6 +16,7 @@ from sft_cli.config.schema import (
     OBJECTIVES,
     OPTIMIZERS,
     PRECISIONS,
+    REGRESSION_LOSSES,
     SCHEDULERS,
     STRATEGIES,
     TASKS,
@@ -83,6 +84,11 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "eval.batch_size": (1, True, None, False),
     "eval.num_beams": (1, True, None, False),
     "eval.max_new_tokens": (1, True, None, False),
+    "eval.threshold": (0, False, 1, False),
+    "eval.max_answer_length": (1, True, None, False),
+    "eval.n_best": (1, True, None, False),
+    "eval.null_threshold": (None, False, None, False),  # any finite number
+    "data.stride": (0, True, None, False),
     "predict.batch_size": (1, True, None, False),
     "predict.top_k": (1, True, None, False),
     "predict.max_new_tokens": (1, True, None, False),
@@ -142,7 +148,13 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
     _check_choice(recipe.data.history, HISTORY, "data.history", source)
+    _check_choice(recipe.loss.regression, REGRESSION_LOSSES, "loss.regression", source)
     _check_class_weights(recipe.loss.class_weights, source)
+    _check(
+        recipe.data.label_fields is None or len(recipe.data.label_fields) > 0,
+        source,
+        "'data.label_fields' must list at least one column (or be null to use data.label_field)",
+    )
     check_ranges(recipe, source)
     sched, optim = recipe.schedule, recipe.optim
     _check(len(optim.betas) == 2, source, "'optim.betas' must be two numbers, e.g. [0.9, 0.999]")

@@ -16,7 +16,16 @@ from typing import IO, Any, Optional, Sequence
 
 from sft_cli.errors import SftError
 
-EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".conll": "conll",  # one word per line, its tag in the last column, a blank line between sentences
+    ".iob": "conll",
+    ".bio": "conll",
+}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 GLOB_CHARACTERS = set("*?[")
 
@@ -141,3 +150,33 @@ def sample_into(digest: Any, path: Path) -> None:
         if size > 2 << 20:
             f.seek(size - (1 << 20))
             digest.update(f.read(1 << 20))
+
+
+def read_conll(paths: Sequence[Path], key: str) -> dict[str, list]:
+    """CoNLL-style files as `tokens` and `tags` columns: a word per line with its tag in the last column, a blank
+    line between sentences, `-DOCSTART-` lines skipped; a line without a tag is an error naming file and line."""
+    tokens: list[list[str]] = []
+    tags: list[list[str]] = []
+    for path in paths:
+        words: list[str] = []
+        labels: list[str] = []
+        with open_text(path) as f:
+            for number, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts or parts[0] == "-DOCSTART-":
+                    if words:
+                        tokens.append(words)
+                        tags.append(labels)
+                    words, labels = [], []
+                    continue
+                if len(parts) < 2:
+                    raise SftError(
+                        f"{key}: {path} line {number}: '{line.strip()}' has no tag — CoNLL lines are "
+                        "'word ... tag' (tag in the last column), with a blank line between sentences"
+                    )
+                words.append(parts[0])
+                labels.append(parts[-1])
+        if words:
+            tokens.append(words)
+            tags.append(labels)
+    return {"tokens": tokens, "tags": tags}

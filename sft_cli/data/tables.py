@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import datasets
 import numpy as np
 
-from sft_cli.data.files import EXTENSIONS, is_data_location, open_text, resolve_files, split_suffix
+from sft_cli.data.files import EXTENSIONS, is_data_location, open_text, read_conll, resolve_files, split_suffix
 from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
 
@@ -99,9 +99,11 @@ def _load_directory(path: Path, key: str, cache: DataCache) -> datasets.Dataset:
 def _load_files(location: Any, key: str, cache: DataCache) -> datasets.Dataset:
     """Read data files through the datasets library (Arrow on disk, memory-mapped), one-line errors."""
     builder, files = resolve_files(location, key)
-    if builder in ("json", "csv", "text"):
+    if builder in ("json", "csv", "text", "conll"):
         for path in files:
             _check_utf8(path, key)
+    if builder == "conll":
+        return datasets.Dataset.from_dict(read_conll(files, key))
     try:
         table = datasets.load_dataset(
             builder,

@@ -6,7 +6,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -303,11 +303,16 @@ def is_adapter(model: nn.Module) -> bool:
 
 
 def save_pretrained(
-    model: nn.Module, directory: Path, merge_lora: bool, gathered: Optional[dict[str, torch.Tensor]] = None
+    model: nn.Module,
+    directory: Path,
+    merge_lora: bool,
+    gathered: Optional[dict[str, torch.Tensor]] = None,
+    transform: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
 ) -> None:
     """Write `model` so `from_pretrained` loads it: merged weights, or a LoRA adapter + the task config.
 
     `gathered`: a sharded model's full weights (gathered onto rank 0 by the engine), written instead of the shards.
+    `transform`: rewrites the weights as written (not the live model), e.g. to fold target statistics into a head.
     """
     import copy
 
@@ -317,10 +322,33 @@ def save_pretrained(
         if merge_lora:
             model = copy.deepcopy(model).merge_and_unload()
         else:
-            model.save_pretrained(directory, state_dict=gathered)  # adapter_config.json names the base model
+            state = transform(dict(gathered or model.state_dict())) if transform else gathered
+            model.save_pretrained(directory, state_dict=state)  # adapter_config.json names the base model
             model.get_base_model().config.save_pretrained(directory)  # labels, sizes: what eval rebuilds
             return
-    model.save_pretrained(directory, safe_serialization=True, state_dict=gathered)
+    state = transform(dict(gathered or model.state_dict())) if transform else gathered
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+
+
+def fold_output_affine(
+    state: dict[str, torch.Tensor], outputs: int, mean: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Fold y = x * std + mean into the last linear layer with `outputs` rows (a regression head), so the saved
+    model predicts in the data's units; the live weights are untouched."""
+    candidates = [
+        key[: -len(".weight")]
+        for key, value in state.items()
+        if key.endswith(".weight") and value.ndim == 2 and value.shape[0] == outputs and "original_module" not in key
+    ]
+    head = next((k for k in reversed(candidates) if k + ".bias" in state), None)
+    if head is None:
+        raise SftError(
+            f"data.normalize_targets: no linear output layer with {outputs} output(s) and a bias to fold "
+            "the target statistics into — set data.normalize_targets: false"
+        )
+    weight, bias = state[head + ".weight"], state[head + ".bias"]
+    scale, shift = std.to(weight.device, weight.dtype), mean.to(bias.device, bias.dtype)
+    return {**state, head + ".weight": weight * scale[:, None], head + ".bias": bias * scale + shift}
 
 
 def load_trained(auto_class: Any, directory: str) -> nn.Module:

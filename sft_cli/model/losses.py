@@ -20,6 +20,28 @@ def summed_cross_entropy(
     return per_item.sum()
 
 
+def regression_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example loss (mse | huber | l1, averaged over the targets), summed over the examples."""
+    outputs, targets = outputs.reshape(targets.shape).float(), targets.float()
+    if kind == "mse":
+        per_value = F.mse_loss(outputs, targets, reduction="none")
+    elif kind == "huber":
+        per_value = F.huber_loss(outputs, targets, reduction="none", delta=1.0)
+    else:
+        per_value = F.l1_loss(outputs, targets, reduction="none")
+    return per_value.reshape(targets.shape[0], -1).mean(-1).sum()
+
+
+def summed_binary_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Multi-label BCE with logits (optionally `pos_weight` per label): each example's mean over labels, summed."""
+    per_value = F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), pos_weight=pos_weight, reduction="none"
+    )
+    return per_value.mean(-1).sum()
+
+
 def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
     """Labels for next-token prediction: position t predicts token t+1 (last position ignored)."""
     shifted = labels.new_full(labels.shape, -100)

@@ -87,6 +87,14 @@ class Task(ABC):
         """Fixed weights that override the recipe's loss mix (e.g. pretraining's LM term is the loss)."""
         return {}
 
+    def plan_statistics(self) -> dict[str, Any]:
+        """Facts about the training labels that `sft plan` shows (label counts, target mean/std, entity types)."""
+        return {}
+
+    def describe_target(self, row: dict) -> str:
+        """How `sft plan` shows a tokenized training row's target, after its decoded tokens."""
+        return ""
+
     def summary_extras(self) -> dict[str, Any]:
         """Task-specific facts for summary.json (e.g. trained tokens per role); nothing by default."""
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -34,27 +35,24 @@ def label_names(values: list[Any]) -> list[str]:
 
 
 class ClassificationTask(TextFieldInput, Task):
-    """Sequence classification with accuracy / macro-F1 / confusion matrix."""
+    """Sequence classification (one text, or a pair) with accuracy / macro-F1 / confusion matrix.
+
+    Regression and multi-label classification reuse it, overriding the label hooks (how labels are read, encoded,
+    scored) — the data, tokenization, freezing, loss mix and prediction plumbing are the same.
+    """
 
     main_metric = "eval_loss"
     main_mode = "min"
     auto_class = AutoModelForSequenceClassification
     group_by_length = True
+    problem_type: Optional[str] = None  # the model config's problem_type (regression, multi_label_classification)
+    label_dtype = torch.long
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         data, spec = self.recipe.data, self.recipe.backbone
-        fields = [data.text_field, data.label_field]
         if train:
-            self.train_set = load_table(data.train, "data.train", self.data_cache)
-            require_columns(self.train_set, fields, "data.text_field/label_field", f"data.train ({data.train})")
-            self.train_set = drop_null_rows(
-                self.train_set, fields, "data.train", self.skipped, [data.text_field], data.skip_invalid
-            )
-            names = label_names(self.train_set[data.label_field])
-            if len(names) < 2:
-                raise SftError(
-                    f"data.train: only one label ({names[0] if names else 'none'}) in {data.train} — classification needs at least two"
-                )
+            self.train_set = self.read_split(data.train, "data.train")
+            names = self.label_names_from(self.train_set)
             resolved = bb.resolve(spec)
             self.tokenizer = backbone_tokenizer(resolved, spec)
             self.model = self.new_classifier(resolved, names)
@@ -70,17 +68,90 @@ class ClassificationTask(TextFieldInput, Task):
             self.model = self.aux.attach(self.model)
         if self.train_set is not None:
             self.train_set = self._tokenize(self.train_set, "data.train")
-            self.set_class_weights(self.train_set["label"])
+            self.fit_label_statistics(self.train_set["label"])
         if data.eval:
-            eval_raw = load_table(data.eval, "data.eval", self.data_cache)
-            require_columns(eval_raw, fields, "data.text_field/label_field", f"data.eval ({data.eval})")
-            eval_raw = drop_null_rows(eval_raw, fields, "data.eval", self.skipped, [data.text_field], data.skip_invalid)
-            unseen = sorted({str(v) for v in eval_raw[data.label_field]} - set(self.label2id))
-            if unseen:
-                raise SftError(
-                    f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training (known: {', '.join(names[:10])})"
-                )
+            eval_raw = self.read_split(data.eval, "data.eval")
+            self.check_eval_labels(eval_raw)
             self.eval_set = self._tokenize(eval_raw, "data.eval")
+
+    # -- the label hooks (regression and multi-label override these) ------------------------------
+
+    def input_fields(self) -> list[tuple[str, str]]:
+        pair = self.recipe.data.text_pair_field
+        return super().input_fields() + ([(pair, "data.text_pair_field")] if pair else [])
+
+    def label_columns(self) -> list[str]:
+        """The columns that hold the label(s)."""
+        return [self.recipe.data.label_field]
+
+    def label_key_name(self) -> str:
+        """The recipe key that names the label column(s)."""
+        return "data.label_fields" if self.recipe.data.label_fields else "data.label_field"
+
+    def label_names_from(self, table: Any) -> list[str]:
+        """The label names (model outputs) learned from the training split."""
+        names = label_names(table[self.recipe.data.label_field])
+        if len(names) < 2:
+            raise SftError(
+                f"data.train: only one label ({names[0] if names else 'none'}) in {self.recipe.data.train} — "
+                f"{self.recipe.task} needs at least two"
+            )
+        return names
+
+    def check_labels(self, table: Any, key: str, location: Any) -> Any:
+        """Refuse (or with data.skip_invalid skip) rows whose label cannot be used, naming the row; the table."""
+        return table
+
+    def check_eval_labels(self, table: Any) -> None:
+        """Refuse eval labels the model never saw in training."""
+        unseen = sorted({str(v) for v in table[self.recipe.data.label_field]} - set(self.label2id))
+        if unseen:
+            raise SftError(
+                f"data.eval: label(s) {', '.join(unseen[:5])} never seen in training "
+                f"(known: {', '.join(self.names[:10])})"
+            )
+
+    def encode_labels(self, rows: dict[str, list]) -> list[Any]:
+        """The `label` column of a tokenized batch of rows."""
+        return [self.label2id.get(str(v), -100) for v in rows[self.recipe.data.label_field]]
+
+    def label_key(self) -> Any:
+        """What the encoded labels depend on (part of the data cache key)."""
+        return sorted(self.label2id.items())
+
+    def fit_label_statistics(self, labels: list[Any]) -> None:
+        """Statistics of the training labels the loss uses (class weights)."""
+        self.set_class_weights(labels)
+
+    def plan_statistics(self) -> dict[str, Any]:
+        counts = Counter(self.train_set["label"])
+        return {"label_distribution": {self.names[i]: counts.get(i, 0) for i in range(len(self.names))}}
+
+    def describe_target(self, row: dict) -> str:
+        return f"  -> label {self.names[row['label']]}"
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def read_split(self, location: Any, key: str) -> Any:
+        """A split's rows with every needed column, labels checked, null rows counted and left out."""
+        texts = [field for field, _ in self.input_fields()]
+        fields = texts + self.label_columns()
+        table = load_table(location, key, self.data_cache)
+        for field, what in self.input_fields() + [(name, self.label_key_name()) for name in self.label_columns()]:
+            require_columns(table, [field], what, f"{key} ({location})")
+        table = self.check_labels(table, key, location)
+        return drop_null_rows(table, fields, key, self.skipped, texts, self.recipe.data.skip_invalid)
+
+    def encode_texts(self, rows: dict[str, list]) -> dict[str, list]:
+        """`input_ids` of each row's text, or of its text pair (the longer text truncated first, with the
+        tokenizer's `token_type_ids` when it has segments)."""
+        data = self.recipe.data
+        texts = ["" if t is None else str(t) for t in rows[data.text_field]]
+        if not data.text_pair_field:
+            return {"input_ids": self.tokenizer(texts, truncation=True, max_length=data.max_length)["input_ids"]}
+        pairs = ["" if t is None else str(t) for t in rows[data.text_pair_field]]
+        encoded = self.tokenizer(texts, pairs, truncation="longest_first", max_length=data.max_length)
+        return {key: encoded[key] for key in ("input_ids", "token_type_ids") if key in encoded}
 
     def new_classifier(self, resolved: bb.ResolvedBackbone, names: list[str]) -> torch.nn.Module:
         """The backbone with a fresh head for `names` (label names kept in id2label)."""
@@ -92,28 +163,25 @@ class ClassificationTask(TextFieldInput, Task):
             num_labels=len(names),
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
+            **({"problem_type": self.problem_type} if self.problem_type else {}),
         )
 
     def _tokenize(self, table: Any, key: str) -> Any:
         data = self.recipe.data
-        tokenizer, label2id = self.tokenizer, self.label2id
 
         def encode(rows: dict[str, list]) -> dict[str, list]:
-            texts = ["" if t is None else str(t) for t in rows[data.text_field]]
-            enc = tokenizer(texts, truncation=True, max_length=data.max_length)
-            return {
-                "input_ids": enc["input_ids"],
-                "label": [label2id.get(str(v), -100) for v in rows[data.label_field]],
-                "length": [len(ids) for ids in enc["input_ids"]],
-            }
+            encoded = self.encode_texts(rows)
+            lengths = [len(ids) for ids in encoded["input_ids"]]
+            return {**encoded, "label": self.encode_labels(rows), "length": lengths}
 
         cache_key = (
-            "classification",
+            self.recipe.task,
             data.text_field,
-            data.label_field,
+            data.text_pair_field,
+            self.label_columns(),
             data.max_length,
-            tokenizer_fingerprint(tokenizer),
-            sorted(label2id.items()),
+            tokenizer_fingerprint(self.tokenizer),
+            self.label_key(),
         )
         return cached_map(table, encode, str(cache_key), cache=self.data_cache)
 
@@ -123,7 +191,7 @@ class ClassificationTask(TextFieldInput, Task):
 
     def collate(self, rows: list[dict], train: bool) -> Batch:
         batch = text_batch(rows, self.tokenizer.pad_token_id or 0, self.length_buckets)
-        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=self.label_dtype)
         if train and self.aux is not None:
             batch.update(self.aux.make_inputs(batch, self.length_buckets))
         return batch
@@ -165,7 +233,8 @@ class ClassificationTask(TextFieldInput, Task):
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Class scores for a batch (the one place that knows the model's inputs)."""
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         logits, labels = self.logits(model, batch), batch["labels"]
@@ -200,11 +269,16 @@ class ClassificationTask(TextFieldInput, Task):
         self.label2id = {n: i for i, n in enumerate(self.names)}
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
-        field, max_length = self.recipe.data.text_field, self.recipe.data.max_length
-        texts = ["" if r.get(field) is None else str(r[field]) for r in rows]
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        batch = text_batch([{"input_ids": ids} for ids in encoded], self.tokenizer.pad_token_id or 0)
-        return self.label_scores(self.logits(model, _on(model, batch)), settings.top_k)
+        return self.label_scores(self.predict_logits(model, rows), settings.top_k)
+
+    def predict_logits(self, model: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
+        """The model's outputs for `sft predict` rows (text, or text pair)."""
+        columns = {field: [r.get(field) for r in rows] for field, _ in self.input_fields()}
+        encoded = self.encode_texts(columns)
+        batch = text_batch(
+            [dict(zip(encoded, values)) for values in zip(*encoded.values())], self.tokenizer.pad_token_id or 0
+        )
+        return self.logits(model, _on(model, batch))
 
     def label_scores(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         """Per row: the predicted label name, its probability, and the top-k label -> probability."""

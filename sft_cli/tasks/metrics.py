@@ -40,6 +40,98 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: 
     }
 
 
+def _regression_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    mse = float(mean_squared_error(y_true, y_pred))
+    constant = len(y_true) < 2 or np.ptp(y_true) == 0 or np.ptp(y_pred) == 0
+    return {
+        "mse": mse,
+        "rmse": math.sqrt(mse),
+        "mae": float(mean_absolute_error(y_true, y_pred)),
+        "r2": float(r2_score(y_true, y_pred)) if len(y_true) > 1 else 0.0,
+        # a constant prediction has no correlation: 0, not NaN (JSON has no NaN)
+        "pearson": 0.0 if constant else float(pearsonr(y_true, y_pred)[0]),
+        "spearman": 0.0 if constant else float(spearmanr(y_true, y_pred)[0]),
+    }
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """MSE, RMSE, MAE, R², Pearson and Spearman (scikit-learn, scipy); several targets: each averaged over the
+    targets, with every target's own under `per_target`."""
+    y_true, y_pred = y_true.reshape(len(y_true), -1), y_pred.reshape(len(y_pred), -1)
+    per_target = {name: _regression_scores(y_true[:, i], y_pred[:, i]) for i, name in enumerate(names)}
+    metrics: dict[str, Any] = {
+        key: float(np.mean([s[key] for s in per_target.values()])) for key in per_target[names[0]]
+    }
+    if len(names) > 1:
+        metrics["per_target"] = per_target
+    metrics["num_examples"] = int(len(y_true))
+    return metrics
+
+
+def multi_label_metrics(truth: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Micro/macro/samples F1, subset accuracy, Hamming loss and per-label scores of 0/1 label matrices."""
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
+
+    truth, predicted = truth.astype(int).reshape(len(truth), -1), predicted.astype(int).reshape(len(truth), -1)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, average=None, zero_division=0)
+    return {
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "samples_f1": float(f1_score(truth, predicted, average="samples", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(truth, predicted)),
+        "hamming_loss": float(hamming_loss(truth, predicted)),
+        "per_label": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for name, p, r, f, n in zip(names, precision, recall, f1, support)
+        },
+        "num_examples": int(len(truth)),
+    }
+
+
+def best_multi_label_threshold(truth: np.ndarray, probabilities: np.ndarray, default: float) -> float:
+    """The threshold in (0, 1) with the highest micro-F1 (ties and a flat curve keep `default`, so tuning never
+    lowers micro-F1 below the default's)."""
+    from sklearn.metrics import f1_score
+
+    def micro_f1(threshold: float) -> float:
+        return float(f1_score(truth, probabilities >= threshold, average="micro", zero_division=0))
+
+    best, best_f1 = default, micro_f1(default)
+    for threshold in np.round(np.arange(0.02, 0.99, 0.02), 2):
+        score = micro_f1(float(threshold))
+        if score > best_f1:
+            best, best_f1 = float(threshold), score
+    return best
+
+
+def token_classification_metrics(truth: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
+    """Entity-level precision / recall / F1 (exact span and type) and word accuracy, as seqeval computes them."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    report = classification_report(truth, predicted, output_dict=True, zero_division=0)
+    per_type = {
+        kind: {
+            key: (int(value) if key == "support" else float(value))
+            for key, value in scores.items()
+            if key != "f1-score"
+        }
+        | {"f1": float(scores["f1-score"])}
+        for kind, scores in report.items()
+        if not kind.endswith(" avg")
+    }
+    return {
+        "precision": float(precision_score(truth, predicted, zero_division=0)),
+        "recall": float(recall_score(truth, predicted, zero_division=0)),
+        "f1": float(f1_score(truth, predicted, zero_division=0)),
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "per_type": per_type,
+        "num_examples": len(truth),
+    }
+
+
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Exact match, corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
     from rouge_score import rouge_scorer

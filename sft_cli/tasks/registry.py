@@ -9,9 +9,15 @@ from sft_cli.tasks.classification import ClassificationTask
 from sft_cli.tasks.generation import GenerationTask
 from sft_cli.tasks.image_classification import ImageClassificationTask
 from sft_cli.tasks.language_modeling import LanguageModelingTask
+from sft_cli.tasks.multi_label import MultiLabelTask
+from sft_cli.tasks.regression import RegressionTask
+from sft_cli.tasks.token_classification import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
+    "regression": RegressionTask,
+    "multi-label-classification": MultiLabelTask,
+    "token-classification": TokenClassificationTask,
     "image-classification": ImageClassificationTask,
     "generation": GenerationTask,
     "language-modeling": LanguageModelingTask,

@@ -28,6 +28,17 @@ STARTERS = {
     "classification": {
         "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "text_field": "text", "label_field": "label"},
     },
+    "regression": {
+        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "text_field": "text", "label_field": "score"},
+        "loss": {"regression": "mse"},
+    },
+    "multi-label-classification": {
+        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "text_field": "text", "label_field": "tags"},
+        "eval": {"tune_threshold": True},
+    },
+    "token-classification": {
+        "data": {"train": "data/train.conll", "eval": "data/test.conll", "max_length": 128, "stride": 32},
+    },
     "image-classification": {
         "backbone": {"name": "path/to/vision-model", "arch": "resnet", "from_scratch": False},
         "data": {
@@ -57,6 +68,27 @@ TASK_SPECS: dict[str, TaskSpec] = {
         pipeline_tag="text-classification",
         card_use="Labels short texts like those in the training data with one of the labels below.",
         starter=STARTERS["classification"],
+    ),
+    "regression": TaskSpec(
+        command="finetune",
+        headline_metric="rmse",
+        pipeline_tag="text-classification",
+        card_use="Predicts the numeric target(s) below, in the training data's units, for texts like the training data.",
+        starter=STARTERS["regression"],
+    ),
+    "multi-label-classification": TaskSpec(
+        command="finetune",
+        headline_metric="micro_f1",
+        pipeline_tag="text-classification",
+        card_use="Tags short texts like those in the training data with any number of the labels below.",
+        starter=STARTERS["multi-label-classification"],
+    ),
+    "token-classification": TaskSpec(
+        command="finetune",
+        headline_metric="f1",
+        pipeline_tag="token-classification",
+        card_use="Tags each word of sentences like those in the training data with one of the tags below (entities).",
+        starter=STARTERS["token-classification"],
     ),
     "image-classification": TaskSpec(
         command="finetune",

@@ -37,24 +37,30 @@ def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreT
 
 
 class TextFieldInput:
-    """`sft predict` input of the tasks that read one text column (data.text_field)."""
+    """`sft predict` input of the tasks that read text columns (data.text_field, and a pair's second text)."""
 
     recipe: Any
+
+    def input_fields(self) -> list[tuple[str, str]]:
+        """The text columns an input row needs, each with the recipe key that names it."""
+        return [(self.recipe.data.text_field, "data.text_field")]
 
     def check_input(self, columns: list[str]) -> None:
         from sft_cli.data.tables import require_columns_named
 
-        require_columns_named(columns, [self.recipe.data.text_field], "data.text_field", "--input")
+        for field, key in self.input_fields():
+            require_columns_named(columns, [field], key, "--input")
 
     def predict_length(self, row: dict) -> int:
-        return len(str(row.get(self.recipe.data.text_field) or ""))
+        return sum(len(str(row.get(field) or "")) for field, _ in self.input_fields())
 
     def row_problems(self, rows: list[dict], first: int) -> list[Optional[str]]:
-        field = self.recipe.data.text_field
-        return [
-            input_problem(row.get(field), field, number, self.recipe.data.skip_invalid)
-            for number, row in enumerate(rows, first)
-        ]
+        skip = self.recipe.data.skip_invalid
+        problems = []
+        for number, row in enumerate(rows, first):
+            found = [input_problem(row.get(field), field, number, skip) for field, _ in self.input_fields()]
+            problems.append(next((p for p in found if p), None))
+        return problems
 
 
 def input_problem(value: Any, field: str, number: int, skip_invalid: bool) -> Optional[str]:
@@ -81,12 +87,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def text_batch(rows: list[dict[str, Any]], pad_id: int, buckets: bool = False) -> dict[str, torch.Tensor]:
-    """input_ids + attention_mask for rows holding `input_ids`, padded to the longest (multiple of 8, or a power
-    of two with length `buckets`)."""
+    """input_ids + attention_mask (+ token_type_ids when the rows have them) for rows holding `input_ids`, padded
+    to the longest (multiple of 8, or a power of two with length `buckets`)."""
     ids = [r["input_ids"] for r in rows]
     input_ids = pad_sequences(ids, pad_id, buckets=buckets)
-    mask = pad_sequences([[1] * len(s) for s in ids], 0, input_ids.shape[1])
-    return {"input_ids": input_ids, "attention_mask": mask}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, input_ids.shape[1]),
+    }
+    if rows and "token_type_ids" in rows[0]:
+        batch["token_type_ids"] = pad_sequences([r["token_type_ids"] for r in rows], 0, input_ids.shape[1])
+    return batch
 
 
 SPECIAL_TOKENS = {
