@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo demo-digits demo-gpt demo-chat test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ demo-chat: install  ## Pretrain a small Llama, chat-tune it on multi-turn conver
 	$(SFT) eval recipes/chat/sft.yaml
 	$(SFT) finetune recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all --overwrite
 	$(SFT) eval recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all
+
+demo-tasks: install  ## Fine-tune MiniLM for sentence pairs, regression, multi-label, NER and QA; evaluate each
+	for task in pairs regression multi-label ner qa; do \
+		$(SFT) finetune recipes/tasks/$$task.yaml --overwrite && $(SFT) eval recipes/tasks/$$task.yaml || exit 1; \
+	done
 
 test: install  ## Run the whole test suite (unit + integration)
 	$(PY) -m pytest -q --durations=20

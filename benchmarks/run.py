@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import decoder  # noqa: E402  (the decoder rows: sft vs TRL vs Trainer at a 151,936 vocabulary)
+import encoder_tasks  # noqa: E402  (the encoder-task rows: pairs, regression, multi-label, NER, QA)
 import streaming  # noqa: E402  (the streaming rows: peak RSS against corpus size)
 
 WORK = REPO / "benchmarks" / ".work"
@@ -266,6 +267,16 @@ RUNS = {
     "stream/sft-1x-streaming": streaming.pretrain_run,
     "stream/sft-10x-streaming": streaming.pretrain_run,
     "stream/sft-10x-in-memory": streaming.pretrain_run,
+    "pairs/trainer-run-glue": encoder_tasks.trainer_pairs,
+    "pairs/sft": encoder_tasks.sft_pairs,
+    "reg/trainer-run-glue": encoder_tasks.trainer_regression,
+    "reg/sft": encoder_tasks.sft_regression,
+    "mlc/trainer-run-glue": encoder_tasks.trainer_multi_label,
+    "mlc/sft": encoder_tasks.sft_multi_label,
+    "ner/trainer-run-ner": encoder_tasks.trainer_ner,
+    "ner/sft": encoder_tasks.sft_ner,
+    "qa/trainer-run-qa": encoder_tasks.trainer_qa,
+    "qa/sft": encoder_tasks.sft_qa,
 }
 
 
@@ -294,17 +305,24 @@ def run_one(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="", help="comma-separated prefixes (cls, gen)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa); "
+        "encoder = pairs, reg, mlc, ner and qa",
+    )
     args = parser.parse_args()
     if args.one:
         return run_one(args.one)
     WORK.mkdir(parents=True, exist_ok=True)
-    make_generation_base()
-    decoder.make_base()
+    prefixes = [q for p in args.only.split(",") if p for q in (encoder_tasks.PREFIXES if p == "encoder" else [p])]
+    selected = [name for name in RUNS if not prefixes or any(name.startswith(p) for p in prefixes)]
+    if any(name.startswith(("gen/", "stream/")) for name in selected):
+        make_generation_base()
+    if any(name.startswith("dec") for name in selected):
+        decoder.make_base()
     results: dict = {}
-    for name in RUNS:
-        if args.only and not any(name.startswith(p) for p in args.only.split(",")):
-            continue
+    for name in selected:
         print(f"running {name} ...", flush=True)
         done = subprocess.run(
             [sys.executable, __file__, "--one", name],
@@ -318,9 +336,11 @@ def main() -> None:
             raise SystemExit(f"{name} failed")
         results[name] = json.loads(line[0][7:])
         print(f"  {results[name]}", flush=True)
-    if args.only:  # a partial run: show it against the last full run's other rows, never write RESULTS.md
+    # a partial run (or a smoke run): show it against the last full run's other rows, never write RESULTS.md
+    if args.only or encoder_tasks.SMOKE:
         saved = json.loads((WORK / "results.json").read_text()) if (WORK / "results.json").exists() else {}
         print(json.dumps({**saved, **results}, indent=1))
+        print("\n".join(encoder_tasks.encoder_report(results)))
         return
     (WORK / "results.json").write_text(json.dumps(results))
     write_report(results)
@@ -380,6 +400,7 @@ def write_report(results: dict) -> None:
             "The Trainer's causal-LM collator trains on prompt and response tokens alike (its eval loss covers all "
             f"tokens: {ref.get('eval_loss_all_tokens', float('nan')):.4f}); sft trains on response tokens only.",
         ]
+    lines += encoder_tasks.encoder_report(results)
     lines += decoder_report(results)
     lines += streaming.streaming_report(results)
     text = "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ TASKS = (
     "regression",
     "multi-label-classification",
     "token-classification",
+    "question-answering",
     "image-classification",
     "generation",
     "language-modeling",

@@ -58,15 +58,14 @@ def _regression_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
-    """MSE, RMSE, MAE, R², Pearson and Spearman (scikit-learn, scipy); several targets: each averaged over the
-    targets, with every target's own under `per_target`."""
+    """MSE, RMSE, MAE, R², Pearson and Spearman (scikit-learn, scipy), each averaged over the targets, with every
+    target's own under `per_target`."""
     y_true, y_pred = y_true.reshape(len(y_true), -1), y_pred.reshape(len(y_pred), -1)
     per_target = {name: _regression_scores(y_true[:, i], y_pred[:, i]) for i, name in enumerate(names)}
     metrics: dict[str, Any] = {
         key: float(np.mean([s[key] for s in per_target.values()])) for key in per_target[names[0]]
     }
-    if len(names) > 1:
-        metrics["per_target"] = per_target
+    metrics["per_target"] = per_target
     metrics["num_examples"] = int(len(y_true))
     return metrics
 
@@ -130,6 +129,73 @@ def token_classification_metrics(truth: list[list[str]], predicted: list[list[st
         "per_type": per_type,
         "num_examples": len(truth),
     }
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 of one prediction against one gold answer (both empty: 1)."""
+    from collections import Counter
+
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(prediction: str, golds: Sequence[str]) -> tuple[float, float]:
+    """(exact match, F1) against the best of the gold answers; no gold answer = only "" is right."""
+    golds = list(golds) or [""]
+    exact = max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
+    return exact, max(answer_f1(prediction, g) for g in golds)
+
+
+def squad_metrics(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Exact match and F1 (SQuAD v2 rules, as fractions), F1 on answerable questions and, when some questions
+    have no answer, the share of those answered with ""."""
+    scores = [squad_scores(p, g) for p, g in zip(predictions, golds)]
+    answerable = [f for (_, f), g in zip(scores, golds) if g]
+    unanswerable = [not p for p, g in zip(predictions, golds) if not g]
+    metrics: dict[str, Any] = {
+        "exact_match": float(np.mean([e for e, _ in scores])) if scores else 0.0,
+        "f1": float(np.mean([f for _, f in scores])) if scores else 0.0,
+        "has_answer_f1": float(np.mean(answerable)) if answerable else 0.0,
+    }
+    if unanswerable:
+        metrics["no_answer_accuracy"] = float(np.mean(unanswerable))
+    metrics["num_examples"] = len(scores)
+    return metrics
+
+
+def best_null_threshold(
+    found: Sequence[dict[str, Any]], margins: Sequence[float], golds: Sequence[Sequence[str]], default: float
+) -> float:
+    """The no-answer threshold with the highest eval F1: a question is answered when its margin (no-answer score
+    minus best span score) is <= the threshold. Ties keep `default`, so tuning never lowers F1."""
+    answered = [squad_scores(f["text"], g)[1] for f, g in zip(found, golds)]
+    unanswered = [float(not g) for g in golds]
+
+    def total(threshold: float) -> float:
+        return sum(a if m <= threshold else u for a, m, u in zip(answered, margins, unanswered))
+
+    finite = sorted({m for m in margins if m != float("inf")})
+    best, best_total = default, total(default)
+    for threshold in ([finite[0] - 1.0] if finite else []) + finite:
+        score = total(threshold)
+        if score > best_total + 1e-12:
+            best, best_total = float(threshold), score
+    return best
 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -10,6 +10,7 @@ from sft_cli.tasks.generation import GenerationTask
 from sft_cli.tasks.image_classification import ImageClassificationTask
 from sft_cli.tasks.language_modeling import LanguageModelingTask
 from sft_cli.tasks.multi_label import MultiLabelTask
+from sft_cli.tasks.question_answering import QuestionAnsweringTask
 from sft_cli.tasks.regression import RegressionTask
 from sft_cli.tasks.token_classification import TokenClassificationTask
 
@@ -18,6 +19,7 @@ TASKS: dict[str, type[Task]] = {
     "regression": RegressionTask,
     "multi-label-classification": MultiLabelTask,
     "token-classification": TokenClassificationTask,
+    "question-answering": QuestionAnsweringTask,
     "image-classification": ImageClassificationTask,
     "generation": GenerationTask,
     "language-modeling": LanguageModelingTask,

@@ -39,6 +39,10 @@ STARTERS = {
     "token-classification": {
         "data": {"train": "data/train.conll", "eval": "data/test.conll", "max_length": 128, "stride": 32},
     },
+    "question-answering": {
+        "data": {"train": "data/train.jsonl", "eval": "data/test.jsonl", "max_length": 384, "stride": 128},
+        "eval": {"tune_threshold": True},
+    },
     "image-classification": {
         "backbone": {"name": "path/to/vision-model", "arch": "resnet", "from_scratch": False},
         "data": {
@@ -89,6 +93,13 @@ TASK_SPECS: dict[str, TaskSpec] = {
         pipeline_tag="token-classification",
         card_use="Tags each word of sentences like those in the training data with one of the tags below (entities).",
         starter=STARTERS["token-classification"],
+    ),
+    "question-answering": TaskSpec(
+        command="finetune",
+        headline_metric="f1",
+        pipeline_tag="question-answering",
+        card_use='Answers questions with a span of the given context (or "" when the context holds no answer).',
+        starter=STARTERS["question-answering"],
     ),
     "image-classification": TaskSpec(
         command="finetune",

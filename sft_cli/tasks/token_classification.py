@@ -43,6 +43,17 @@ def entities(tags: list[str], words: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def tags_as_names(table: Any, field: str) -> Any:
+    """Integer tags of a hub dataset (a list of ClassLabel, as conll2003's ner_tags) as their names."""
+    import datasets
+
+    inner = getattr(table.features.get(field), "feature", None)
+    if not isinstance(inner, datasets.ClassLabel):
+        return table
+    named = [None if tags is None else [inner.names[t] for t in tags] for tags in table[field]]
+    return table.remove_columns(field).add_column(field, named)
+
+
 class TokenClassificationTask(Task):
     """Per-word tags with seqeval precision / recall / F1, word accuracy and per-type scores."""
 
@@ -102,6 +113,7 @@ class TokenClassificationTask(Task):
         table = load_table(location, key, self.data_cache)
         require_columns(table, [data.tokens_field], "data.tokens_field", f"{key} ({location})")
         require_columns(table, [data.tags_field], "data.tags_field", f"{key} ({location})")
+        table = tags_as_names(table, data.tags_field)
         bad = []
         for index, (words, tags) in enumerate(zip(table[data.tokens_field], table[data.tags_field])):
             if words is None or tags is None:

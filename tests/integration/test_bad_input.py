@@ -236,6 +236,67 @@ def case_unreadable_image(tmp):
     return ["finetune", recipe_file(tmp, values)], "broken.png is not a readable image"
 
 
+def task_data(tmp: Path, task: str, rows: list[dict], eval_rows: list[dict] | None = None, **data) -> dict:
+    """A tiny recipe of `task` over the given training (and eval) rows."""
+    values = base(tmp, task=task)
+    train = write_jsonl(tmp / "data" / "task-train.jsonl", rows)
+    test = write_jsonl(tmp / "data" / "task-test.jsonl", eval_rows or rows)
+    values["data"] = {**values["data"], "train": str(train), "eval": str(test), **data}
+    return values
+
+
+NER_ROWS = [{"tokens": ["Alice", "went", "home"], "tags": ["B-PER", "O", "O"]}] * 3
+
+
+def case_tokens_and_tags_differ(tmp):
+    rows = NER_ROWS[:1] + [{"tokens": ["Bob", "left", "early"], "tags": ["B-PER", "O"]}]
+    values = task_data(tmp, "token-classification", rows)
+    return ["finetune", recipe_file(tmp, values)], "task-train.jsonl): row 2: 3 words but 2 tags"
+
+
+def case_empty_token_list(tmp):
+    values = task_data(tmp, "token-classification", NER_ROWS + [{"tokens": [], "tags": []}])
+    return ["finetune", recipe_file(tmp, values)], "row 4: empty 'tokens' list"
+
+
+def case_eval_tag_never_seen(tmp):
+    values = task_data(tmp, "token-classification", NER_ROWS, [{"tokens": ["Paris"], "tags": ["B-LOC"]}])
+    return ["finetune", recipe_file(tmp, values)], "data.eval: tag(s) B-LOC never seen in training"
+
+
+def case_conll_line_without_tag(tmp):
+    (tmp / "data").mkdir(exist_ok=True)
+    (tmp / "data" / "train.conll").write_text("Alice B-PER\nwent O\n\nBob\n")
+    values = task_data(tmp, "token-classification", NER_ROWS)
+    values["data"]["train"] = str(tmp / "data" / "train.conll")
+    return ["finetune", recipe_file(tmp, values)], "train.conll line 4: 'Bob' has no tag"
+
+
+def case_non_numeric_target(tmp):
+    rows = [{"text": "a b", "score": 1.5}, {"text": "c d", "score": 2}, {"text": "e f", "score": "high"}]
+    values = task_data(tmp, "regression", rows, label_field="score")
+    return ["finetune", recipe_file(tmp, values)], "row 3: 'score' is 'high', not a number"
+
+
+def case_unknown_regression_loss(tmp):
+    rows = [{"text": "a b", "label": 1.5}, {"text": "c d", "label": 2}]
+    values = task_data(tmp, "regression", rows)
+    return ["finetune", recipe_file(tmp, values), "loss.regression=hubber"], "did you mean 'huber'"
+
+
+def case_eval_label_set_never_seen(tmp):
+    rows = [{"text": "a b", "label": ["x", "y"]}, {"text": "c d", "label": ["x"]}]
+    values = task_data(tmp, "multi-label-classification", rows, [{"text": "e", "label": ["z"]}])
+    return ["finetune", recipe_file(tmp, values)], "data.eval: label(s) z never seen in training"
+
+
+def case_answer_start_misses_its_text(tmp):
+    good = {"question": "Who?", "context": "Alice went home.", "answers": {"text": ["Alice"], "answer_start": [0]}}
+    bad = {**good, "answers": {"text": ["home"], "answer_start": [3]}}
+    values = task_data(tmp, "question-answering", [good, good, bad])
+    return ["finetune", recipe_file(tmp, values)], "row 3: 'answers': answer_start 3 does not point at its text"
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

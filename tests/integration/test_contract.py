@@ -10,6 +10,7 @@ from PIL import Image
 
 from sft_cli.commands import train as commands
 from sft_cli.config.recipe import load_recipe
+from sft_cli.config.schema import TASKS
 from tests.conftest import DOCS, REPO, TINY_BERT, keyword_rows, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,45 @@ def recipes(tmp: Path, tiny_decoder: Path) -> dict[str, dict]:
     train = write_jsonl(tmp / "pairs.jsonl", pairs)
     texts = write_jsonl(tmp / "texts.jsonl", keyword_rows(40, 0))
     images = image_folder(tmp / "images")
+    tiny = {"name": "minilm-l6", "from_scratch": True, "config": TINY_BERT}
+    scored = write_jsonl(
+        tmp / "scored.jsonl",
+        [{**r, "score": len(r["text"]), "tags": r["text"].split()[:2]} for r in keyword_rows(40, 0)],
+    )
+    sentences = write_jsonl(
+        tmp / "sentences.jsonl",
+        [
+            {"tokens": r["text"].split(), "tags": ["B-W" if len(w) > 5 else "O" for w in r["text"].split()]}
+            for r in keyword_rows(40, 0)
+        ],
+    )
+    context = "Alice went home. Bob stayed at work until late."
+    questions = write_jsonl(
+        tmp / "questions.jsonl",
+        [{"question": "Who went home?", "context": context, "answers": {"text": ["Alice"], "answer_start": [0]}}] * 8
+        + [{"question": "Who is Carol?", "context": context, "answers": {"text": [], "answer_start": []}}] * 4,
+    )
     return {
+        "regression": {
+            "task": "regression",
+            "backbone": tiny,
+            "data": {"train": str(scored), "eval": str(scored), "label_field": "score", "max_length": 32},
+        },
+        "multi-label-classification": {
+            "task": "multi-label-classification",
+            "backbone": tiny,
+            "data": {"train": str(scored), "eval": str(scored), "label_field": "tags", "max_length": 32},
+        },
+        "token-classification": {
+            "task": "token-classification",
+            "backbone": tiny,
+            "data": {"train": str(sentences), "eval": str(sentences), "max_length": 32, "stride": 8},
+        },
+        "question-answering": {
+            "task": "question-answering",
+            "backbone": tiny,
+            "data": {"train": str(questions), "eval": str(questions), "max_length": 32, "stride": 8},
+        },
         "classification": {
             "task": "classification",
             "backbone": {"name": "minilm-l6", "from_scratch": True, "config": TINY_BERT},
@@ -93,13 +132,17 @@ def eval_files(tmp_path_factory, tiny_decoder) -> dict[str, dict]:
 def test_the_readme_lists_every_task():
     assert set(readme_table("### `eval.json` keys")) == {
         "classification",
+        "regression",
+        "multi-label-classification",
+        "token-classification",
+        "question-answering",
         "image-classification",
         "generation",
         "language-modeling",
     }
 
 
-@pytest.mark.parametrize("task", ["classification", "image-classification", "generation", "language-modeling"])
+@pytest.mark.parametrize("task", sorted(TASKS))
 def test_eval_json_has_exactly_the_readme_keys(eval_files, task):
     promised = readme_table("### `eval.json` keys")[task]
     written = set(eval_files[task])
