@@ -608,5 +608,22 @@ def encoder_report(results: dict) -> list[str]:
     return lines
 
 
+def replace_section(path: Path, results: dict, provenance: str) -> None:
+    """Write this table into RESULTS.md in place of its previous version (or before the decoder section), with
+    the line saying which run produced it; the other sections are left as the last full run wrote them."""
+    lines = encoder_report(results)
+    lines[2:2] = [provenance, ""]
+    section = "\n".join(lines).strip("\n") + "\n"
+    text = path.read_text(encoding="utf-8")
+    start = text.find("## Encoder tasks")
+    if start >= 0:
+        following = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("\n" + text[following + 1 :] if following >= 0 else "")
+    else:
+        anchor = text.find("## Chat SFT")
+        text = text[:anchor] + section + "\n" + text[anchor:] if anchor >= 0 else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
 def _metrics(row: dict, keys: tuple[str, ...]) -> str:
     return ", ".join(f"{key} {row[key]:.4f}" for key in keys if row.get(key) is not None)

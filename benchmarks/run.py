@@ -336,6 +336,10 @@ def main() -> None:
             raise SystemExit(f"{name} failed")
         results[name] = json.loads(line[0][7:])
         print(f"  {results[name]}", flush=True)
+    if args.only == "encoder" and not encoder_tasks.SMOKE:  # the encoder rows alone: replace their section only
+        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", results, machine_line("--only encoder"))
+        print("\n".join(encoder_tasks.encoder_report(results)))
+        return
     # a partial run (or a smoke run): show it against the last full run's other rows, never write RESULTS.md
     if args.only or encoder_tasks.SMOKE:
         saved = json.loads((WORK / "results.json").read_text()) if (WORK / "results.json").exists() else {}
@@ -344,6 +348,18 @@ def main() -> None:
         return
     (WORK / "results.json").write_text(json.dumps(results))
     write_report(results)
+
+
+def machine_line(flags: str = "") -> str:
+    """Which command, machine, library versions and time produced a table."""
+    import transformers
+
+    command = f"python benchmarks/run.py {flags}".strip()
+    return (
+        f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{platform.platform()}, torch {__import__('torch').__version__}, transformers {transformers.__version__}. "
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    )
 
 
 def write_report(results: dict) -> None:

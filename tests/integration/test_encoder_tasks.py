@@ -46,8 +46,10 @@ def train_run(tmp: Path, values: dict) -> Path:
 
 
 def predict(recipe: Path, rows: list[dict], tmp: Path) -> list[dict]:
+    """`sft predict` in fp32 (a plain pipeline computes in fp32; `auto` may pick bf16 on this CPU)."""
     source = write_jsonl(tmp / "input.jsonl", rows)
-    invoke("predict", str(recipe), "--input", str(source), "--output", str(tmp / "predicted.jsonl"), "--overwrite")
+    output = str(tmp / "predicted.jsonl")
+    invoke("predict", str(recipe), "engine.precision=fp32", "--input", str(source), "--output", output, "--overwrite")
     return read_jsonl(tmp / "predicted.jsonl")
 
 
@@ -65,6 +67,7 @@ def eval_json(recipe: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def regression(tmp_path_factory):
+    """Regression of two sentences' word overlap (Jaccard, 0..1) from the pair: a cross-encoder must compare them."""
     tmp = tmp_path_factory.mktemp("regression")
     train = write_jsonl(tmp / "train.jsonl", read_jsonl(DATA / "docstring-pairs" / "train.jsonl")[:800])
     test = write_jsonl(tmp / "test.jsonl", read_jsonl(DATA / "docstring-pairs" / "test.jsonl")[:200])
@@ -77,11 +80,11 @@ def regression(tmp_path_factory):
                 "eval": str(test),
                 "text_field": "sentence1",
                 "text_pair_field": "sentence2",
-                "label_field": "score",
-                "max_length": 96,
+                "label_field": "overlap",
+                "max_length": 64,
             },
-            "optim": {"lr": 1e-4},
-            "schedule": SCHEDULE,
+            "optim": {"lr": 3e-4},
+            "schedule": {**SCHEDULE, "epochs": 3, "batch_size": 32},
             "output": {"dir": str(tmp / "run")},
         },
     )
@@ -91,16 +94,16 @@ def regression(tmp_path_factory):
 def test_regression_beats_the_mean_and_predicts_in_the_data_units(regression):
     tmp, recipe, train, test = regression
     metrics = eval_json(recipe)
-    mean = np.mean([r["score"] for r in train])
-    baseline_rmse = float(np.sqrt(np.mean([(r["score"] - mean) ** 2 for r in test])))
+    mean = np.mean([r["overlap"] for r in train])
+    baseline_rmse = float(np.sqrt(np.mean([(r["overlap"] - mean) ** 2 for r in test])))
     assert metrics["rmse"] < 0.85 * baseline_rmse, (metrics["rmse"], baseline_rmse)
-    assert metrics["pearson"] > 0.5 and metrics["spearman"] > 0.5, metrics
+    assert metrics["pearson"] > 0.6 and metrics["r2"] > 0.25, metrics
     predicted = predict(recipe, test, tmp)
     values = np.array([p["prediction"] for p in predicted])
-    truth = np.array([r["score"] for r in test])
-    # the data's units (0..2), not standardized ones: the same RMSE as eval.json, centred near the data's mean
+    truth = np.array([r["overlap"] for r in test])
+    # the data's units (0..1, mean ~0.1), not standardized ones: the same RMSE as eval.json
     assert abs(float(np.sqrt(np.mean((values - truth) ** 2))) - metrics["rmse"]) < 1e-3
-    assert abs(values.mean() - mean) < 0.3 and values.max() > 1.3
+    assert abs(values.mean() - mean) < 0.05 and values.max() > 2 * mean
     config = json.loads((recipe.parent / "run" / "model" / "config.json").read_text())
     assert config["problem_type"] == "regression" and config["sft_target_mean"] == pytest.approx([mean], abs=1e-6)
 
@@ -168,7 +171,8 @@ def test_multi_label_export_pipeline_scores_equal_sft_predict(multi_label):
     tagger = pipeline("text-classification", model=export(recipe, tmp), device="cpu", top_k=None)
     threshold = eval_json(recipe)["threshold"]
     for row, ours in zip(rows, predicted):
-        theirs = {s["label"]: s["score"] for s in tagger(row["text"])}
+        scores = tagger([row["text"]])[0]
+        theirs = {s["label"]: s["score"] for s in scores}
         assert theirs == pytest.approx(ours["scores"], abs=1e-4)
         assert sorted(ours["prediction"]) == sorted(n for n, p in theirs.items() if p >= threshold)
 
