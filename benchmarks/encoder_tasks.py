@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / ".work"
 DATA = REPO / "data"
 RUN = {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 128, "seed": 42, "warmup": 0.1, "weight_decay": 0.01}
+# multi-label: at 1e-4 for 2 epochs neither side gets any label over 0.5 (micro-F1 0 for both, measured), so
+# both train longer and faster
+MLC = {**RUN, "lr": 3e-4, "epochs": 4}
 QA = {**RUN, "batch_size": 16, "max_length": 256, "stride": 64, "n_best": 20, "max_answer_length": 30}
 SMOKE = os.environ.get("SFT_BENCH_SMOKE") == "1"
 SMOKE_ROWS = {"train": 64, "test": 32}
@@ -86,7 +89,12 @@ def sft_regression(name: str) -> dict:
 
 def sft_multi_label(name: str) -> dict:
     data = {"label_field": "tags"}  # threshold 0.5, not tuned (sft's defaults)
-    return _sft(name, "multi-label-classification", "stdlib-tags", data, ("micro_f1", "macro_f1"))
+    return _sft(name, "multi-label-classification", "stdlib-tags", data, ("micro_f1", "macro_f1"), _seeded(name, MLC))
+
+
+def _seeded(name: str, hp: dict) -> dict:
+    """A `-seed2` row: the same run with seed 2 (multi-label at this budget swings with the seed)."""
+    return {**hp, "seed": 2} if name.endswith("-seed2") else hp
 
 
 def sft_ner(name: str) -> dict:
@@ -144,7 +152,7 @@ def _train(trainer: Any, features: Any) -> dict:
     return {"tokens_per_s": tokens / runtime, "train_seconds": runtime, "train_tokens": tokens}
 
 
-def _run_glue_style(name: str, dataset: str, text: tuple[str, ...], kind: str) -> dict:
+def _run_glue_style(name: str, dataset: str, text: tuple[str, ...], kind: str, hp: dict = RUN) -> dict:
     """run_glue.py: one text or a pair, dynamic padding; kind = single_label | regression | multi_label."""
     import numpy as np
     from transformers import (
@@ -156,7 +164,7 @@ def _run_glue_style(name: str, dataset: str, text: tuple[str, ...], kind: str) -
         set_seed,
     )
 
-    set_seed(RUN["seed"])
+    set_seed(hp["seed"])
     path = _backbone()
     raw = _load(dataset)
     label_column = {"single_label": "label", "regression": "score", "multi_label": "tags"}[kind]
@@ -179,7 +187,7 @@ def _run_glue_style(name: str, dataset: str, text: tuple[str, ...], kind: str) -
 
     def preprocess_function(examples):
         args = tuple(examples[key] for key in text)
-        result = tokenizer(*args, padding=False, max_length=RUN["max_length"], truncation=True)
+        result = tokenizer(*args, padding=False, max_length=hp["max_length"], truncation=True)
         if kind == "regression":
             result["label"] = [float(v) for v in examples[label_column]]
         elif kind == "multi_label":  # float multi-hot, as run_classification.py encodes multi-label rows
@@ -192,7 +200,7 @@ def _run_glue_style(name: str, dataset: str, text: tuple[str, ...], kind: str) -
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     trainer = Trainer(
         model=model,
-        args=_training_args(name, RUN),
+        args=_training_args(name, hp),
         train_dataset=data["train"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
@@ -242,7 +250,7 @@ def trainer_regression(name: str) -> dict:
 
 
 def trainer_multi_label(name: str) -> dict:
-    return _run_glue_style(name, "stdlib-tags", ("text",), "multi_label")
+    return _run_glue_style(name, "stdlib-tags", ("text",), "multi_label", _seeded(name, MLC))
 
 
 def trainer_ner(name: str) -> dict:
@@ -585,7 +593,8 @@ def encoder_report(results: dict) -> list[str]:
         "",
         f"Both sides: {RUN['epochs']} epochs, batch {RUN['batch_size']}, LR {RUN['lr']}, warmup {RUN['warmup']}, "
         f"weight decay {RUN['weight_decay']}, max length {RUN['max_length']}, seed {RUN['seed']}, fp32; QA: batch",
-        f"{QA['batch_size']}, max length {QA['max_length']}, stride {QA['stride']}.",
+        f"{QA['batch_size']}, max length {QA['max_length']}, stride {QA['stride']}; multi-label: {MLC['epochs']} epochs, LR "
+        f"{MLC['lr']} (at 2 epochs and 1e-4 neither side predicts any label above 0.5).",
         "The Trainer rows are written the way Hugging Face's examples are (run_glue.py with problem_type for pairs,",
         "regression and multi-label; run_ner.py; run_qa.py with postprocess_qa_predictions: n-best 20, max answer 30",
         "tokens, null threshold 0), with dynamic padding. Each side scores its own model on the test split. sft",

@@ -273,6 +273,8 @@ RUNS = {
     "reg/sft": encoder_tasks.sft_regression,
     "mlc/trainer-run-glue": encoder_tasks.trainer_multi_label,
     "mlc/sft": encoder_tasks.sft_multi_label,
+    "mlc/trainer-run-glue-seed2": encoder_tasks.trainer_multi_label,
+    "mlc/sft-seed2": encoder_tasks.sft_multi_label,
     "ner/trainer-run-ner": encoder_tasks.trainer_ner,
     "ner/sft": encoder_tasks.sft_ner,
     "qa/trainer-run-qa": encoder_tasks.trainer_qa,
@@ -336,9 +338,13 @@ def main() -> None:
             raise SystemExit(f"{name} failed")
         results[name] = json.loads(line[0][7:])
         print(f"  {results[name]}", flush=True)
-    if args.only == "encoder" and not encoder_tasks.SMOKE:  # the encoder rows alone: replace their section only
-        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", results, machine_line("--only encoder"))
-        print("\n".join(encoder_tasks.encoder_report(results)))
+    if prefixes and all(p.split("/")[0] + "/" in encoder_tasks.PREFIXES for p in prefixes) and not encoder_tasks.SMOKE:
+        # encoder rows alone: merge them into the last encoder rows and rewrite that section of RESULTS.md only
+        saved = WORK / "encoder-results.json"
+        merged = {**(json.loads(saved.read_text()) if saved.exists() else {}), **results}
+        saved.write_text(json.dumps(merged))
+        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", merged, machine_line(f"--only {args.only}"))
+        print("\n".join(encoder_tasks.encoder_report(merged)))
         return
     # a partial run (or a smoke run): show it against the last full run's other rows, never write RESULTS.md
     if args.only or encoder_tasks.SMOKE:

@@ -234,3 +234,73 @@ def test_ner_export_pipeline_finds_what_sft_predict_does(ner):
     for row, ours in zip(rows, predicted):
         theirs = [(e["entity_group"], e["word"]) for e in tagger(" ".join(row["tokens"]))]
         assert theirs == [(e["type"], e["text"].lower()) for e in ours["entities"]]
+
+
+# ---- extractive question answering --------------------------------------------------------------
+
+
+def first_sentence(context: str) -> str:
+    return context.split("\n")[0].split(". ")[0]
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    """SQuAD-style training on the answerable questions over short passages; eval on every answerable test question
+    (passages up to ~2,300 characters, so answers also lie in later 192-token windows)."""
+    tmp = tmp_path_factory.mktemp("qa")
+    rows = read_jsonl(DATA / "stdlib-qa" / "train.jsonl")
+    short = [r for r in rows if r["answers"]["text"] and len(r["context"]) < 700][:300]
+    answerable = [r for r in read_jsonl(DATA / "stdlib-qa" / "test.jsonl") if r["answers"]["text"]]
+    train, test = write_jsonl(tmp / "train.jsonl", short), write_jsonl(tmp / "test.jsonl", answerable)
+    recipe = train_run(
+        tmp,
+        {
+            "task": "question-answering",
+            "data": {"train": str(train), "eval": str(test), "max_length": 192, "stride": 64},
+            "optim": {"lr": 2e-4},
+            "schedule": {**SCHEDULE, "epochs": 2},
+            "output": {"dir": str(tmp / "run")},
+        },
+    )
+    return tmp, recipe, answerable
+
+
+def test_qa_answers_well_past_the_first_sentence_baseline(qa):
+    from sft_cli.tasks.metrics import squad_scores
+
+    _, recipe, test = qa
+    metrics = eval_json(recipe)
+    baseline = np.mean([squad_scores(first_sentence(r["context"]), r["answers"]["text"])[1] for r in test])
+    assert metrics["f1"] > 2 * baseline and metrics["f1"] > 0.2, (metrics, baseline)
+    assert metrics["num_examples"] == len(test) and "no_answer_accuracy" not in metrics  # v1: every question answered
+
+
+def test_an_answer_pushed_into_a_later_window_is_found_there(qa):
+    tmp, recipe, test = qa
+    short = [r for r in test if len(r["context"]) < 600]
+    right = [r for r, p in zip(short, predict(recipe, short, tmp)) if p["start"] == r["answers"]["answer_start"][0]]
+    assert len(right) >= 5, "the model answers some short passages exactly"
+    preface = "\n".join(f"helper{i}: Return the value number {i} of the table." for i in range(40)) + "\n"
+    moved = [
+        {
+            "question": r["question"],
+            "context": preface + r["context"],
+            "answers": {"text": r["answers"]["text"], "answer_start": [len(preface) + r["answers"]["answer_start"][0]]},
+        }
+        for r in right
+    ]
+    assert all(len(m["context"]) > 1500 for m in moved)  # past the first 192-token window
+    found = [p["start"] == m["answers"]["answer_start"][0] for m, p in zip(moved, predict(recipe, moved, tmp))]
+    assert np.mean(found) >= 0.7, found
+
+
+def test_qa_export_pipeline_answers_what_sft_predict_does(qa):
+    from transformers import pipeline
+
+    tmp, recipe, test = qa
+    rows = [r for r in test if len(r["context"]) < 600][:8]
+    predicted = predict(recipe, rows, tmp)
+    reader = pipeline("question-answering", model=export(recipe, tmp), device="cpu")
+    for row, ours in zip(rows, predicted):
+        theirs = reader(question=row["question"], context=row["context"], max_seq_len=192, max_answer_len=30)
+        assert (theirs["answer"], theirs["start"]) == (ours["prediction"], ours["start"])
