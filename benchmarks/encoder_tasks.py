@@ -621,7 +621,7 @@ def replace_section(path: Path, results: dict, provenance: str) -> None:
     """Write this table into RESULTS.md in place of its previous version (or before the decoder section), with
     the line saying which run produced it; the other sections are left as the last full run wrote them."""
     lines = encoder_report(results)
-    lines[2:2] = [provenance, ""]
+    lines[3:3] = ["Rows merged from the encoder-only runs; the latest: " + provenance, ""]
     section = "\n".join(lines).strip("\n") + "\n"
     text = path.read_text(encoding="utf-8")
     start = text.find("## Encoder tasks")
