@@ -75,7 +75,7 @@ def case_warmup_ratio_mixup(tmp):
 
 
 def case_unknown_task(tmp):
-    return ["finetune", recipe_file(tmp, base(tmp)), "task=regression"], "'task' must be one of"
+    return ["finetune", recipe_file(tmp, base(tmp)), "task=regresion"], "did you mean 'regression'"
 
 
 def case_unknown_policy(tmp):

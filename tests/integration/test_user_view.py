@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sft_cli.config.recipe import load_recipe
+from sft_cli.config.schema import TASKS
 from tests.conftest import recipe_values, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.integration
@@ -95,7 +96,7 @@ def test_grid_sweep_finds_the_obviously_best_learning_rate(tmp_path):
     )
 
 
-@pytest.mark.parametrize("task", ["classification", "image-classification", "generation", "language-modeling"])
+@pytest.mark.parametrize("task", TASKS)
 def test_init_writes_a_recipe_that_validates(tmp_path, task):
     target = tmp_path / f"{task}.yaml"
     cli("init", task, "-o", str(target))
