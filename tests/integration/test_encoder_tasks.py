@@ -168,8 +168,9 @@ def test_multi_label_export_pipeline_scores_equal_sft_predict(multi_label):
     tmp, recipe = multi_label
     rows = read_jsonl(DATA / "stdlib-tags" / "test.jsonl")[:8]
     predicted = predict(recipe, rows, tmp)
-    tagger = pipeline("text-classification", model=export(recipe, tmp), device="cpu", top_k=None)
-    threshold = eval_json(recipe)["threshold"]
+    directory = export(recipe, tmp)
+    tagger = pipeline("text-classification", model=directory, device="cpu", top_k=None)
+    threshold = json.loads((Path(directory) / "config.json").read_text())["sft_threshold"]  # what predict uses
     for row, ours in zip(rows, predicted):
         scores = tagger([row["text"]])[0]
         theirs = {s["label"]: s["score"] for s in scores}
