@@ -14,9 +14,9 @@ from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.model.losses import summed_cross_entropy
 from sft_cli.tasks.base import Batch, LossTerms, Task
-from sft_cli.tasks.lm_aux import AuxiliaryLM
+from sft_cli.tasks.lm_aux import AuxiliaryLM, aux_counts, aux_terms
 from sft_cli.tasks.metrics import classification_metrics
-from sft_cli.tasks.text import TextFieldInput, backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
+from sft_cli.tasks.text import TextFieldInput, load_tokenizer, new_text_model, text_batch, tokenizer_fingerprint
 
 
 def _on(model: torch.nn.Module, batch: Batch) -> Batch:
@@ -49,13 +49,11 @@ class ClassificationTask(TextFieldInput, Task):
     label_dtype = torch.long
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
-        data, spec = self.recipe.data, self.recipe.backbone
+        data = self.recipe.data
         if train:
             self.train_set = self.read_split(data.train, "data.train")
             names = self.label_names_from(self.train_set)
-            resolved = bb.resolve(spec)
-            self.tokenizer = backbone_tokenizer(resolved, spec)
-            self.model = self.new_classifier(resolved, names)
+            self.tokenizer, self.model = new_text_model(self.recipe, self.auto_class, **self.head_settings(names))
         else:
             self.load_for_inference(model_dir)
             names = self.names
@@ -154,17 +152,18 @@ class ClassificationTask(TextFieldInput, Task):
         return {key: encoded[key] for key in ("input_ids", "token_type_ids") if key in encoded}
 
     def new_classifier(self, resolved: bb.ResolvedBackbone, names: list[str]) -> torch.nn.Module:
-        """The backbone with a fresh head for `names` (label names kept in id2label)."""
-        return bb.load_model(
-            self.auto_class,
-            resolved,
-            self.recipe.backbone,
-            bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
-            num_labels=len(names),
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
+        """The resolved backbone with a fresh head for `names` (image classification resolves its own)."""
+        attention = bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device)
+        return bb.load_model(self.auto_class, resolved, self.recipe.backbone, attention, **self.head_settings(names))
+
+    def head_settings(self, names: list[str]) -> dict[str, Any]:
+        """The new head's config: one output per name (kept in id2label) and the task's problem_type."""
+        return {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
             **({"problem_type": self.problem_type} if self.problem_type else {}),
-        )
+        }
 
     def _tokenize(self, table: Any, key: str) -> Any:
         data = self.recipe.data
@@ -205,14 +204,18 @@ class ClassificationTask(TextFieldInput, Task):
             counts = torch.bincount(torch.tensor(label_ids), minlength=len(self.names)).float()
             weights = len(label_ids) / (len(self.names) * counts.clamp(min=1))
         else:
-            unknown = sorted(set(map(str, requested)) - set(self.names))
-            if unknown:
-                raise SftError(
-                    f"loss.class_weights: no such label(s) {', '.join(unknown)} (labels: {', '.join(self.names[:10])})"
-                )
-            given = {str(k): float(v) for k, v in requested.items()}
-            weights = torch.tensor([given.get(name, 1.0) for name in self.names])
+            weights = self.weights_by_label(requested)
         self.class_weight = weights
+
+    def weights_by_label(self, requested: dict) -> torch.Tensor:
+        """A `loss.class_weights` map as one weight per label (1.0 where unnamed); an unknown label is an error."""
+        unknown = sorted(set(map(str, requested)) - set(self.names))
+        if unknown:
+            raise SftError(
+                f"loss.class_weights: no such label(s) {', '.join(unknown)} (labels: {', '.join(self.names[:10])})"
+            )
+        given = {str(k): float(v) for k, v in requested.items()}
+        return torch.tensor([given.get(name, 1.0) for name in self.names])
 
     def item_weights(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Each example's class weight (None without class weights)."""
@@ -226,10 +229,10 @@ class ClassificationTask(TextFieldInput, Task):
 
     def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
         weights = self.item_weights(batch["labels"])
-        counts = {"sup": torch.tensor(batch["labels"].shape[0]) if weights is None else weights.sum()}
-        if "lm_labels" in batch:
-            counts["lm"] = (batch["lm_labels"] != -100).sum()
-        return counts
+        return {
+            "sup": torch.tensor(batch["labels"].shape[0]) if weights is None else weights.sum(),
+            **aux_counts(batch),
+        }
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Class scores for a batch (the one place that knows the model's inputs)."""
@@ -242,23 +245,34 @@ class ClassificationTask(TextFieldInput, Task):
         smoothing = self.recipe.loss.label_smoothing
         summed = summed_cross_entropy(logits, labels, weights, label_smoothing=smoothing)
         terms = {"sup": (summed, labels.new_tensor(labels.shape[0]) if weights is None else weights.sum())}
-        if self.aux is not None and "lm_labels" in batch:
-            terms["lm"] = self.aux.loss(model, batch)
-        return terms
+        return {**terms, **aux_terms(self.aux, model, batch)}
 
     def evaluate(
         self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
     ) -> dict[str, Any]:
-        preds, labels, loss_sum = [], [], 0.0
+        preds, labels, loss = self.gathered_outputs(model, batches, gather)
+        return {**classification_metrics(labels, preds, self.names), "loss": loss}
+
+    def gathered_outputs(
+        self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any
+    ) -> tuple[list, list, float]:
+        """Every eval example's output (`eval_outputs`) and label, gathered from all processes, and the mean loss."""
+        outputs, labels, loss_sum = [], [], 0.0
         for batch in batches:
             logits = self.logits(model, batch)
-            loss_sum += float(summed_cross_entropy(logits, batch["labels"]))
-            preds += logits.argmax(-1).tolist()
+            loss_sum += float(self.eval_loss(logits, batch["labels"]))
+            outputs += self.eval_outputs(logits).tolist()
             labels += batch["labels"].tolist()
-        preds, labels, losses = gather(preds), gather(labels), gather([loss_sum])
-        metrics = classification_metrics(labels, preds, self.names)
-        metrics["loss"] = sum(losses) / max(len(labels), 1)
-        return metrics
+        outputs, labels, losses = gather(outputs), gather(labels), gather([loss_sum])
+        return outputs, labels, sum(losses) / max(len(labels), 1)
+
+    def eval_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The summed, unweighted eval loss of a batch."""
+        return summed_cross_entropy(logits, labels)
+
+    def eval_outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metrics compare with the labels: the predicted class."""
+        return logits.argmax(-1)
 
     # -- sft predict ----------------------------------------------------------------------------
 

@@ -160,3 +160,15 @@ class AuxiliaryLM:
         if self.chunked:
             return model(aux=True, labels=labels, **inputs), (labels != -100).sum()
         return summed_cross_entropy(model(aux=True, **inputs).logits, labels), (labels != -100).sum()
+
+
+def aux_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss mix's `lm` count (its target tokens) when the batch carries auxiliary LM inputs, else nothing."""
+    return {"lm": (batch["lm_labels"] != -100).sum()} if "lm_labels" in batch else {}
+
+
+def aux_terms(
+    aux: Optional[AuxiliaryLM], model: nn.Module, batch: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The loss mix's `lm` term (summed loss, count) when the task trains one and the batch has its inputs."""
+    return {"lm": aux.loss(model, batch)} if aux is not None and "lm_labels" in batch else {}

@@ -17,6 +17,7 @@ from sft_cli.model import backbone as bb
 from sft_cli.model.losses import summed_binary_cross_entropy
 from sft_cli.tasks.base import Batch, LossTerms
 from sft_cli.tasks.classification import ClassificationTask
+from sft_cli.tasks.lm_aux import aux_terms
 from sft_cli.tasks.metrics import best_multi_label_threshold, multi_label_metrics
 
 
@@ -72,13 +73,7 @@ class MultiLabelTask(ClassificationTask):
                 (len(hot) - self.positives) / np.maximum(self.positives, 1), dtype=torch.float32
             )
         elif requested is not None:
-            unknown = sorted(set(map(str, requested)) - set(self.names))
-            if unknown:
-                raise SftError(
-                    f"loss.class_weights: no such label(s) {', '.join(unknown)} (labels: {', '.join(self.names[:10])})"
-                )
-            given = {str(k): float(v) for k, v in requested.items()}
-            self.pos_weight = torch.tensor([given.get(n, 1.0) for n in self.names])
+            self.pos_weight = self.weights_by_label(requested)
         self.threshold = self.recipe.eval.threshold
 
     def plan_statistics(self) -> dict[str, Any]:
@@ -93,35 +88,27 @@ class MultiLabelTask(ClassificationTask):
         )
         return {"class_weights": weights, "threshold": self.threshold}
 
-    def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
-        counts = {"sup": torch.tensor(batch["labels"].shape[0])}
-        if "lm_labels" in batch:
-            counts["lm"] = (batch["lm_labels"] != -100).sum()
-        return counts
-
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         logits, labels = self.logits(model, batch), batch["labels"]
         weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         terms = {"sup": (summed_binary_cross_entropy(logits, labels, weight), labels.new_tensor(labels.shape[0]))}
-        if self.aux is not None and "lm_labels" in batch:
-            terms["lm"] = self.aux.loss(model, batch)
-        return terms
+        return {**terms, **aux_terms(self.aux, model, batch)}
 
     def evaluate(
         self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
     ) -> dict[str, Any]:
-        scores, labels, loss_sum = [], [], 0.0
-        for batch in batches:
-            logits = self.logits(model, batch)
-            loss_sum += float(summed_binary_cross_entropy(logits, batch["labels"]))
-            scores += logits.float().sigmoid().tolist()
-            labels += batch["labels"].tolist()
-        scores, labels, losses = gather(scores), gather(labels), gather([loss_sum])
+        scores, labels, loss = self.gathered_outputs(model, batches, gather)
         truth, probabilities = np.asarray(labels) > 0.5, np.asarray(scores)
         if self.recipe.eval.tune_threshold and getattr(self, "tuning", True):
             self.threshold = best_multi_label_threshold(truth, probabilities, self.recipe.eval.threshold)
         metrics = multi_label_metrics(truth, probabilities >= self.threshold, self.names)
-        return {"loss": sum(losses) / max(len(labels), 1), **metrics, "threshold": self.threshold}
+        return {"loss": loss, **metrics, "threshold": self.threshold}
+
+    def eval_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return summed_binary_cross_entropy(logits, labels)
+
+    def eval_outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid()
 
     # -- model files and sft predict ----------------------------------------------------------------
 

@@ -23,9 +23,16 @@ from sft_cli.data.tables import cached_map, drop_null_rows, load_table, require_
 from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.tasks.base import Batch, LossTerms, Task
-from sft_cli.tasks.lm_aux import AuxiliaryLM
+from sft_cli.tasks.lm_aux import AuxiliaryLM, aux_counts, aux_terms
 from sft_cli.tasks.metrics import best_null_threshold, squad_metrics
-from sft_cli.tasks.text import TextFieldInput, backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
+from sft_cli.tasks.text import (
+    TextFieldInput,
+    load_tokenizer,
+    new_text_model,
+    require_fast_tokenizer,
+    text_batch,
+    tokenizer_fingerprint,
+)
 
 NO_SPAN = (-1, -1)  # offsets of a token outside the context
 
@@ -39,18 +46,14 @@ class QuestionAnsweringTask(TextFieldInput, Task):
     group_by_length = True
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
-        data, spec = self.recipe.data, self.recipe.backbone
+        data = self.recipe.data
         self.null_threshold = self.recipe.eval.null_threshold
         if train:
             raw_train = self.read_split(data.train, "data.train")
-            resolved = bb.resolve(spec)
-            self.tokenizer = backbone_tokenizer(resolved, spec)
-            attention = bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device)
-            self.model = bb.load_model(self.auto_class, resolved, spec, attention)
+            self.tokenizer, self.model = new_text_model(self.recipe, self.auto_class)
         else:
             self.load_for_inference(model_dir)
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise SftError("backbone.name: question answering needs a fast tokenizer (character offsets per token)")
+        require_fast_tokenizer(self.tokenizer, "question answering", "character offsets per token")
         self.aux = AuxiliaryLM.maybe(self.recipe, self.model, self.tokenizer, self.data_cache) if train else None
         if train:
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)
@@ -230,10 +233,7 @@ class QuestionAnsweringTask(TextFieldInput, Task):
     # -- loss and answers ---------------------------------------------------------------------------
 
     def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
-        counts = {"sup": torch.tensor(batch["input_ids"].shape[0])}
-        if "lm_labels" in batch:
-            counts["lm"] = (batch["lm_labels"] != -100).sum()
-        return counts
+        return {"sup": torch.tensor(batch["input_ids"].shape[0]), **aux_counts(batch)}
 
     def span_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
@@ -250,9 +250,7 @@ class QuestionAnsweringTask(TextFieldInput, Task):
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         start, end = self.span_logits(model, batch)
         terms = {"sup": (self.summed_span_loss(start, end, batch), torch.tensor(start.shape[0]))}
-        if self.aux is not None and "lm_labels" in batch:
-            terms["lm"] = self.aux.loss(model, batch)
-        return terms
+        return {**terms, **aux_terms(self.aux, model, batch)}
 
     def window_candidates(self, start: torch.Tensor, end: torch.Tensor, batch: Batch) -> list[tuple]:
         """Per window: (question, null score, best span score, char start, char end, span probability)."""

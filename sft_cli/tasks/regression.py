@@ -19,6 +19,7 @@ from sft_cli.model import backbone as bb
 from sft_cli.model.losses import regression_loss
 from sft_cli.tasks.base import Batch, LossTerms
 from sft_cli.tasks.classification import ClassificationTask
+from sft_cli.tasks.lm_aux import aux_terms
 from sft_cli.tasks.metrics import regression_metrics
 
 
@@ -104,12 +105,6 @@ class RegressionTask(ClassificationTask):
             "target_std": [round(float(v), 6) for v in self.target_std],
         }
 
-    def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
-        counts = {"sup": torch.tensor(batch["labels"].shape[0])}
-        if "lm_labels" in batch:
-            counts["lm"] = (batch["lm_labels"] != -100).sum()
-        return counts
-
     def standardized(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model outputs and targets in standardized units (what the loss compares)."""
         mean, std = self.target_mean.to(outputs.device), self.target_std.to(outputs.device)
@@ -121,9 +116,7 @@ class RegressionTask(ClassificationTask):
         outputs, targets = self.standardized(self.logits(model, batch), batch["labels"])
         summed = regression_loss(outputs, targets, self.recipe.loss.regression)
         terms = {"sup": (summed, batch["labels"].new_tensor(batch["labels"].shape[0]))}
-        if self.aux is not None and "lm_labels" in batch:
-            terms["lm"] = self.aux.loss(model, batch)
-        return terms
+        return {**terms, **aux_terms(self.aux, model, batch)}
 
     def in_data_units(self, outputs: torch.Tensor) -> torch.Tensor:
         """Model outputs as predictions in the data's units."""
@@ -134,16 +127,15 @@ class RegressionTask(ClassificationTask):
     def evaluate(
         self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
     ) -> dict[str, Any]:
-        preds, targets, loss_sum = [], [], 0.0
-        for batch in batches:
-            outputs = self.logits(model, batch)
-            standard, standard_targets = self.standardized(outputs, batch["labels"])
-            loss_sum += float(regression_loss(standard, standard_targets, self.recipe.loss.regression))
-            preds += self.in_data_units(outputs).tolist()
-            targets += batch["labels"].tolist()
-        preds, targets, losses = gather(preds), gather(targets), gather([loss_sum])
-        metrics = regression_metrics(np.asarray(targets), np.asarray(preds), self.names)
-        return {"loss": sum(losses) / max(len(targets), 1), **metrics}
+        preds, targets, loss = self.gathered_outputs(model, batches, gather)
+        return {"loss": loss, **regression_metrics(np.asarray(targets), np.asarray(preds), self.names)}
+
+    def eval_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss in standardized units, as training logs it."""
+        return regression_loss(*self.standardized(logits, labels), self.recipe.loss.regression)
+
+    def eval_outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.in_data_units(logits)
 
     # -- model files and sft predict ----------------------------------------------------------------
 

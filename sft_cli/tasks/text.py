@@ -7,10 +7,11 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from sft_cli.config.schema import BackboneConfig
+from sft_cli.config.schema import BackboneConfig, Recipe
 from sft_cli.data.packing import pad_sequences
 from sft_cli.data.tables import DataCache, cached_map
 from sft_cli.errors import SftError
+from sft_cli.model import backbone as bb
 from sft_cli.model.backbone import ResolvedBackbone
 
 
@@ -34,6 +35,20 @@ def backbone_tokenizer(backbone: ResolvedBackbone, spec: BackboneConfig) -> PreT
     if spec.from_scratch and hasattr(backbone.config, "vocab_size"):
         backbone.config.vocab_size = len(tokenizer)
     return tokenizer
+
+
+def new_text_model(recipe: Recipe, auto_class: Any, **head: Any) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """The backbone's tokenizer and an `auto_class` model on it with a new head (`head`: its config settings)."""
+    resolved = bb.resolve(recipe.backbone)
+    tokenizer = backbone_tokenizer(resolved, recipe.backbone)
+    attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
+    return tokenizer, bb.load_model(auto_class, resolved, recipe.backbone, attention, **head)
+
+
+def require_fast_tokenizer(tokenizer: Any, task: str, why: str) -> None:
+    """Word ids and character offsets come only from fast (Rust) tokenizers."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise SftError(f"backbone.name: {task} needs a fast tokenizer ({why})")
 
 
 class TextFieldInput:

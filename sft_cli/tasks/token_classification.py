@@ -20,9 +20,9 @@ from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.model.losses import summed_cross_entropy
 from sft_cli.tasks.base import Batch, LossTerms, Task
-from sft_cli.tasks.lm_aux import AuxiliaryLM
+from sft_cli.tasks.lm_aux import AuxiliaryLM, aux_counts, aux_terms
 from sft_cli.tasks.metrics import token_classification_metrics
-from sft_cli.tasks.text import backbone_tokenizer, load_tokenizer, text_batch, tokenizer_fingerprint
+from sft_cli.tasks.text import load_tokenizer, new_text_model, require_fast_tokenizer, text_batch, tokenizer_fingerprint
 
 
 def window_overlap(tokenizer: Any, max_length: int, stride: int) -> int:
@@ -63,24 +63,20 @@ class TokenClassificationTask(Task):
     group_by_length = True
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
-        data, spec = self.recipe.data, self.recipe.backbone
+        data = self.recipe.data
         if train:
             raw_train = self.read_split(data.train, "data.train")
             self.names = sorted({tag for tags in raw_train[data.tags_field] for tag in tags})
-            resolved = bb.resolve(spec)
-            self.tokenizer = backbone_tokenizer(resolved, spec)
-            self.model = bb.load_model(
+            self.tokenizer, self.model = new_text_model(
+                self.recipe,
                 self.auto_class,
-                resolved,
-                spec,
-                bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device),
                 num_labels=len(self.names),
                 id2label=dict(enumerate(self.names)),
                 label2id={n: i for i, n in enumerate(self.names)},
             )
         else:
             self.load_for_inference(model_dir)
-        self.require_fast_tokenizer()
+        require_fast_tokenizer(self.tokenizer, "token classification", "word ids per sub-token")
         self.label2id = {n: i for i, n in enumerate(self.names)}
         self.aux = AuxiliaryLM.maybe(self.recipe, self.model, self.tokenizer, self.data_cache) if train else None
         if train:
@@ -100,10 +96,6 @@ class TokenClassificationTask(Task):
             self.eval_words = [len(tokens) for tokens in raw_eval[data.tokens_field]]
             self.eval_tags = list(raw_eval[data.tags_field])
             self.eval_set = self.windows(raw_eval, "data.eval")
-
-    def require_fast_tokenizer(self) -> None:
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise SftError("backbone.name: token classification needs a fast tokenizer (word ids per sub-token)")
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -239,10 +231,7 @@ class TokenClassificationTask(Task):
     # -- loss and metrics ---------------------------------------------------------------------------
 
     def counts(self, batch: Batch) -> dict[str, torch.Tensor]:
-        counts = {"sup": (batch["labels"] != -100).sum()}
-        if "lm_labels" in batch:
-            counts["lm"] = (batch["lm_labels"] != -100).sum()
-        return counts
+        return {"sup": (batch["labels"] != -100).sum(), **aux_counts(batch)}
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -250,9 +239,7 @@ class TokenClassificationTask(Task):
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
         labels = batch["labels"]
         terms = {"sup": (summed_cross_entropy(self.logits(model, batch), labels), (labels != -100).sum())}
-        if self.aux is not None and "lm_labels" in batch:
-            terms["lm"] = self.aux.loss(model, batch)
-        return terms
+        return {**terms, **aux_terms(self.aux, model, batch)}
 
     def word_votes(self, logits: torch.Tensor, batch: Batch) -> list[tuple[int, int, int, int]]:
         """(example, word, predicted tag id, distance from the window's nearer edge) for every word start."""
@@ -304,7 +291,7 @@ class TokenClassificationTask(Task):
         self.model = bb.load_trained(self.auto_class, model_dir)
         self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.label2id = {n: i for i, n in enumerate(self.names)}
-        self.require_fast_tokenizer()
+        require_fast_tokenizer(self.tokenizer, "token classification", "word ids per sub-token")
 
     def check_input(self, columns: list[str]) -> None:
         require_columns_named(columns, [self.recipe.data.tokens_field], "data.tokens_field", "--input")
