@@ -54,8 +54,8 @@ demo-tasks: install  ## Fine-tune MiniLM for sentence pairs, regression, multi-l
 		$(SFT) finetune recipes/tasks/$$task.yaml --overwrite && $(SFT) eval recipes/tasks/$$task.yaml || exit 1; \
 	done
 
-test: install  ## Run the whole test suite (unit + integration)
-	$(PY) -m pytest -q --durations=20
+test: install  ## Run the whole test suite (unit + integration), each test file on one of two workers
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 test-fast: install  ## Unit tests only
 	$(PY) -m pytest -q -m "not integration"

@@ -20,6 +20,8 @@ import string
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / ".work"
 DATA = REPO / "data"
@@ -27,6 +29,9 @@ RUN = {"epochs": 2, "batch_size": 32, "lr": 1e-4, "max_length": 128, "seed": 42,
 # multi-label: at 1e-4 for 2 epochs neither side gets any label over 0.5 (micro-F1 0 for both, measured), so
 # both train longer and faster
 MLC = {**RUN, "lr": 3e-4, "epochs": 4}
+# multi-label at this budget swings with the seed on both sides (micro-F1 0.35-0.76 measured), so its rows run
+# these seeds on each side and the report adds each side's mean and standard deviation
+MLC_SEEDS = (42, 2, 7, 1, 3)
 QA = {**RUN, "batch_size": 16, "max_length": 256, "stride": 64, "n_best": 20, "max_answer_length": 30}
 SMOKE = os.environ.get("SFT_BENCH_SMOKE") == "1"
 SMOKE_ROWS = {"train": 64, "test": 32}
@@ -93,8 +98,15 @@ def sft_multi_label(name: str) -> dict:
 
 
 def _seeded(name: str, hp: dict) -> dict:
-    """A `-seed2` row: the same run with seed 2 (multi-label at this budget swings with the seed)."""
-    return {**hp, "seed": 2} if name.endswith("-seed2") else hp
+    """A `-seedN` row: the same run with seed N."""
+    found = re.search(r"-seed(\d+)$", name)
+    return {**hp, "seed": int(found.group(1))} if found else hp
+
+
+def seed_of(name: str) -> int:
+    """The seed a row ran with (RUN's unless its name ends in -seedN)."""
+    found = re.search(r"-seed(\d+)$", name)
+    return int(found.group(1)) if found else RUN["seed"]
 
 
 def sft_ner(name: str) -> dict:
@@ -594,7 +606,8 @@ def encoder_report(results: dict) -> list[str]:
         f"Both sides: {RUN['epochs']} epochs, batch {RUN['batch_size']}, LR {RUN['lr']}, warmup {RUN['warmup']}, "
         f"weight decay {RUN['weight_decay']}, max length {RUN['max_length']}, seed {RUN['seed']}, fp32; QA: batch",
         f"{QA['batch_size']}, max length {QA['max_length']}, stride {QA['stride']}; multi-label: {MLC['epochs']} epochs, LR "
-        f"{MLC['lr']} (at 2 epochs and 1e-4 neither side predicts any label above 0.5).",
+        f"{MLC['lr']} (at 2 epochs and 1e-4 neither side predicts any label above 0.5), seeds "
+        f"{', '.join(map(str, MLC_SEEDS))} on each side, their mean ± sample standard deviation in bold.",
         "The Trainer rows are written the way Hugging Face's examples are (run_glue.py with problem_type for pairs,",
         "regression and multi-label; run_ner.py; run_qa.py with postprocess_qa_predictions: n-best 20, max answer 30",
         "tokens, null threshold 0), with dynamic padding. Each side scores its own model on the test split. sft",
@@ -606,15 +619,43 @@ def encoder_report(results: dict) -> list[str]:
     ]
     for prefix, (_, main, second) in TABLE.items():
         task = {k: v for k, v in rows.items() if k.startswith(prefix)}
-        trainer = next((v for k, v in task.items() if "/trainer" in k), None)
+        trainers = {seed_of(k): v for k, v in task.items() if "/trainer" in k}
         for name, r in task.items():
+            trainer = trainers.get(seed_of(name))  # the ratio is to the Trainer run with the same seed
             ratio = f"{r['tokens_per_s'] / trainer['tokens_per_s']:.2f}" if trainer else ""
             lines.append(
                 f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {r['train_seconds']:.1f} | {r['peak_rss_mb']:,.0f} | "
                 f"{_metrics(r, main)} | {_metrics(r, second)} |"
             )
+        lines += seed_summary(prefix, task, trainers, main, second)
     lines += ["", "Data: " + "; ".join(f"`{p[:-1]}` {d}" for p, (d, _, _) in TABLE.items()) + "."]
     return lines
+
+
+def seed_summary(prefix: str, task: dict, trainers: dict, main: tuple[str, ...], second: tuple[str, ...]) -> list[str]:
+    """Rows of each side's mean ± standard deviation where a task ran several seeds per side."""
+    if len(trainers) < 2:
+        return []
+    lines = []
+    for side in ("trainer", "sft"):
+        runs = [r for k, r in task.items() if k.startswith(f"{prefix}{side}")]
+        speed = [r["tokens_per_s"] for r in runs]
+        ratios = [
+            r["tokens_per_s"] / trainers[seed_of(k)]["tokens_per_s"]
+            for k, r in task.items()
+            if k.startswith(f"{prefix}{side}") and seed_of(k) in trainers
+        ]
+        lines.append(
+            f"| **{prefix}{side}, mean ± sd of {len(runs)} seeds** | {np.mean(speed):,.0f} | {np.mean(ratios):.2f} | "
+            f"{np.mean([r['train_seconds'] for r in runs]):.1f} | {np.mean([r['peak_rss_mb'] for r in runs]):,.0f} | "
+            f"{_spread(runs, main)} | {_spread(runs, second)} |"
+        )
+    return lines
+
+
+def _spread(runs: list[dict], keys: tuple[str, ...]) -> str:
+    values = {key: [r[key] for r in runs] for key in keys}
+    return ", ".join(f"{k} {np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" for k, v in values.items())
 
 
 def replace_section(path: Path, results: dict, provenance: str) -> None:

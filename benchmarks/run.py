@@ -273,8 +273,14 @@ RUNS = {
     "reg/sft": encoder_tasks.sft_regression,
     "mlc/trainer-run-glue": encoder_tasks.trainer_multi_label,
     "mlc/sft": encoder_tasks.sft_multi_label,
-    "mlc/trainer-run-glue-seed2": encoder_tasks.trainer_multi_label,
-    "mlc/sft-seed2": encoder_tasks.sft_multi_label,
+    **{
+        f"mlc/{side}-seed{seed}": run
+        for seed in encoder_tasks.MLC_SEEDS[1:]
+        for side, run in (
+            ("trainer-run-glue", encoder_tasks.trainer_multi_label),
+            ("sft", encoder_tasks.sft_multi_label),
+        )
+    },
     "ner/trainer-run-ner": encoder_tasks.trainer_ner,
     "ner/sft": encoder_tasks.sft_ner,
     "qa/trainer-run-qa": encoder_tasks.trainer_qa,
@@ -293,7 +299,7 @@ def run_one(name: str) -> None:
     datasets.disable_progress_bars()
     logging.disable(logging.WARNING)
     WORK.mkdir(parents=True, exist_ok=True)
-    if name.endswith("seed2"):
+    if name.startswith("dec/") and name.endswith("seed2"):
         decoder.RUN["seed"] = 2  # the same run with another data order: the noise floor of the eval loss
     if name.startswith("dec512/"):
         decoder.RUN.update(decoder.SHORT_ROWS)
@@ -340,7 +346,7 @@ def main() -> None:
         print(f"  {results[name]}", flush=True)
     if prefixes and all(p.split("/")[0] + "/" in encoder_tasks.PREFIXES for p in prefixes) and not encoder_tasks.SMOKE:
         # encoder rows alone: merge them into the last encoder rows and rewrite that section of RESULTS.md only
-        saved = WORK / "encoder-results.json"
+        saved = REPO / "benchmarks" / "encoder-results.json"  # committed: a later partial run merges into it
         merged = {**(json.loads(saved.read_text()) if saved.exists() else {}), **results}
         saved.write_text(json.dumps(merged))
         encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", merged, machine_line(f"--only {args.only}"))

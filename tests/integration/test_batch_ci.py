@@ -36,9 +36,11 @@ def digits():
     return REPO / "data" / "digits"
 
 
-def test_check_passes_every_shipped_recipe(digits):
+def test_check_passes_every_shipped_recipe(digits, tmp_path):
     recipes = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
-    done = sft("check", *recipes, "--json")
+    scratch = tmp_path / "tmp"  # its own temp dir: another test process may be running `sft check` meanwhile
+    scratch.mkdir()
+    done = sft("check", *recipes, "--json", env={"TMPDIR": str(scratch)})
     rows = json.loads(done.stdout)
     assert done.returncode == 0, done.stderr[-3000:] + json.dumps(rows, indent=1)
     assert {r["recipe"] for r in rows} == set(recipes)
@@ -51,7 +53,7 @@ def test_check_passes_every_shipped_recipe(digits):
             assert row["status"] == "pass", row
     order = [r["recipe"] for r in rows]
     assert order.index("recipes/chat/pretrain.yaml") < order.index("recipes/chat/sft.yaml")  # its backbone first
-    assert not any(p.name.startswith("sft-check-") for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir())
+    assert not any(p.name.startswith("sft-check-") for p in scratch.iterdir())
 
 
 def test_check_fails_a_recipe_with_a_broken_data_file_naming_it(tmp_path):
