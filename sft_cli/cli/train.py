@@ -49,7 +49,7 @@ def finetune(
     nproc: int = NPROC,
     as_json: bool = JSON,
 ) -> None:
-    """Supervised fine-tuning (classification, image classification, prompt->response generation)."""
+    """Supervised fine-tuning: text and image classification, regression, multi-label, NER, QA, generation, chat."""
     launch(nproc)
     _train("finetune", recipe, overrides, resume, overwrite, as_json)
 
