@@ -48,9 +48,7 @@ def sweep(
         )
     if sampler not in SAMPLERS:
         raise SftError(f"--sampler: one of {', '.join(SAMPLERS)}")
-    es = recipe.schedule.early_stopping
-    metric = metric or (es.metric if es else "eval_loss")
-    direction = direction or ("maximize" if (es and es.mode == "max") else "minimize")
+    metric, direction = objective(recipe, metric, direction)
     root = Path(recipe.output.dir)
     root.mkdir(parents=True, exist_ok=True)
     for key in recipe.sweep:  # every key must be a real recipe key before any trial runs
@@ -90,6 +88,17 @@ def sweep(
     if trials > done:
         study.optimize(objective, n_trials=trials - done, catch=())
     return _report(study, recipe, load, root, metric)
+
+
+def objective(recipe: Recipe, metric: str | None, direction: str | None) -> tuple[str, str]:
+    """The metric a sweep optimizes and its direction: --metric/--direction, else early stopping's, else the task's."""
+    from sft_cli.tasks.registry import TASKS
+
+    es = recipe.schedule.early_stopping
+    task = TASKS[recipe.task]  # a loaded recipe names a registered task
+    default_metric, default_mode = (es.metric, es.mode) if es else (task.main_metric, task.main_mode)
+    metric = metric or default_metric
+    return metric, direction or ("maximize" if default_mode == "max" and metric == default_metric else "minimize")
 
 
 def _first(space: Any) -> Any:

@@ -24,6 +24,8 @@ from sft_cli.tasks.metrics import best_multi_label_threshold, multi_label_metric
 class MultiLabelTask(ClassificationTask):
     """Sigmoid + BCE per label; micro/macro/samples F1, subset accuracy and Hamming loss."""
 
+    main_metric = "eval_micro_f1"  # picks the best model and is what `sft sweep` optimizes
+    main_mode = "max"
     problem_type = "multi_label_classification"
     label_dtype = torch.float32
 

@@ -40,8 +40,8 @@ NO_SPAN = (-1, -1)  # offsets of a token outside the context
 class QuestionAnsweringTask(TextFieldInput, Task):
     """Span extraction with SQuAD exact match / F1 (and v2's has-answer F1 and no-answer accuracy)."""
 
-    main_metric = "eval_loss"
-    main_mode = "min"
+    main_metric = "eval_f1"  # SQuAD F1 picks the best model and is what `sft sweep` optimizes
+    main_mode = "max"
     auto_class = AutoModelForQuestionAnswering
     # not grouped by length: a long passage's windows are all full length and mostly hold no answer, so grouped
     # batches are all-"no answer" or all-answer and the model learns to say "" (stdlib-qa, 3 epochs, 3e-4: eval

@@ -37,6 +37,8 @@ def as_number(value: Any) -> Optional[float]:
 class RegressionTask(ClassificationTask):
     """Numeric targets: MSE / Huber / L1 on standardized targets; MSE, RMSE, MAE, R², Pearson, Spearman."""
 
+    main_metric = "eval_rmse"  # in the data's units: picks the best model and is what `sft sweep` minimizes
+    main_mode = "min"
     problem_type = "regression"
     label_dtype = torch.float32
 

@@ -57,8 +57,8 @@ def tags_as_names(table: Any, field: str) -> Any:
 class TokenClassificationTask(Task):
     """Per-word tags with seqeval precision / recall / F1, word accuracy and per-type scores."""
 
-    main_metric = "eval_loss"
-    main_mode = "min"
+    main_metric = "eval_f1"  # entity F1 picks the best model and is what `sft sweep` optimizes
+    main_mode = "max"
     auto_class = AutoModelForTokenClassification
     group_by_length = True
 

@@ -209,6 +209,10 @@ def test_ner_finds_entities_the_majority_tag_never_does(ner):
     # the majority tag (O everywhere) has entity F1 0 and word accuracy 0.960 on this split (data/README.md)
     assert metrics["f1"] > 0.6 and metrics["accuracy"] > 0.97, metrics
     assert metrics["num_examples"] == 450 and {"TYPE", "CONST"} <= set(metrics["per_type"])
+    # the best model is the best entity F1 (the task's main metric), not the lowest eval loss
+    summary = json.loads((recipe.parent / "run" / "summary.json").read_text())
+    evals = [r for r in read_jsonl(recipe.parent / "run" / "metrics.jsonl") if "eval_f1" in r]
+    assert summary["best_metric"] == max(r["eval_f1"] for r in evals), (summary, evals)
 
 
 def test_a_sentence_longer_than_max_length_gets_every_word_tagged(ner):

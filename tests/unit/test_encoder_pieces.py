@@ -107,3 +107,26 @@ def test_an_answer_beyond_the_first_window_is_labelled_in_the_window_that_holds_
     first, last = encoded["start"][window], encoded["end"][window]
     spans = encoded["offsets"][window]
     assert context[spans[first][0] : spans[last][1]] == "Compress data with deflate."
+
+
+@pytest.mark.parametrize(
+    "task, metric, direction",
+    [
+        ("classification", "eval_loss", "minimize"),
+        ("regression", "eval_rmse", "minimize"),
+        ("multi-label-classification", "eval_micro_f1", "maximize"),
+        ("token-classification", "eval_f1", "maximize"),
+        ("question-answering", "eval_f1", "maximize"),
+    ],
+)
+def test_a_sweep_optimizes_the_tasks_main_metric_unless_told_otherwise(tmp_path, task, metric, direction):
+    from sft_cli.commands.sweep import objective
+
+    values = recipe_values(tmp_path, task=task)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", values))
+    assert objective(recipe, None, None) == (metric, direction)
+    assert objective(recipe, "eval_loss", None) == ("eval_loss", "minimize")
+    assert objective(recipe, "eval_accuracy", "maximize") == ("eval_accuracy", "maximize")
+    values["schedule"]["early_stopping"] = {"metric": "eval_exact_match", "mode": "max", "patience": 2}
+    stopping = load_recipe(write_recipe(tmp_path / "s.yaml", values))
+    assert objective(stopping, None, None) == ("eval_exact_match", "maximize")
