@@ -48,7 +48,7 @@ def sweep(
         )
     if sampler not in SAMPLERS:
         raise SftError(f"--sampler: one of {', '.join(SAMPLERS)}")
-    metric, direction = objective(recipe, metric, direction)
+    metric, direction = sweep_objective(recipe, metric, direction)
     root = Path(recipe.output.dir)
     root.mkdir(parents=True, exist_ok=True)
     for key in recipe.sweep:  # every key must be a real recipe key before any trial runs
@@ -90,7 +90,7 @@ def sweep(
     return _report(study, recipe, load, root, metric)
 
 
-def objective(recipe: Recipe, metric: str | None, direction: str | None) -> tuple[str, str]:
+def sweep_objective(recipe: Recipe, metric: str | None, direction: str | None) -> tuple[str, str]:
     """The metric a sweep optimizes and its direction: --metric/--direction, else early stopping's, else the task's."""
     from sft_cli.tasks.registry import TASKS
 

@@ -120,7 +120,7 @@ def test_an_answer_beyond_the_first_window_is_labelled_in_the_window_that_holds_
     ],
 )
 def test_a_sweep_optimizes_the_tasks_main_metric_unless_told_otherwise(tmp_path, task, metric, direction):
-    from sft_cli.commands.sweep import objective
+    from sft_cli.commands.sweep import sweep_objective as objective
 
     values = recipe_values(tmp_path, task=task)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", values))
