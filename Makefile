@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks demo-translate test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,14 @@ demo-tasks: install  ## Fine-tune MiniLM for sentence pairs, regression, multi-l
 	for task in pairs regression multi-label ner qa; do \
 		$(SFT) finetune recipes/tasks/$$task.yaml --overwrite && $(SFT) eval recipes/tasks/$$task.yaml || exit 1; \
 	done
+
+demo-translate: install  ## Pretrain a small T5 (span corruption), fine-tune it to translate English -> Spanish, and the same fine-tune from scratch; evaluate both
+	$(SFT) pretrain recipes/translate/pretrain.yaml --overwrite
+	$(SFT) eval recipes/translate/pretrain.yaml
+	$(SFT) finetune recipes/translate/finetune.yaml --overwrite
+	$(SFT) eval recipes/translate/finetune.yaml
+	$(SFT) finetune recipes/translate/finetune.yaml backbone.from_scratch=true output.dir=runs/translate-en-es-scratch --overwrite
+	$(SFT) eval recipes/translate/finetune.yaml backbone.from_scratch=true output.dir=runs/translate-en-es-scratch
 
 test: install  ## Run the whole test suite (unit + integration), each test file on one of two workers
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20

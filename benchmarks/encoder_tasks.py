@@ -661,14 +661,12 @@ def _spread(runs: list[dict], keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" for k, v in values.items())
 
 
-def replace_section(path: Path, results: dict, provenance: str) -> None:
-    """Write this table into RESULTS.md in place of its previous version (or before the decoder section), with
-    the line saying which run produced it; the other sections are left as the last full run wrote them."""
-    lines = encoder_report(results)
-    lines[3:3] = ["Rows merged from the encoder-only runs; the latest: " + provenance, ""]
+def replace_section(path: Path, lines: list[str], title: str) -> None:
+    """Write a section (`lines`, its heading starting with `title`) into RESULTS.md in place of its previous
+    version (or before the decoder section); the other sections are left as the last full run wrote them."""
     section = "\n".join(lines).strip("\n") + "\n"
     text = path.read_text(encoding="utf-8")
-    start = text.find("## Encoder tasks")
+    start = text.find(title)
     if start >= 0:
         following = text.find("\n## ", start + 1)
         text = text[:start] + section + ("\n" + text[following + 1 :] if following >= 0 else "")

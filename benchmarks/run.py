@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import decoder  # noqa: E402  (the decoder rows: sft vs TRL vs Trainer at a 151,936 vocabulary)
 import encoder_tasks  # noqa: E402  (the encoder-task rows: pairs, regression, multi-label, NER, QA)
+import seq2seq  # noqa: E402  (the encoder-decoder row: translation against the Seq2SeqTrainer)
 import streaming  # noqa: E402  (the streaming rows: peak RSS against corpus size)
 
 WORK = REPO / "benchmarks" / ".work"
@@ -285,6 +286,7 @@ RUNS = {
     "ner/sft": encoder_tasks.sft_ner,
     "qa/trainer-run-qa": encoder_tasks.trainer_qa,
     "qa/sft": encoder_tasks.sft_qa,
+    **seq2seq.RUNS,
 }
 
 
@@ -316,7 +318,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa); "
+        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s); "
         "encoder = pairs, reg, mlc, ner and qa",
     )
     args = parser.parse_args()
@@ -329,6 +331,8 @@ def main() -> None:
         make_generation_base()
     if any(name.startswith("dec") for name in selected):
         decoder.make_base()
+    if any(name.startswith(seq2seq.PREFIXES) for name in selected):
+        seq2seq.make_base()
     results: dict = {}
     for name in selected:
         print(f"running {name} ...", flush=True)
@@ -349,8 +353,22 @@ def main() -> None:
         saved = REPO / "benchmarks" / "encoder-results.json"  # committed: a later partial run merges into it
         merged = {**(json.loads(saved.read_text()) if saved.exists() else {}), **results}
         saved.write_text(json.dumps(merged))
-        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", merged, machine_line(f"--only {args.only}"))
+        lines = encoder_tasks.encoder_report(merged)
+        lines[3:3] = ["Rows merged from the encoder-only runs; the latest: " + machine_line(f"--only {args.only}"), ""]
+        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Encoder tasks")
         print("\n".join(encoder_tasks.encoder_report(merged)))
+        return
+    if prefixes and all(p.startswith(seq2seq.PREFIXES) for p in prefixes) and not seq2seq.SMOKE:
+        # the encoder-decoder rows alone: kept in seq2seq-results.json, their section of RESULTS.md rewritten
+        merged = {**seq2seq.saved_results(), **results}
+        (REPO / "benchmarks" / "seq2seq-results.json").write_text(json.dumps(merged))
+        lines = seq2seq.report(merged)
+        lines[3:3] = [
+            "Rows merged from the encoder-decoder-only runs; the latest: " + machine_line(f"--only {args.only}"),
+            "",
+        ]
+        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Encoder-decoder")
+        print("\n".join(lines))
         return
     # a partial run (or a smoke run): show it against the last full run's other rows, never write RESULTS.md
     if args.only or encoder_tasks.SMOKE:
@@ -429,6 +447,7 @@ def write_report(results: dict) -> None:
             f"tokens: {ref.get('eval_loss_all_tokens', float('nan')):.4f}); sft trains on response tokens only.",
         ]
     lines += encoder_tasks.encoder_report(results)
+    lines += seq2seq.report(results)
     lines += decoder_report(results)
     lines += streaming.streaming_report(results)
     text = "\n".join(lines) + "\n"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,61 @@ def build_tiny_decoder(directory: Path, arch: str = "llama", vocab_size: int = 6
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# 2-layer, 64-wide encoder-decoders with the same kind of 600-token tokenizer: T5 (relative positions, tied
+# embeddings, decoder starts at pad) and BART (learned positions, final_logits_bias, decoder starts at EOS).
+TINY_SEQ2SEQ = {
+    "t5": {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+    "bart": {
+        "d_model": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128,
+        "max_position_embeddings": 256,
+    },
+}
+
+
+def build_tiny_seq2seq(directory: Path, arch: str = "t5", vocab_size: int = 600) -> Path:
+    """Save a random-init encoder-decoder + a trained tokenizer as a model directory (a valid backbone.name)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from sft_cli.tasks.text import train_bpe_tokenizer
+
+    lines = [line for line in (DOCS / "train.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokenizer = train_bpe_tokenizer(lines[:3000], vocab_size)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    start = tokenizer.pad_token_id if arch == "t5" else tokenizer.eos_token_id
+    extra = (
+        {"bos_token_id": tokenizer.bos_token_id, "forced_eos_token_id": tokenizer.eos_token_id}
+        if arch == "bart"
+        else {}
+    )
+    config = AutoConfig.for_model(
+        arch, **TINY_SEQ2SEQ[arch], vocab_size=len(tokenizer), decoder_start_token_id=start, **ids, **extra
+    )
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@functools.cache
+def shared_tiny_seq2seq(arch: str) -> Path:
+    """A tiny encoder-decoder built once per process, for tests that cannot take a fixture (bad-input cases)."""
+    return build_tiny_seq2seq(Path(tempfile.mkdtemp(prefix=f"sft-tiny-{arch}-")) / "model", arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tmp_path_factory) -> dict[str, Path]:
+    """{"t5": dir, "bart": dir}: tiny random-init encoder-decoders with tokenizers, built once per session."""
+    root = tmp_path_factory.mktemp("tiny-seq2seq")
+    return {arch: build_tiny_seq2seq(root / arch, arch) for arch in TINY_SEQ2SEQ}
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from sft_cli.rundir.layout import model_directory, resolve_run
 from sft_cli.tasks.registry import build_task
 
 log = logging.getLogger("sft")
-SIDE_FILES = ("sft_preprocess.json", "sft_generation.json")
+SIDE_FILES = ("sft_preprocess.json", "sft_generation.json", "sft_seq2seq_pipeline.py")
 
 
 def export(

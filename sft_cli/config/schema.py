@@ -23,12 +23,12 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "step", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-OBJECTIVES = ("auto", "clm", "mlm")
+OBJECTIVES = ("auto", "clm", "mlm", "span", "denoise")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
 # The allowed values of data.format, loss.train_on and data.history (validation checks them).
-FORMATS = ("auto", "prompt-response", "messages", "sharegpt", "alpaca")
+FORMATS = ("auto", "prompt-response", "messages", "sharegpt", "alpaca", "translation")
 TRAIN_ON = ("assistant", "last", "all")
 HISTORY = ("auto", "whole", "per-turn")
 REGRESSION_LOSSES = ("mse", "huber", "l1")
@@ -85,8 +85,17 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     image_field: str = "image"
-    template: Optional[str] = None  # e.g. "{prompt} =>", or "chat" for the tokenizer's chat template
-    format: str = "auto"  # auto | prompt-response | messages | sharegpt | alpaca
+    template: Optional[str] = (
+        None  # e.g. "{prompt} =>", or "chat"; encoder-decoder: a source prefix "translate: {prompt}"
+    )
+    format: str = "auto"  # auto | prompt-response | messages | sharegpt | alpaca | translation
+    source_lang: Optional[str] = (
+        None  # translation rows {"translation": {lang: text}}: the source key (en, en_XX, eng_Latn)
+    )
+    target_lang: Optional[str] = (
+        None  # ... the target key; multilingual models (NLLB, mBART) start replies with its token
+    )
+    max_target_length: Optional[int] = None  # encoder-decoder: target tokens kept (null: data.max_length)
     messages_field: Optional[str] = None  # the turns column (default: messages, or conversations for sharegpt)
     roles: dict[str, str] = field(default_factory=dict)  # extra role names -> system | user | assistant | tool
     chat_template: Optional[str] = None  # null: the tokenizer's own; chatml | llama3 | qwen2.5 | mistral; a .jinja path
@@ -124,6 +133,7 @@ class FreezeConfig:
     policy: str = "none"
     last_n: int = 1
     embeddings: Optional[bool] = None  # True freezes, False unfreezes embeddings on top of any policy
+    encoder: Optional[bool] = None  # encoder-decoder: True freezes, False unfreezes the encoder on top of any policy
     trainable: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -206,7 +216,7 @@ class EngineConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     num_workers: int = 0
-    attention: str = "auto"  # auto: eager on CPU (faster for short sequences), sdpa on GPU; or eager | sdpa
+    attention: str = "auto"  # auto: sdpa on GPU and for encoders; eager for decoders on CPU; or eager | sdpa
     kernels: str = "auto"  # auto: fused kernels (Liger) on CUDA when installed; none: plain PyTorch everywhere
     peak_tflops: Optional[float] = None  # for MFU in summary.json; None: measured with a short matmul
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -231,6 +241,8 @@ class EvalConfig:
     batch_size: int = 64
     num_beams: int = 1
     max_new_tokens: int = 32
+    length_penalty: float = 1.0  # beam search: > 1 favours longer outputs, < 1 shorter (only with num_beams > 1)
+    no_repeat_ngram_size: int = 0  # generation: never repeat an n-gram of this size (0: off)
     threshold: float = 0.5  # multi-label: a label is predicted when its probability is >= threshold
     tune_threshold: bool = False  # multi-label / question-answering (v2): tune the threshold on eval, save it
     max_answer_length: int = 30  # question-answering: longest answer span, in tokens
@@ -246,6 +258,8 @@ class PredictConfig:
     top_k: int = 5  # classification: how many label -> probability pairs `scores` holds
     max_new_tokens: int = 128
     num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -258,7 +272,7 @@ class Recipe:
 
     name: str = "run"
     task: str = "classification"
-    objective: str = "auto"  # language-modeling: clm | mlm | auto (by architecture)
+    objective: str = "auto"  # language-modeling: clm | mlm | span | denoise | auto (by architecture)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -84,6 +84,9 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "eval.batch_size": (1, True, None, False),
     "eval.num_beams": (1, True, None, False),
     "eval.max_new_tokens": (1, True, None, False),
+    "eval.length_penalty": (None, False, None, False),  # any finite number
+    "eval.no_repeat_ngram_size": (0, True, None, False),
+    "data.max_target_length": (1, True, None, False),
     "eval.threshold": (0, False, 1, False),
     "eval.max_answer_length": (1, True, None, False),
     "eval.n_best": (1, True, None, False),
@@ -93,6 +96,8 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "predict.top_k": (1, True, None, False),
     "predict.max_new_tokens": (1, True, None, False),
     "predict.num_beams": (1, True, None, False),
+    "predict.length_penalty": (None, False, None, False),  # any finite number
+    "predict.no_repeat_ngram_size": (0, True, None, False),
     "predict.temperature": (0, False, None, False),
     "predict.top_p": (0, False, 1, True),
     "predict.seed": (0, True, 2**32 - 1, True),

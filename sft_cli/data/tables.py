@@ -150,10 +150,12 @@ def _raise_on_bad_json_line(path: Path, key: str) -> None:
 
 
 def _load_hub(location: str, key: str, cache: DataCache) -> datasets.Dataset:
-    """A dataset from the Hugging Face hub (or its local cache when offline); `org/name:split` picks a split."""
-    name, _, split = location.partition(":")
+    """A dataset from the Hugging Face hub (or its local cache when offline); `org/name:split` picks a split,
+    `org/name:config:split` a configuration too (`wmt/wmt16:de-en:train`)."""
+    name, *rest = location.split(":")
+    config, split = (rest[0], rest[1]) if len(rest) >= 2 else (None, rest[0] if rest else "")
     try:
-        return datasets.load_dataset(name, split=split or "train", cache_dir=cache.directory)
+        return datasets.load_dataset(name, config, split=split or "train", cache_dir=cache.directory)
     except Exception:
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if hub_offline() else ""
         raise SftError(

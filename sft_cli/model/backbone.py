@@ -81,6 +81,11 @@ def resolve(spec: BackboneConfig) -> ResolvedBackbone:
     return ResolvedBackbone(location=name, config=config, is_local=False)
 
 
+def is_encoder_decoder(spec: BackboneConfig) -> bool:
+    """Whether the backbone is an encoder-decoder (T5, BART, Marian, ...), from its config."""
+    return bool(getattr(resolve(spec).config, "is_encoder_decoder", False))
+
+
 def _load_config(location: str, spec: BackboneConfig, overrides: dict, hub: bool = False) -> PretrainedConfig:
     """AutoConfig with the recipe's overrides, as a one-line error when it cannot be had."""
     try:
@@ -101,12 +106,13 @@ def _load_config(location: str, spec: BackboneConfig, overrides: dict, hub: bool
     return config
 
 
-def attention_implementation(requested: str, device: str) -> str:
-    """`auto`: eager attention on CPU (measured ~1.7x faster than SDPA for short sequences), SDPA on GPU."""
+def attention_implementation(requested: str, device: str, causal: bool = True) -> str:
+    """`auto`: SDPA on GPU; on CPU eager for decoders (measured ~1.7x faster than SDPA for short sequences) and
+    SDPA for bidirectional encoders (MiniLM, train step at 32 x 384 tokens: 19.9 s vs 23.0 s eager; equal at 32)."""
     if requested != "auto":
         return requested
     on_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
-    return "sdpa" if on_gpu else "eager"
+    return "sdpa" if on_gpu or not causal else "eager"
 
 
 def load_model(
@@ -185,6 +191,17 @@ def embedding_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
+def encoder_parameter_names(model: nn.Module) -> set[str]:
+    """An encoder-decoder's encoder parameters, less the token embeddings it shares with the decoder
+    (`freeze.embeddings` decides those)."""
+    getter = getattr(model, "get_encoder", None)
+    encoder = getter() if getter is not None and getattr(model.config, "is_encoder_decoder", False) else None
+    if encoder is None:
+        raise SftError("freeze.encoder: the backbone is not an encoder-decoder model — leave freeze.encoder unset")
+    ids = {id(p) for p in encoder.parameters()} - {id(p) for p in _embeddings(model, "input").parameters()}
+    return {name for name, param in model.named_parameters() if id(param) in ids}
+
+
 def apply_freeze(model: nn.Module, policy: FreezeConfig, new_tokens: Optional[list[int]] = None) -> nn.Module:
     """Set requires_grad by policy; returns the model (wrapped by PEFT for `lora`).
 
@@ -194,6 +211,8 @@ def apply_freeze(model: nn.Module, policy: FreezeConfig, new_tokens: Optional[li
     names = [n for n, _ in model.named_parameters()]
     head = head_parameter_names(model)
     if policy.policy == "lora":
+        if policy.encoder is not None:
+            raise SftError("freeze.encoder: LoRA already freezes the whole base model — leave freeze.encoder unset")
         return _apply_lora(model, policy, head, new_tokens or [])
     if policy.policy == "none":
         trainable = set(names)
@@ -215,6 +234,9 @@ def apply_freeze(model: nn.Module, policy: FreezeConfig, new_tokens: Optional[li
     if policy.embeddings is not None:
         embeddings = embedding_parameter_names(model)
         trainable = trainable - embeddings if policy.embeddings else trainable | embeddings
+    if policy.encoder is not None:
+        encoder = encoder_parameter_names(model)
+        trainable = trainable - encoder if policy.encoder else trainable | encoder
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     return model
@@ -231,13 +253,22 @@ def _match(pattern: str, names: list[str], key: str) -> set[str]:
     return hits
 
 
+# encoder-decoder families PEFT has no default LoRA targets for: the attention's query and value, as for t5 / bart
+SEQ2SEQ_LORA_TARGETS = {
+    **dict.fromkeys(
+        ("marian", "mbart", "m2m_100", "nllb_moe", "pegasus", "pegasus_x", "plbart", "blenderbot"), ["q_proj", "v_proj"]
+    ),
+    **dict.fromkeys(("umt5", "longt5", "switch_transformers"), ["q", "v"]),
+}
+
+
 def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str], new_tokens: list[int]) -> nn.Module:
     """Wrap with PEFT LoRA; the task head stays fully trainable (modules_to_save)."""
     from peft import LoraConfig, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
     model_type = getattr(model.config, "model_type", "")
-    targets = policy.lora.target_modules or DEFAULTS.get(model_type)
+    targets = policy.lora.target_modules or DEFAULTS.get(model_type) or SEQ2SEQ_LORA_TARGETS.get(model_type)
     if not targets:
         targets = sorted(
             {

@@ -16,6 +16,8 @@ class DecodeSettings:
 
     max_new_tokens: int = 32
     num_beams: int = 1
+    length_penalty: float = 1.0  # beam search only
+    no_repeat_ngram_size: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -52,32 +54,51 @@ def fit_context(prompts: list[list[int]], max_new_tokens: int, context: Optional
     return [p[-keep:] for p in prompts], new
 
 
+def search_settings(settings: DecodeSettings) -> dict[str, Any]:
+    """The `generate` keywords for beams, repetition and sampling (beam-only ones only with beams, which
+    transformers' strict generation config requires)."""
+    found: dict[str, Any] = {
+        "num_beams": settings.num_beams,
+        "do_sample": settings.do_sample,
+        "no_repeat_ngram_size": settings.no_repeat_ngram_size,  # always: 0 turns off a backbone's own (BART's 3)
+    }
+    if settings.num_beams > 1:
+        found["length_penalty"] = settings.length_penalty
+    if settings.do_sample:
+        found.update(temperature=settings.temperature, top_p=settings.top_p)
+    return found
+
+
 def generate(
     model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], settings: DecodeSettings, streamer: Any = None
 ) -> list[Generated]:
-    """Decode a batch of tokenized prompts (left padded, so every continuation starts at the same column)."""
+    """Decode a batch of tokenized prompts: a decoder continues them (left padded, so every continuation starts
+    at the same column); an encoder-decoder reads them as its source (right padded) and writes a new sequence."""
     device = next(model.parameters()).device
-    prompts, max_new_tokens = fit_context(prompts, settings.max_new_tokens, model_context(model))
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    max_new_tokens = settings.max_new_tokens
+    if not seq2seq:
+        prompts, max_new_tokens = fit_context(prompts, max_new_tokens, model_context(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = pad_sequences(prompts, pad, max(len(p) for p in prompts), side="left")
-    mask = pad_sequences([[1] * len(p) for p in prompts], 0, input_ids.shape[1], side="left")
+    side = "right" if seq2seq else "left"
+    input_ids = pad_sequences(prompts, pad, max(len(p) for p in prompts), side=side)
+    mask = pad_sequences([[1] * len(p) for p in prompts], 0, input_ids.shape[1], side=side)
     stops = stop_ids(tokenizer)
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     if settings.do_sample and settings.seed is not None:
         torch.manual_seed(settings.seed)
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=max_new_tokens,
-        num_beams=settings.num_beams,
-        do_sample=settings.do_sample,
         eos_token_id=stops or None,
         pad_token_id=pad,
         streamer=streamer,
-        **sampling,
+        **search_settings(settings),
     )
+    # a decoder's output repeats the prompt; an encoder-decoder's starts with the decoder start token
+    generated_part = output[:, 1:] if seq2seq else output[:, input_ids.shape[1] :]
     results = []
-    for generated in output[:, input_ids.shape[1] :].tolist():
+    for generated in generated_part.tolist():
         cut = next((i for i, t in enumerate(generated) if t in stops), None)
         ids = generated if cut is None else generated[:cut]
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -265,3 +265,126 @@ def causal_lm_loss(
 
     logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
     return summed_cross_entropy(logits, labels, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder-decoder models (T5, BART, Marian, mBART, NLLB, Pegasus): the same loss on the decoder's hidden states
+
+
+def decoder_inputs(network: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder's inputs for `labels`: the model's own shift (mBART wraps its language token) where it has one,
+    else the labels shifted right behind `decoder_start_token_id`, ignored positions as padding."""
+    prepare = getattr(network, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return prepare(labels=labels)
+    config = network.config
+    shifted = labels.new_full(labels.shape, config.pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = config.decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, config.pad_token_id)
+
+
+def _output_bias(network: nn.Module, head: nn.Module) -> Optional[torch.Tensor]:
+    """The bias added to the logits: the head's own plus a `final_logits_bias` buffer (BART, Marian, Pegasus)."""
+    extra = getattr(network, "final_logits_bias", None)
+    bias = getattr(head, "bias", None)
+    if extra is None:
+        return bias
+    extra = extra.reshape(-1)
+    return extra if bias is None else bias + extra
+
+
+class Seq2SeqLMLoss(nn.Module):
+    """An encoder-decoder model and its target-token loss in one forward, without the full logits."""
+
+    def __init__(self, lm: nn.Module, kernels: str = "auto"):
+        super().__init__()
+        self.lm = lm
+        self.kernels = kernels
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """What `backbone.unwrap` descends into: the model itself."""
+        return self.lm
+
+    def network(self) -> nn.Module:
+        """The transformers model (through a PEFT wrapper)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
+        network = self.network()
+        encoded = network.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = network.get_decoder()(
+            input_ids=decoder_inputs(network, labels),
+            encoder_hidden_states=encoded,
+            encoder_attention_mask=attention_mask,
+            use_cache=False,
+        ).last_hidden_state
+        if getattr(network.config, "scale_decoder_outputs", False):  # T5 with tied embeddings
+            hidden = hidden * (network.config.d_model**-0.5)
+        keep = labels != -100
+        rows, targets = hidden[keep], labels[keep]
+        if rows.shape[0] == 0:
+            return hidden.sum() * 0.0
+        head = network.get_output_embeddings()
+        weights = torch.ones_like(targets, dtype=torch.float32)
+        if type(head) is nn.Linear:
+            bias = _output_bias(network, head)
+            return _LinearCrossEntropy.apply(
+                rows, head.weight, bias, targets, weights, chunk_rows(head.weight.shape[0])
+            )
+        return linear_cross_entropy(rows, head, targets, weights)
+
+
+def plain_seq2seq_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The reference: the model's full logits, summed cross-entropy over the target tokens."""
+    from sft_cli.model.backbone import unwrap
+    from sft_cli.model.losses import summed_cross_entropy
+
+    network = unwrap(model)  # through DDP / compile: the model that knows its decoder's start token
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_inputs(network, labels),
+        use_cache=False,
+    ).logits
+    return summed_cross_entropy(logits, labels)
+
+
+def with_seq2seq_loss(model: nn.Module, vocab: int, kernels: str) -> tuple[nn.Module, bool]:
+    """(the model wrapped with the chunked loss, True) where it equals the model's own logits' loss on a random
+    batch; else (model, False): the full-logits loss."""
+    network = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generator = torch.Generator().manual_seed(0)
+    device = next(network.parameters()).device
+    ids = torch.randint(vocab, (2, 7), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(vocab, (2, 5), generator=generator).to(device)
+    labels[1, 3:] = -100
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            ours = Seq2SeqLMLoss(model, kernels="none")(ids, mask, labels)
+            theirs = plain_seq2seq_loss(model, ids, mask, labels)
+        matches = bool(torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4))
+    except Exception as err:  # an architecture whose encoder or decoder cannot be called alone
+        log.debug("chunked seq2seq loss unavailable: %s", err)
+        matches = False
+    finally:
+        network.train(was_training)
+    if matches:
+        return Seq2SeqLMLoss(model, kernels), True
+    log.info("the chunked loss does not match this encoder-decoder's logits; using full logits")
+    return model, False
+
+
+def seq2seq_loss(model: nn.Module, chunked: bool, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed target-token loss of an encoder-decoder batch (input_ids, attention_mask, labels)."""
+    if chunked:
+        return model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return plain_seq2seq_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

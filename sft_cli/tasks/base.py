@@ -50,6 +50,12 @@ class Task(ABC):
         self.skipped = SkipCounter()  # rows left out of each split, by reason
         self.data_cache = DataCache()  # where parsed and tokenized data goes: the command sets it (tokenize once)
 
+    @classmethod
+    def variant(cls, recipe: Recipe) -> type[Task]:
+        """The class that runs this recipe: this one, or a sibling for another kind of backbone (generation on an
+        encoder-decoder)."""
+        return cls
+
     @abstractmethod
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         """Load data and build `self.model` (from `model_dir` when evaluating a trained model)."""

@@ -153,7 +153,8 @@ class ClassificationTask(TextFieldInput, Task):
 
     def new_classifier(self, resolved: bb.ResolvedBackbone, names: list[str]) -> torch.nn.Module:
         """The resolved backbone with a fresh head for `names` (image classification resolves its own)."""
-        attention = bb.attention_implementation(self.recipe.engine.attention, self.recipe.engine.device)
+        engine = self.recipe.engine
+        attention = bb.attention_implementation(engine.attention, engine.device, causal=False)
         return bb.load_model(self.auto_class, resolved, self.recipe.backbone, attention, **self.head_settings(names))
 
     def head_settings(self, names: list[str]) -> dict[str, Any]:

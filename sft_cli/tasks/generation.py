@@ -28,7 +28,7 @@ from sft_cli.data.packing import (
 from sft_cli.data.tables import load_table, require_columns
 from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
-from sft_cli.model.decoding import DecodeSettings, generate
+from sft_cli.model.decoding import generate
 from sft_cli.model.lm_loss import causal_lm_loss, with_loss
 from sft_cli.model.losses import shift_for_next_token
 from sft_cli.tasks.base import Batch, LossTerms, Task
@@ -40,7 +40,7 @@ from sft_cli.tasks.generation_data import (
     render_prompt,
     trained_tokens_per_role,
 )
-from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationPredictor, set_stop_tokens
+from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationPredictor, decode_settings, set_stop_tokens
 from sft_cli.tasks.metrics import generation_metrics, perplexity
 from sft_cli.tasks.text import (
     backbone_tokenizer,
@@ -61,6 +61,20 @@ class GenerationTask(Task):
     main_mode = "min"
     auto_class = AutoModelForCausalLM
     shardable = False  # eval decodes free-running per rank
+
+    @classmethod
+    def variant(cls, recipe: Any) -> type[Task]:
+        """Encoder-decoder backbones (T5, BART, Marian, ...) run as sequence-to-sequence (`tasks.seq2seq`)."""
+        from sft_cli.tasks.seq2seq import Seq2SeqTask
+
+        try:
+            seq2seq = bb.is_encoder_decoder(recipe.backbone)
+        except SftError:  # the backbone is out of reach (offline): a trained run's model/ says what it is
+            saved = Path(recipe.output.dir) / "model" / "config.json"
+            if not saved.exists():
+                raise
+            seq2seq = bool(json.loads(saved.read_text()).get("is_encoder_decoder"))
+        return Seq2SeqTask if seq2seq else cls
 
     def setup(self, model_dir: Optional[str] = None, train: bool = True) -> None:
         recipe, data, spec = self.recipe, self.recipe.data, self.recipe.backbone
@@ -342,7 +356,7 @@ class GenerationTask(Task):
         from accelerate import PartialState
 
         state, settings = PartialState(), self.recipe.eval
-        decode = DecodeSettings(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
+        decode = decode_settings(settings)
         mine = list(range(len(self.eval_prompts)))[state.process_index :: state.num_processes]
         mine.sort(key=lambda i: len(self.eval_prompts[i]["ids"]))  # similar lengths together: little padding
         results = []

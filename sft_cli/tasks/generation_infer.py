@@ -104,14 +104,16 @@ class GenerationPredictor:
 
 
 def decode_settings(settings: Any) -> DecodeSettings:
-    """DecodeSettings from a recipe's `predict:` section."""
+    """DecodeSettings from a recipe's `predict:` section (or `eval:`, which never samples)."""
     return DecodeSettings(
         max_new_tokens=settings.max_new_tokens,
         num_beams=settings.num_beams,
-        do_sample=settings.do_sample,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        seed=settings.seed,
+        length_penalty=settings.length_penalty,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        do_sample=getattr(settings, "do_sample", False),
+        temperature=getattr(settings, "temperature", 1.0),
+        top_p=getattr(settings, "top_p", 1.0),
+        seed=getattr(settings, "seed", None),
     )
 
 

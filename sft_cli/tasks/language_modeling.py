@@ -13,10 +13,18 @@ from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.rundir.atomic import atomic_directory
 from sft_cli.tasks.base import Batch, LossTerms, Task
-from sft_cli.tasks.lm_aux import lm_class, lm_inputs, pick_objective
+from sft_cli.tasks.lm_aux import (
+    SEQ2SEQ_OBJECTIVES,
+    add_sentinels,
+    check_objective_tokens,
+    lm_class,
+    lm_inputs,
+    pick_objective,
+)
 from sft_cli.tasks.metrics import perplexity
 from sft_cli.tasks.text import (
     TextFieldInput,
+    append_eos,
     backbone_tokenizer,
     document_separator,
     fit_config_to_tokenizer,
@@ -38,9 +46,14 @@ def build_lm(recipe: Any, objective_hint: str = "auto", cache: DataCache = DataC
         tokenizer = backbone_tokenizer(resolved, spec)
     config = resolved.config
     objective = pick_objective(objective_hint, config)
+    if objective in SEQ2SEQ_OBJECTIVES and recipe.tokenizer.train:
+        append_eos(tokenizer)  # texts end with EOS, as T5's and BART's tokenizers end them
+        if objective == "span":
+            add_sentinels(tokenizer)  # T5's sentinels, as special tokens of the new tokenizer
+    check_objective_tokens(objective, tokenizer)
     if spec.from_scratch:
         fit_config_to_tokenizer(config, tokenizer, recipe.data.max_length)
-    attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
+    attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device, causal=objective == "clm")
     model = bb.load_model(lm_class(objective), resolved, spec, attention)
     return model, tokenizer, objective
 
@@ -93,11 +106,18 @@ class LanguageModelingTask(TextFieldInput, Task):
             self._load(model_dir)
         self.auto_class = lm_class(self.objective)
         self.chunked = False
+        self.seq2seq = self.objective in SEQ2SEQ_OBJECTIVES
         if self.objective == "clm":  # next-token loss without the full logits (checked against them)
             from sft_cli.model.lm_loss import with_loss
 
             self.model, self.chunked = with_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
-        self.tokens_per_example = data.max_length
+        elif self.seq2seq:  # the target's loss without the full logits (checked against them)
+            from sft_cli.model.lm_loss import with_seq2seq_loss
+
+            self.model, self.chunked = with_seq2seq_loss(self.model, len(self.tokenizer), recipe.engine.kernels)
+        # encoder-decoder objectives end source and target with EOS: blocks leave it room within max_length
+        self.block = data.max_length - 1 if self.seq2seq else data.max_length
+        self.tokens_per_example = self.block
         if train and data.streaming:
             from sft_cli.data.files import resolve_files
 
@@ -117,7 +137,7 @@ class LanguageModelingTask(TextFieldInput, Task):
             table,
             self.tokenizer,
             self.recipe.data.text_field,
-            self.recipe.data.max_length,
+            self.block,
             self.objective,
             key,
             self.data_cache,
@@ -139,7 +159,7 @@ class LanguageModelingTask(TextFieldInput, Task):
             builder,
             data.text_field,
             encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-            block=data.max_length,
+            block=self.block,
             separator=document_separator(tokenizer),
             batch_size=batch_size,
             collate=lambda rows: self.collate(rows, train=True),
@@ -166,13 +186,17 @@ class LanguageModelingTask(TextFieldInput, Task):
         return {"lm": (batch["lm_labels"] != -100).sum()}
 
     def tokens(self, batch: Batch) -> int:
-        return int(batch["lm_attention_mask"].sum())
+        targets = int((batch["lm_labels"] != -100).sum()) if getattr(self, "seq2seq", False) else 0
+        return int(batch["lm_attention_mask"].sum()) + targets
 
     def loss_terms(self, model: torch.nn.Module, batch: Batch) -> LossTerms:
-        from sft_cli.model.lm_loss import causal_lm_loss
+        from sft_cli.model.lm_loss import causal_lm_loss, seq2seq_loss
 
         labels = batch["lm_labels"]
         chunked = getattr(self, "chunked", False)
+        if getattr(self, "seq2seq", False):
+            pair = {"input_ids": batch["lm_input_ids"], "attention_mask": batch["lm_attention_mask"], "labels": labels}
+            return {"lm": (seq2seq_loss(model, chunked, pair), (labels != -100).sum())}
         summed = causal_lm_loss(
             model, chunked, batch["lm_input_ids"], labels, attention_mask=batch["lm_attention_mask"]
         )
@@ -206,7 +230,10 @@ class LanguageModelingTask(TextFieldInput, Task):
     def load_for_inference(self, model_dir: str) -> None:
         self._load(model_dir)
         if self.objective != "clm":
-            raise SftError("a masked-LM model has no continuation to predict — use `sft eval` for its perplexity")
+            raise SftError(
+                f"a model pretrained with objective {self.objective} has no continuation to predict — use `sft eval` "
+                "for its loss and perplexity, or fine-tune it (task: generation) first"
+            )
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
         from sft_cli.model.decoding import generate

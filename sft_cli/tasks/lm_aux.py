@@ -1,6 +1,7 @@
 """Language-modelling pieces shared by pretraining and the auxiliary LM loss of the loss mix.
 
-`objective auto` picks masked LM for encoder architectures and next-token LM for decoders.
+`objective auto` picks masked LM for encoder architectures, next-token LM for decoders, and for encoder-decoders
+T5 span corruption (T5-like models) or BART text infilling (`denoise`, the others).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from sft_cli.config.schema import Recipe
@@ -19,10 +20,25 @@ from sft_cli.model.losses import shift_for_next_token, summed_cross_entropy
 from sft_cli.tasks.text import pack_texts
 
 MLM_PROBABILITY = 0.15
+SEQ2SEQ_OBJECTIVES = ("span", "denoise")
+T5_LIKE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")  # pretrained with span corruption and sentinels
+SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as T5's tokenizers have
 
 
 def pick_objective(requested: str, config: PretrainedConfig) -> str:
-    """`mlm` for encoders, `clm` for decoders, unless the recipe says which."""
+    """`mlm` for encoders, `clm` for decoders, `span` / `denoise` for encoder-decoders, unless the recipe says which."""
+    if getattr(config, "is_encoder_decoder", False):
+        if requested in ("clm", "mlm"):
+            raise SftError(
+                f"objective: {requested} is for encoders and decoders; an encoder-decoder ({config.model_type}) "
+                "pretrains with objective: span (T5 span corruption) or denoise (BART text infilling)"
+            )
+        return requested if requested != "auto" else "span" if config.model_type in T5_LIKE else "denoise"
+    if requested in SEQ2SEQ_OBJECTIVES:
+        raise SftError(
+            f"objective: {requested} pretrains encoder-decoder models (t5, bart, ...); {config.model_type} is not one "
+            "— use objective: clm or mlm"
+        )
     if requested != "auto":
         return requested
     encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
@@ -31,7 +47,41 @@ def pick_objective(requested: str, config: PretrainedConfig) -> str:
 
 def lm_class(objective: str) -> Any:
     """The transformers auto class for an objective."""
+    if objective in SEQ2SEQ_OBJECTIVES:
+        return AutoModelForSeq2SeqLM
     return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+
+
+def sentinel_ids(tokenizer: Any) -> list[int]:
+    """The ids of T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... that the tokenizer has, in order."""
+    vocabulary = tokenizer.get_vocab()
+    found = []
+    for index in range(SENTINELS):
+        token = vocabulary.get(f"<extra_id_{index}>")
+        if token is None:
+            break
+        found.append(token)
+    return found
+
+
+def add_sentinels(tokenizer: Any) -> None:
+    """Give a (newly trained) tokenizer T5's sentinel tokens, as special tokens."""
+    missing = [f"<extra_id_{i}>" for i in range(len(sentinel_ids(tokenizer)), SENTINELS)]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+
+
+def check_objective_tokens(objective: str, tokenizer: Any) -> None:
+    """The tokens an encoder-decoder objective writes into sources must exist."""
+    if objective == "span" and not sentinel_ids(tokenizer):
+        raise SftError(
+            "objective: span writes T5's sentinel tokens <extra_id_N>, which this tokenizer lacks — use objective: "
+            "denoise, or train a tokenizer (tokenizer.train: true adds them)"
+        )
+    if objective == "denoise" and tokenizer.mask_token_id is None:
+        raise SftError(
+            "objective: denoise replaces spans with the mask token, which this tokenizer lacks — use objective: span"
+        )
 
 
 def mask_tokens(
@@ -59,8 +109,41 @@ def special_tokens_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, t
     return special | (attention_mask == 0)
 
 
+def corrupted_pairs(objective: str, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Source and target of span corruption or text infilling for each block, each ending with EOS, padded.
+
+    The corruption draws from a generator seeded by torch's RNG, so the engine's seed (and evaluation's fixed one)
+    decides it, as it decides masked-LM masks."""
+    import numpy as np
+
+    from sft_cli.data.denoising import span_corruption, text_infilling
+    from sft_cli.data.packing import pad_sequences
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sentinels = sentinel_ids(tokenizer) if objective == "span" else []
+    sources, targets = [], []
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        ids = [t for t, m in zip(ids, mask) if m]
+        if objective == "span":
+            source, target = span_corruption(ids, sentinels, rng)
+        else:
+            source, target = text_infilling(ids, tokenizer.mask_token_id, rng), ids
+        sources.append(source + [eos])
+        targets.append(target + [eos])
+    inputs = pad_sequences(sources, pad)
+    return {
+        "lm_input_ids": inputs,
+        "lm_attention_mask": pad_sequences([[1] * len(s) for s in sources], 0, inputs.shape[1]),
+        "lm_labels": pad_sequences(targets, -100),
+    }
+
+
 def lm_inputs(objective: str, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, torch.Tensor]:
-    """Inputs and labels for one LM pass over a batch of texts (masked or next-token)."""
+    """Inputs and labels for one LM pass over a batch of texts (masked, next-token, or a corrupted source and its
+    target for encoder-decoders)."""
+    if objective in SEQ2SEQ_OBJECTIVES:
+        return corrupted_pairs(objective, batch, tokenizer)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if objective == "mlm":
         if tokenizer.mask_token_id is None:

@@ -198,17 +198,62 @@ def best_null_threshold(
     return best
 
 
-def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Exact match, corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
+def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Exact match, corpus BLEU and chrF++ (sacrebleu), mean ROUGE-L F1 (rouge-score), mean METEOR (NLTK)."""
     from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU, CHRF
 
-    exact = float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)])) if references else 0.0
+    if not references:
+        return {"exact_match": 0.0, "bleu": 0.0, "chrf": 0.0, "rouge_l": 0.0, "meteor": 0.0, "meteor_variant": ""}
+    predictions, references = list(predictions), list(references)
+    exact = float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)]))
     # effective_order: short answers (a name, a label) have no 4-grams; standard BLEU would give 0 for all.
-    bleu = BLEU(effective_order=True).corpus_score(list(predictions), [list(references)]).score if references else 0.0
+    bleu = BLEU(effective_order=True).corpus_score(predictions, [references]).score
+    chrf = CHRF(word_order=2).corpus_score(predictions, [references]).score  # chrF++ (character + word bigrams)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    return {"exact_match": exact, "bleu": float(bleu), "rouge_l": float(np.mean(rouge)) if rouge else 0.0}
+    meteor, variant = meteor_scores(predictions, references)
+    return {
+        "exact_match": exact,
+        "bleu": float(bleu),
+        "chrf": float(chrf),
+        "rouge_l": float(np.mean(rouge)),
+        "meteor": meteor,
+        "meteor_variant": variant,
+    }
+
+
+class _NoSynonyms:
+    """A WordNet stand-in with no synsets: METEOR's synonym stage then matches nothing."""
+
+    @staticmethod
+    def synsets(_word: str) -> list:
+        return []
+
+
+def meteor_scores(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """Mean sentence METEOR (NLTK; lower-cased word and punctuation tokens) and which stages ran: exact, Porter
+    stem, and WordNet synonyms when the WordNet data is installed (`nltk.download('wordnet')`), else none."""
+    import re
+
+    from nltk.translate.meteor_score import meteor_score
+
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        synonyms, variant = wordnet, "exact+stem+wordnet"
+    except LookupError:  # no WordNet data here: the synonym stage has nothing to match
+        synonyms, variant = _NoSynonyms(), "exact+stem (no WordNet data)"
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"\w+|[^\w\s]", text)
+
+    scores = [
+        meteor_score([words(r)], words(p), wordnet=synonyms) if words(p) and words(r) else 0.0
+        for p, r in zip(predictions, references)
+    ]
+    return float(np.mean(scores)) if scores else 0.0, variant
 
 
 def perplexity(loss: float) -> float:

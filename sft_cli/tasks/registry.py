@@ -30,4 +30,4 @@ def build_task(recipe: Recipe) -> Task:
     """The task object named by `recipe.task`."""
     if recipe.task not in TASKS:
         raise SftError(f"task: '{recipe.task}' is not supported (available: {', '.join(TASKS)})")
-    return TASKS[recipe.task](recipe)
+    return TASKS[recipe.task].variant(recipe)(recipe)

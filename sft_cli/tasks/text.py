@@ -41,7 +41,7 @@ def new_text_model(recipe: Recipe, auto_class: Any, **head: Any) -> tuple[PreTra
     """The backbone's tokenizer and an `auto_class` model on it with a new head (`head`: its config settings)."""
     resolved = bb.resolve(recipe.backbone)
     tokenizer = backbone_tokenizer(resolved, recipe.backbone)
-    attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device)
+    attention = bb.attention_implementation(recipe.engine.attention, recipe.engine.device, causal=False)
     return tokenizer, bb.load_model(auto_class, resolved, recipe.backbone, attention, **head)
 
 
@@ -143,6 +143,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
+def append_eos(tokenizer: Any) -> None:
+    """Make a trained tokenizer end every encoded text with EOS (`add_special_tokens`), as T5's and BART's do, so
+    scripts that tokenize sources and targets the usual way train an encoder-decoder that learns to stop."""
+    from tokenizers import processors
+
+    eos = tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_token_id)]
+    )
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Give the tokenizer a pad token distinct from EOS (so EOS stays a learned target); True if added."""
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
@@ -152,7 +163,13 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> None:
-    """Vocabulary size, special-token ids and context length of a fresh model follow its tokenizer."""
+    """Vocabulary size, special-token ids and context length of a fresh model follow its tokenizer (an
+    encoder-decoder's decoder keeps its convention: starting at the pad token like T5, or at EOS like BART)."""
+    if getattr(config, "is_encoder_decoder", False):
+        starts_at_pad = config.decoder_start_token_id == config.pad_token_id
+        config.decoder_start_token_id = tokenizer.pad_token_id if starts_at_pad else tokenizer.eos_token_id
+        if getattr(config, "forced_eos_token_id", None) is not None:
+            config.forced_eos_token_id = tokenizer.eos_token_id
     config.vocab_size = len(tokenizer)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None)

@@ -297,6 +297,36 @@ def case_answer_start_misses_its_text(tmp):
     return ["finetune", recipe_file(tmp, values)], "row 3: 'answers': answer_start 3 does not point at its text"
 
 
+def seq2seq_data(tmp: Path, rows: list[dict], **data) -> dict:
+    """A recipe fine-tuning the tiny random-init T5 (built once per process) on the given rows."""
+    from tests.conftest import shared_tiny_seq2seq
+
+    values = task_data(tmp, "generation", rows, **data)
+    values["backbone"] = {"name": str(shared_tiny_seq2seq("t5"))}
+    return values
+
+
+PAIRS = [{"source": "The file is closed.", "target": "El archivo está cerrado."}] * 3
+
+
+def case_seq2seq_missing_target_column(tmp):
+    rows = [{"source": r["source"]} for r in PAIRS]
+    values = seq2seq_data(tmp, rows, prompt_field="source", response_field="target")
+    return ["finetune", recipe_file(tmp, values)], "data.response_field='target': no such column"
+
+
+def case_seq2seq_empty_target(tmp):
+    rows = PAIRS + [{"source": "Open it.", "target": "  "}]
+    values = seq2seq_data(tmp, rows, prompt_field="source", response_field="target")
+    return ["finetune", recipe_file(tmp, values)], "row 4: the target 'target' is empty"
+
+
+def case_translation_rows_without_the_target_language(tmp):
+    rows = [{"translation": {"en": "The file.", "es": "El archivo."}}] * 3
+    values = seq2seq_data(tmp, rows, format="translation", source_lang="en", target_lang="fr")
+    return ["finetune", recipe_file(tmp, values)], "row 1: no 'fr' text in 'translation' (it has en, es)"
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
