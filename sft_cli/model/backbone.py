@@ -161,6 +161,8 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     """Parameters outside the base model (the task head), plus the output embeddings if any."""
     prefix = _base_prefix(model)
     names = {n for n, _ in model.named_parameters() if not prefix or not n.startswith(prefix + ".")}
+    if not prefix and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        names = set()  # T5 keeps encoder and decoder at the top level: its only head is the LM head
     output = _embeddings(model, "output")
     if output is not None:
         ids = {id(p) for p in output.parameters()}
@@ -283,7 +285,12 @@ def _apply_lora(model: nn.Module, policy: FreezeConfig, head: set[str], new_toke
     head_modules = sorted({n.split(".")[0] for n in head if not prefix or not n.startswith(prefix + ".")})
     output = _embeddings(model, "output")
     if output is not None:  # a pretrained LM head (lm_head) stays frozen under LoRA; only new heads train whole
-        pretrained = {name.split(".")[0] for name, module in model.named_modules() if module is output}
+        tied = {id(p) for p in output.parameters()}  # the LM head, and embeddings tied to it (T5's `shared`)
+        pretrained = {
+            name.split(".")[0]
+            for name, module in model.named_modules()
+            if module is output or (name and {id(p) for p in module.parameters(recurse=False)} & tied)
+        }
         head_modules = [m for m in head_modules if m not in pretrained]
     config = LoraConfig(
         r=policy.lora.r,

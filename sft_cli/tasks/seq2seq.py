@@ -273,12 +273,7 @@ class Seq2SeqTask(Task):
                 values.append(None)
                 continue
             found = language_key(pair, lang)
-            if found is None:
-                raise SftError(
-                    f"{where}: no '{lang}' text in '{TRANSLATION_COLUMN}' (it has {', '.join(pair) or 'nothing'}) "
-                    f"— fix the row, or set data.{name} to one of its keys"
-                )
-            values.append(pair[found])  # None where a dataset of several language pairs lacks it: a null row
+            values.append(pair[found] if found else None)  # a row without the language is a null row
         return values[0], values[1]
 
     def source_ids(self, text: str) -> list[int]:
@@ -306,6 +301,8 @@ class Seq2SeqTask(Task):
     def _encode(self, table: Any, key: str, location: Any) -> Any:
         """Tokenize every row (cached); null rows are counted and skipped, empty or non-text ones are errors."""
         data = self.recipe.data
+        if self.input_format == "translation":
+            self._check_languages(table, key, location)
 
         def encode(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
             out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "skip": []}
@@ -344,6 +341,19 @@ class Seq2SeqTask(Task):
         if key == "data.eval":  # the texts eval shows beside each prediction (and scores against)
             self.eval_texts = [self._pair(table[i], key) for i, reason in enumerate(reasons) if not reason]
         return encoded.remove_columns("skip")
+
+    def _check_languages(self, table: Any, key: str, location: Any) -> None:
+        """Both languages are keys of some translation row (a row lacking one is skipped; no row having it is a typo)."""
+        keys: set[str] = set()
+        for pair in table[TRANSLATION_COLUMN]:
+            if isinstance(pair, dict):
+                keys |= {k for k, v in pair.items() if v is not None}
+        for lang, name in ((self.source_lang, "source_lang"), (self.target_lang, "target_lang")):
+            if language_key(keys, lang) is None:
+                raise SftError(
+                    f"data.{name}: no '{lang}' text in any '{TRANSLATION_COLUMN}' row of {key} ({location}; they have "
+                    f"{', '.join(sorted(keys)) or 'nothing'}) — set data.{name} to one of them"
+                )
 
     def _row_problem(self, source: Any, target: Any, where: str) -> Optional[str]:
         """Why a row is skipped (a null field), or an error for a non-text or empty source or target."""

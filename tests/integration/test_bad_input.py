@@ -324,7 +324,7 @@ def case_seq2seq_empty_target(tmp):
 def case_translation_rows_without_the_target_language(tmp):
     rows = [{"translation": {"en": "The file.", "es": "El archivo."}}] * 3
     values = seq2seq_data(tmp, rows, format="translation", source_lang="en", target_lang="fr")
-    return ["finetune", recipe_file(tmp, values)], "row 1: no 'fr' text in 'translation' (it has en, es)"
+    return ["finetune", recipe_file(tmp, values)], "data.target_lang: no 'fr' text in any 'translation' row"
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
