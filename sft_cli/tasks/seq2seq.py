@@ -93,7 +93,7 @@ def configure_generation(model: Any, tokenizer: Any, language: dict[str, int]) -
     """Stop at EOS, pad with the pad token, start the decoder as the model was trained to (and on the target
     language for multilingual models) — in config and generation_config, which `save_pretrained` keeps."""
     config = model.config
-    if config.decoder_start_token_id is None:  # T5's convention: the decoder starts at the pad token
+    if getattr(config, "decoder_start_token_id", None) is None:  # T5's convention: the decoder starts at the pad token
         config.decoder_start_token_id = tokenizer.pad_token_id
     updates = {
         "eos_token_id": tokenizer.eos_token_id,

@@ -166,7 +166,8 @@ def fit_config_to_tokenizer(config: Any, tokenizer: Any, max_length: int) -> Non
     """Vocabulary size, special-token ids and context length of a fresh model follow its tokenizer (an
     encoder-decoder's decoder keeps its convention: starting at the pad token like T5, or at EOS like BART)."""
     if getattr(config, "is_encoder_decoder", False):
-        starts_at_pad = config.decoder_start_token_id == config.pad_token_id
+        start = getattr(config, "decoder_start_token_id", None)  # T5Config has none: T5 starts at pad
+        starts_at_pad = start is None or start == config.pad_token_id
         config.decoder_start_token_id = tokenizer.pad_token_id if starts_at_pad else tokenizer.eos_token_id
         if getattr(config, "forced_eos_token_id", None) is not None:
             config.forced_eos_token_id = tokenizer.eos_token_id
