@@ -122,6 +122,8 @@ def load_model(
     config = backbone.config
     for key, value in config_updates.items():
         setattr(config, key, value)
+    if attention == "sdpa" and not _supports_sdpa(auto_class, config):
+        attention = "eager"  # e.g. a CNN (ResNet) under an encoder's `auto` choice: it has no SDPA path
     if spec.from_scratch or not backbone.location:
         return auto_class.from_config(config, trust_remote_code=spec.trust_remote_code, attn_implementation=attention)
     try:
@@ -137,6 +139,15 @@ def load_model(
         raise SftError(
             f"backbone.name: {backbone.location} cannot serve this task: {str(err).splitlines()[0]}"
         ) from None
+
+
+def _supports_sdpa(auto_class: Any, config: PretrainedConfig) -> bool:
+    """Whether the class `auto_class` builds for `config` has an SDPA attention path (unknown: assume it does)."""
+    try:
+        model_class = auto_class._model_mapping[type(config)]
+    except (AttributeError, KeyError):
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
 
 
 # ---------------------------------------------------------------------------------------------
