@@ -28,7 +28,7 @@ OUT = Path(__file__).resolve().parent.parent / "data" / "docs-en-es"
 TEST_SHARE, SEED = 0.10, 13
 PAIR_WORDS = (4, 24)
 TEXT_WORDS = (6, 120)
-MAX_PAIRS, MAX_TEXT_LINES = 9000, 14000
+MAX_PAIRS, MAX_TEXT_LINES = 9000, 8000
 
 ROLE = re.compile(r":[\w:.+-]+:`(?:[^`<]*<)?~?([^`>]+)>?`")  # :func:`abs`, :ref:`title <label>` -> label text
 LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`_{1,2}")  # `text <url>`_
@@ -57,11 +57,19 @@ def entries(path: Path) -> list[tuple[str, str, bool]]:
             continue
         elif line.startswith(("msgid ", "msgstr ")):
             current, value = line.split(" ", 1)
-            fields[current] = ast.literal_eval(value)
+            fields[current] = unquote(value)
         elif line.startswith('"') and current:
-            fields[current] += ast.literal_eval(line)
+            fields[current] += unquote(line)
     flush()
     return found
+
+
+def unquote(value: str) -> str:
+    """A C-escaped .po string ("...") as text; a malformed one (a few catalogs have them) as empty text."""
+    try:
+        return str(ast.literal_eval(value))
+    except (SyntaxError, ValueError):
+        return ""
 
 
 def plain(text: str) -> str:
