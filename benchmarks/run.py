@@ -358,7 +358,7 @@ def main() -> None:
         encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Encoder tasks")
         print("\n".join(encoder_tasks.encoder_report(merged)))
         return
-    if prefixes and all(p.startswith(seq2seq.PREFIXES) for p in prefixes) and not seq2seq.SMOKE:
+    if prefixes and all(p.split("/")[0] + "/" in seq2seq.PREFIXES for p in prefixes) and not seq2seq.SMOKE:
         # the encoder-decoder rows alone: kept in seq2seq-results.json, their section of RESULTS.md rewritten
         merged = {**seq2seq.saved_results(), **results}
         (REPO / "benchmarks" / "seq2seq-results.json").write_text(json.dumps(merged))
