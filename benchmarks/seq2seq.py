@@ -168,6 +168,10 @@ def trainer_run(name: str) -> dict:
     predictions = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     references = [pair[TARGET] for pair in raw["test"]["translation"]]
     scores = generation_metrics(predictions, references)
+    with open(WORK / name / "predictions.jsonl", "w", encoding="utf-8") as f:  # as sft writes its own: to compare
+        for source, reference, prediction in zip(raw["test"]["translation"], references, predictions):
+            f.write(json.dumps({"source": source[SOURCE], "reference": reference, "prediction": prediction}) + "\n")
+    trainer.save_model(str(WORK / name / "model"))
     return {
         "tokens_per_s": tokens / runtime,
         "train_seconds": runtime,
