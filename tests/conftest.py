@@ -213,3 +213,17 @@ def full_logits(task, batch):
 
     inputs = task.attention_inputs(task.model, batch)
     return bb.unwrap(task.model)(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+
+
+def invoke_cli(*args: str) -> str:
+    """Run the CLI in this process (the same app and error path as `sft`); its stdout. Fails on a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from sft_cli.cli import app, state
+
+    state["debug"] = True
+    result = CliRunner().invoke(app, list(args), env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.stderr[-3000:]
+    return result.stdout

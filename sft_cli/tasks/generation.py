@@ -41,7 +41,7 @@ from sft_cli.tasks.generation_data import (
     trained_tokens_per_role,
 )
 from sft_cli.tasks.generation_infer import GENERATION_FILE, GenerationPredictor, decode_settings, set_stop_tokens
-from sft_cli.tasks.metrics import generation_metrics, perplexity
+from sft_cli.tasks.metrics import generation_report
 from sft_cli.tasks.text import (
     backbone_tokenizer,
     ensure_pad_token,
@@ -338,18 +338,8 @@ class GenerationTask(Task):
             summed, n = self.loss_terms(model, {k: v for k, v in batch.items() if not k.startswith("lm_")})["sup"]
             total += float(summed)
             count += float(n)
-        totals = gather([(total, count)])
-        loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
-        metrics: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss)}
-        if final:
-            predictions = self.generate_all(bb.unwrap(model), gather)
-            metrics.update(
-                generation_metrics([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
-            )
-            metrics["stop_rate"] = sum(p["stopped"] for p in predictions) / max(len(predictions), 1)
-            metrics["num_examples"] = len(predictions)
-            metrics["predictions"] = predictions
-        return metrics
+        totals = gather([(total, count)])  # before decoding, as every process runs the collectives in one order
+        return generation_report(totals, self.generate_all(bb.unwrap(model), gather) if final else None)
 
     def generate_all(self, model: torch.nn.Module, gather: Any) -> list[dict[str, Any]]:
         """Decode the final reply of every eval example, sharded over processes, returned in file order."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -259,3 +259,18 @@ def meteor_scores(predictions: Sequence[str], references: Sequence[str]) -> tupl
 def perplexity(loss: float) -> float:
     """exp(loss), capped so that a diverged model still gives a JSON number."""
     return float(math.exp(min(loss, 50.0)))
+
+
+def generation_report(totals: Sequence[tuple[float, float]], predictions: Optional[list[dict[str, Any]]]) -> dict:
+    """A generation task's eval: loss and perplexity from every process's (summed loss, tokens), plus, given the
+    decoded predictions (`prediction`, `reference`, `stopped`), the text metrics, stop rate and the predictions."""
+    loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
+    metrics: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss)}
+    if predictions is not None:
+        metrics.update(
+            generation_metrics([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
+        )
+        metrics["stop_rate"] = sum(p["stopped"] for p in predictions) / max(len(predictions), 1)
+        metrics["num_examples"] = len(predictions)
+        metrics["predictions"] = predictions
+    return metrics

@@ -34,7 +34,7 @@ from sft_cli.tasks.base import Batch, LossTerms, Task
 from sft_cli.tasks.generation_data import render_prompt
 from sft_cli.tasks.generation_infer import GENERATION_FILE, decode_settings
 from sft_cli.tasks.lm_aux import aux_counts, check_objective_tokens, lm_inputs, pick_objective
-from sft_cli.tasks.metrics import generation_metrics, perplexity
+from sft_cli.tasks.metrics import generation_report
 from sft_cli.tasks.text import (
     backbone_tokenizer,
     ensure_pad_token,
@@ -417,18 +417,8 @@ class Seq2SeqTask(Task):
         for batch in batches:
             summed, n = self.loss_terms(model, batch)["sup"]
             total, count = total + float(summed), count + float(n)
-        totals = gather([(total, count)])
-        loss = sum(t for t, _ in totals) / max(sum(n for _, n in totals), 1)
-        metrics: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss)}
-        if final:
-            predictions = self.generate_all(bb.unwrap(model), gather)
-            metrics.update(
-                generation_metrics([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
-            )
-            metrics["stop_rate"] = sum(p["stopped"] for p in predictions) / max(len(predictions), 1)
-            metrics["num_examples"] = len(predictions)
-            metrics["predictions"] = predictions
-        return metrics
+        totals = gather([(total, count)])  # before decoding, as every process runs the collectives in one order
+        return generation_report(totals, self.generate_all(bb.unwrap(model), gather) if final else None)
 
     def generate_all(self, model: torch.nn.Module, gather: Any) -> list[dict[str, Any]]:
         """Decode every eval source with the `eval:` settings, sharded over processes, returned in file order."""

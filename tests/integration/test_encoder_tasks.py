@@ -15,33 +15,19 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.conftest import REPO, invoke_cli, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.integration
 DATA = REPO / "data"
 SCHEDULE = {"epochs": 2, "batch_size": 16, "warmup": 0.1, "log_every": 20}
 
 
-def invoke(*args: str) -> str:
-    """Run the CLI in this process (the same app and error path as `sft`); its stdout. Fails on a non-zero exit."""
-    from typer.testing import CliRunner
-
-    from sft_cli.cli import app, state
-
-    state["debug"] = True
-    result = CliRunner().invoke(app, list(args), env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 def train_run(tmp: Path, values: dict) -> Path:
     """Write the recipe, `sft finetune` and `sft eval` it; the recipe path."""
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": tmp.name, "backbone": {"name": "minilm-l6"}, **values}))
-    invoke("finetune", str(recipe), "--overwrite")
-    invoke("eval", str(recipe))
+    invoke_cli("finetune", str(recipe), "--overwrite")
+    invoke_cli("eval", str(recipe))
     return recipe
 
 
@@ -49,12 +35,14 @@ def predict(recipe: Path, rows: list[dict], tmp: Path) -> list[dict]:
     """`sft predict` in fp32 (a plain pipeline computes in fp32; `auto` may pick bf16 on this CPU)."""
     source = write_jsonl(tmp / "input.jsonl", rows)
     output = str(tmp / "predicted.jsonl")
-    invoke("predict", str(recipe), "engine.precision=fp32", "--input", str(source), "--output", output, "--overwrite")
+    invoke_cli(
+        "predict", str(recipe), "engine.precision=fp32", "--input", str(source), "--output", output, "--overwrite"
+    )
     return read_jsonl(tmp / "predicted.jsonl")
 
 
 def export(recipe: Path, tmp: Path) -> str:
-    invoke("export", str(recipe.parent / "run"), "--to", str(tmp / "export"), "--overwrite")
+    invoke_cli("export", str(recipe.parent / "run"), "--to", str(tmp / "export"), "--overwrite")
     return str(tmp / "export")
 
 
@@ -157,7 +145,7 @@ def test_tuning_the_threshold_never_lowers_micro_f1(multi_label):
     tuned = eval_json(recipe)
     config = json.loads((recipe.parent / "run" / "model" / "config.json").read_text())
     assert config["sft_threshold"] == tuned["threshold"]
-    invoke("eval", str(recipe), "eval.tune_threshold=false", "eval.threshold=0.5")
+    invoke_cli("eval", str(recipe), "eval.tune_threshold=false", "eval.threshold=0.5")
     fixed = eval_json(recipe)
     assert fixed["threshold"] == 0.5 and tuned["micro_f1"] >= fixed["micro_f1"]
 

@@ -8,24 +8,10 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import invoke_cli, read_jsonl, write_jsonl
 from tests.unit.test_seq2seq import pairs, seq2seq_values
 
 pytestmark = pytest.mark.integration
-
-
-def invoke(*args: str) -> str:
-    """The CLI in this process; its stdout. Fails on a non-zero exit."""
-    from typer.testing import CliRunner
-
-    from sft_cli.cli import app, state
-
-    state["debug"] = True
-    result = CliRunner().invoke(app, list(args), env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module", params=["t5", "bart"])
@@ -35,8 +21,8 @@ def trained(request, tmp_path_factory, tiny_seq2seq):
     values["predict"] = {"max_new_tokens": 8, "num_beams": 2}
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(values))
-    invoke("finetune", str(recipe), "--overwrite")
-    invoke("eval", str(recipe))
+    invoke_cli("finetune", str(recipe), "--overwrite")
+    invoke_cli("eval", str(recipe))
     return tmp, recipe
 
 
@@ -57,9 +43,9 @@ def test_the_exports_pipeline_predicts_what_sft_predict_does(trained):
     rows = pairs(6, 100)
     source = write_jsonl(tmp / "input.jsonl", [{"prompt": r["prompt"]} for r in rows])
     output = tmp / "predicted.jsonl"
-    invoke("predict", str(recipe), "--input", str(source), "--output", str(output), "--overwrite")
+    invoke_cli("predict", str(recipe), "--input", str(source), "--output", str(output), "--overwrite")
     ours = [r["prediction"] for r in read_jsonl(output)]
-    invoke("export", str(tmp / "run"), "--to", str(tmp / "export"), "--overwrite")
+    invoke_cli("export", str(tmp / "run"), "--to", str(tmp / "export"), "--overwrite")
     for task, key in (("translation", "translation_text"), ("text2text-generation", "generated_text")):
         pipe = pipeline(task, model=str(tmp / "export"), trust_remote_code=True)
         theirs = [pipe(r["prompt"])[0][key] for r in rows]
@@ -88,7 +74,7 @@ def test_pretraining_learns_to_fill_what_the_objective_hides(tmp_path, arch, obj
     }
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(values))
-    invoke("pretrain", str(recipe), "--overwrite")
+    invoke_cli("pretrain", str(recipe), "--overwrite")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
     first, last = summary["initial_eval"]["eval_loss"], evals[-1]["eval_loss"]
