@@ -19,6 +19,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+import encoder_tasks  # benchmarks/ is on the path, as run.py puts it
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / ".work"
 DATA = REPO / "data" / "docs-en-es"
@@ -37,8 +39,8 @@ SEEDS = (42, 2)
 
 
 def seed_of(name: str) -> int:
-    """The seed a run name carries: `s2s/sft` is the first seed, `s2s/sft-seed2` the seed 2."""
-    return int(name.rsplit("-seed", 1)[1]) if "-seed" in name else SEEDS[0]
+    """The seed a run name carries: `s2s/sft` the first of SEEDS, `s2s/sft-seed2` seed 2 (as the encoder rows)."""
+    return encoder_tasks.seed_of(name, SEEDS[0])
 
 
 def split_file(split: str) -> Path:
@@ -168,10 +170,10 @@ def trainer_run(name: str) -> dict:
     predictions = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     references = [pair[TARGET] for pair in raw["test"]["translation"]]
     scores = generation_metrics(predictions, references)
-    with open(WORK / name / "predictions.jsonl", "w", encoding="utf-8") as f:  # as sft writes its own: to compare
+    trainer.save_model(str(WORK / name / "model"))  # kept, with its predictions as sft keeps its own: to compare
+    with open(WORK / name / "predictions.jsonl", "w", encoding="utf-8") as f:
         for source, reference, prediction in zip(raw["test"]["translation"], references, predictions):
             f.write(json.dumps({"source": source[SOURCE], "reference": reference, "prediction": prediction}) + "\n")
-    trainer.save_model(str(WORK / name / "model"))
     return {
         "tokens_per_s": tokens / runtime,
         "train_seconds": runtime,
@@ -181,14 +183,8 @@ def trainer_run(name: str) -> dict:
     }
 
 
-RUNS = {
-    name: run
-    for seed in SEEDS
-    for name, run in (
-        ("s2s/trainer-seq2seq" + (f"-seed{seed}" if seed != SEEDS[0] else ""), trainer_run),
-        ("s2s/sft" + (f"-seed{seed}" if seed != SEEDS[0] else ""), sft_run),
-    )
-}
+SIDES = {"s2s/trainer-seq2seq": trainer_run, "s2s/sft": sft_run}
+RUNS = {**SIDES, **{f"{name}-seed{seed}": run for seed in SEEDS[1:] for name, run in SIDES.items()}}
 
 
 def report(results: dict) -> list[str]:
