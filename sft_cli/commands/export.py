@@ -18,7 +18,7 @@ from sft_cli.rundir.layout import model_directory, resolve_run
 from sft_cli.tasks.registry import build_task
 
 log = logging.getLogger("sft")
-SIDE_FILES = ("sft_preprocess.json", "sft_generation.json", "sft_seq2seq_pipeline.py")
+SIDE_FILES = ("sft_preprocess.json", "sft_generation.json", "sft_seq2seq_pipeline.py", "sft_speech.json")
 
 
 def export(
@@ -52,6 +52,9 @@ def export(
         tokenizer = getattr(task, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        feature_extractor = getattr(task, "feature_extractor", None)  # speech: preprocessor_config.json
+        if feature_extractor is not None:
+            feature_extractor.save_pretrained(tmp)
         for name in SIDE_FILES:
             if (source / name).exists():
                 shutil.copy2(source / name, tmp / name)

@@ -17,6 +17,7 @@ TASKS = (
     "image-classification",
     "generation",
     "language-modeling",
+    "speech-recognition",
 )
 FREEZE_POLICIES = ("none", "head-only", "last-n", "patterns", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -85,6 +86,14 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     image_field: str = "image"
+    audio_field: str = "audio"  # speech-recognition: an audio file path (relative to the data file) or an Audio column
+    max_duration: Optional[float] = (
+        30.0  # speech-recognition: longer clips (seconds) are skipped and counted, never cut
+    )
+    lowercase: bool = False  # speech-recognition: lowercase transcripts before training and scoring
+    chars_to_ignore: list[str] = field(default_factory=list)  # speech-recognition: removed from transcripts
+    language: Optional[str] = None  # speech-recognition (Whisper): the language token, e.g. en / english
+    asr_task: str = "transcribe"  # speech-recognition (Whisper): transcribe | translate
     template: Optional[str] = (
         None  # e.g. "{prompt} =>", or "chat"; encoder-decoder: a source prefix "translate: {prompt}"
     )
@@ -133,6 +142,7 @@ class FreezeConfig:
     policy: str = "none"
     last_n: int = 1
     embeddings: Optional[bool] = None  # True freezes, False unfreezes embeddings on top of any policy
+    feature_encoder: Optional[bool] = None  # speech: the CNN over the waveform; null: frozen when pretrained
     encoder: Optional[bool] = None  # encoder-decoder: True freezes, False unfreezes the encoder on top of any policy
     trainable: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)

@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "schedule.max_tokens": (1, True, None, False),
     "engine.distributed.zero_stage": (1, True, 3, True),
     "data.image_size": (1, True, None, False),
+    "data.max_duration": (0, False, None, False),
     "data.mean": (None, False, None, False),  # any finite number
     "data.std": (0, False, None, False),
     "data.augment.random_crop_padding": (0, True, None, False),
@@ -148,6 +149,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.device, DEVICES, "engine.device", source)
     _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
     _check_choice(recipe.engine.kernels, ("auto", "none"), "engine.kernels", source)
+    _check_choice(recipe.data.asr_task, ("transcribe", "translate"), "data.asr_task", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     _check_deepspeed(recipe, source)
     _check_choice(recipe.data.format, FORMATS, "data.format", source)

@@ -12,6 +12,7 @@ from sft_cli.tasks.language_modeling import LanguageModelingTask
 from sft_cli.tasks.multi_label import MultiLabelTask
 from sft_cli.tasks.question_answering import QuestionAnsweringTask
 from sft_cli.tasks.regression import RegressionTask
+from sft_cli.tasks.speech_recognition import SpeechRecognitionTask
 from sft_cli.tasks.token_classification import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {
@@ -23,6 +24,7 @@ TASKS: dict[str, type[Task]] = {
     "image-classification": ImageClassificationTask,
     "generation": GenerationTask,
     "language-modeling": LanguageModelingTask,
+    "speech-recognition": SpeechRecognitionTask,
 }
 
 

@@ -63,6 +63,15 @@ STARTERS = {
         "tokenizer": {"train": True, "vocab_size": 8000},
         "data": {"train": "data/corpus.txt", "eval": "data/corpus-eval.txt", "max_length": 128},
     },
+    "speech-recognition": {
+        "backbone": {
+            "arch": "wav2vec2",
+            "from_scratch": True,
+            "config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
+        },
+        "data": {"train": "data/speech/train.jsonl", "eval": "data/speech/test.jsonl", "audio_field": "audio"},
+        "optim": {"lr": 0.0005},
+    },
 }
 
 TASK_SPECS: dict[str, TaskSpec] = {
@@ -122,5 +131,12 @@ TASK_SPECS: dict[str, TaskSpec] = {
         pipeline_tag="text-generation",
         card_use="Scores or continues text like the training corpus.",
         starter=STARTERS["language-modeling"],
+    ),
+    "speech-recognition": TaskSpec(
+        command="finetune",
+        headline_metric="wer",
+        pipeline_tag="automatic-speech-recognition",
+        card_use="Transcribes speech like the training recordings (language, voices, vocabulary) into text.",
+        starter=STARTERS["speech-recognition"],
     ),
 }
