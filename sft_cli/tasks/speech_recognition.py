@@ -328,6 +328,18 @@ class SpeechRecognitionTask(Task):
             texts.append(self.tokenizer.decode(ctc_collapse(row[: int(length)], blank), group_tokens=False))
         return [" ".join(t.split()) for t in texts]
 
+    def transcribe_clips(self, model: torch.nn.Module, clips: list[np.ndarray]) -> list[str]:
+        """Transcripts of raw clips, batched; one clip at a time for a feature encoder with group norm (wav2vec2-base
+        style), whose statistics padding would change — as the exported model's pipeline hears them."""
+        network = bb.unwrap(model)
+        device = next(network.parameters()).device
+        alone = getattr(network.config, "feat_extract_norm", None) == "group"
+        groups = [[clip] for clip in clips] if alone else [clips]
+        texts: list[str] = []
+        for group in groups:
+            texts += self.transcribe(model, {k: v.to(device) for k, v in self.audio_inputs(group).items()})
+        return texts
+
     def evaluate(
         self, model: torch.nn.Module, batches: Iterable[Batch], gather: Any, final: bool = True
     ) -> dict[str, Any]:
@@ -335,7 +347,8 @@ class SpeechRecognitionTask(Task):
         for batch in batches:
             summed, n = self.loss_terms(model, batch)["sup"]
             total, count = total + float(summed), count + int(n)
-            for index, text in zip(batch["index"].tolist(), self.transcribe(model, batch)):
+            indices = batch["index"].tolist()
+            for index, text in zip(indices, self.transcribe_clips(model, [self.eval_set[i]["audio"] for i in indices])):
                 example = self.eval_set[index]
                 results.append(
                     {"index": index, "audio": example["source"], "reference": example["text"], "prediction": text}
@@ -389,9 +402,7 @@ class SpeechRecognitionTask(Task):
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
         clips = [row.pop("_audio") for row in rows]
-        device = next(bb.unwrap(model).parameters()).device
-        inputs = {k: v.to(device) for k, v in self.audio_inputs(clips).items()}
-        texts = self.transcribe(model, inputs)
+        texts = self.transcribe_clips(model, clips)
         return [{"prediction": t, "duration": round(len(c) / self.rate, 3)} for t, c in zip(texts, clips)]
 
 

@@ -1,0 +1,76 @@
+"""Speech recognition through the real CLI on a tiny from-scratch wav2vec2 and the shipped espeak-ng clips:
+finetune, eval (WER / CER), predict on an audio folder, export; the export's ASR pipeline transcribes what
+`sft predict` does; an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import invoke_cli, read_jsonl
+from tests.unit.test_speech import SPEECH, speech_values
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("speech")
+    values = speech_values(tmp, schedule={"epochs": 2, "batch_size": 8, "log_every": 1}, output={"save_every": 4})
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    invoke_cli("finetune", str(recipe), "--overwrite")
+    invoke_cli("eval", str(recipe))
+    return tmp, recipe
+
+
+def test_eval_reports_wer_cer_and_each_transcript(trained):
+    tmp, _ = trained
+    metrics = json.loads((tmp / "run" / "eval.json").read_text())
+    assert {"wer", "cer", "loss", "num_examples", "skipped_rows"} <= set(metrics)
+    assert metrics["num_examples"] == 12 and metrics["skipped_rows"] == 0 and metrics["cer"] >= 0
+    shown = read_jsonl(tmp / "run" / "predictions.jsonl")
+    references = [json.loads(line)["text"] for line in (SPEECH / "test.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in shown] == references and all("prediction" in p for p in shown)
+    card = (tmp / "run" / "model" / "README.md").read_text()
+    assert "pipeline_tag: automatic-speech-recognition" in card
+
+
+def test_the_exports_pipeline_transcribes_what_sft_predict_does(trained):
+    from transformers import pipeline
+
+    from sft_cli.data.audio import read_audio
+
+    tmp, recipe = trained
+    output = tmp / "predicted.jsonl"
+    invoke_cli("predict", str(recipe), "--input", str(SPEECH / "test"), "--output", str(output), "--overwrite")
+    rows = read_jsonl(output)
+    assert len(rows) == 12 and all(r["duration"] > 0.5 for r in rows)
+    invoke_cli("export", str(tmp / "run"), "--to", str(tmp / "export"), "--overwrite")
+    pipe = pipeline("automatic-speech-recognition", model=str(tmp / "export"))
+    for row in rows[:6]:
+        audio = read_audio(row["audio"], 16000)  # the pipeline resamples only with torchaudio: give it 16 kHz
+        assert " ".join(pipe({"raw": audio, "sampling_rate": 16000})["text"].split()) == row["prediction"]
+
+
+def test_an_interrupted_run_resumes_exactly(trained, caplog):
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
+
+    tmp, recipe = trained
+    run = tmp / "resumed"
+    shutil.copytree(tmp / "run", run)
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-00000010", ignore_errors=True)
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] == "step-00000008"
+    summary = commands.train(load_recipe(recipe, [f"output.dir={run}"]), "finetune", resume="")
+    whole = json.loads((tmp / "run" / "summary.json").read_text())
+    assert "step-00000008 at step 8" in caplog.text
+    assert summary["steps"] == whole["steps"] == 10
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (tmp / "run", run)]
+    assert losses[1][-2:] == pytest.approx(losses[0][-2:], abs=1e-6)
+    assert summary["eval"]["eval_loss"] == pytest.approx(whole["eval"]["eval_loss"], abs=1e-6)
