@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks demo-translate test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks demo-translate demo-speech speech-data test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,14 @@ demo-translate: install  ## Pretrain a small T5 (span corruption), fine-tune it 
 	$(SFT) eval recipes/translate/finetune.yaml
 	$(SFT) finetune recipes/translate/finetune.yaml backbone.from_scratch=true output.dir=runs/translate-en-es-scratch --overwrite
 	$(SFT) eval recipes/translate/finetune.yaml backbone.from_scratch=true output.dir=runs/translate-en-es-scratch
+
+speech-data: install  ## Synthesize the speech clips with espeak-ng (data/speech: 1,200 train / 200 test; installs espeak-ng on Debian if missing)
+	command -v espeak-ng >/dev/null || (apt-get install -y -q espeak-ng || (apt-get update -q && apt-get install -y -q espeak-ng))
+	test -f data/speech/test.jsonl || $(PY) scripts/make_speech.py data/speech
+
+demo-speech: speech-data  ## Train a small CTC speech recognizer from scratch on espeak-ng speech; WER and CER on unseen voices
+	$(SFT) finetune recipes/speech/ctc.yaml --overwrite
+	$(SFT) eval recipes/speech/ctc.yaml
 
 test: install  ## Run the whole test suite (unit + integration), each test file on one of two workers
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import decoder  # noqa: E402  (the decoder rows: sft vs TRL vs Trainer at a 151,936 vocabulary)
 import encoder_tasks  # noqa: E402  (the encoder-task rows: pairs, regression, multi-label, NER, QA)
 import seq2seq  # noqa: E402  (the encoder-decoder row: translation against the Seq2SeqTrainer)
+import speech  # noqa: E402  (the speech-recognition row: CTC against the Trainer)
 import streaming  # noqa: E402  (the streaming rows: peak RSS against corpus size)
 
 WORK = REPO / "benchmarks" / ".work"
@@ -287,6 +288,7 @@ RUNS = {
     "qa/trainer-run-qa": encoder_tasks.trainer_qa,
     "qa/sft": encoder_tasks.sft_qa,
     **seq2seq.RUNS,
+    **speech.RUNS,
 }
 
 
@@ -318,7 +320,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s); "
+        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s, asr); "
         "encoder = pairs, reg, mlc, ner and qa",
     )
     args = parser.parse_args()
@@ -333,6 +335,8 @@ def main() -> None:
         decoder.make_base()
     if any(name.startswith(seq2seq.PREFIXES) for name in selected):
         seq2seq.make_base()
+    if any(name.startswith(speech.PREFIXES) for name in selected):
+        speech.make_base()
     results: dict = {}
     for name in selected:
         print(f"running {name} ...", flush=True)
@@ -368,6 +372,15 @@ def main() -> None:
             "",
         ]
         encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Encoder-decoder")
+        print("\n".join(lines))
+        return
+    if prefixes and all(p.split("/")[0] + "/" in speech.PREFIXES for p in prefixes) and not speech.SMOKE:
+        # the speech rows alone: kept in speech-results.json, their section of RESULTS.md rewritten
+        merged = {**speech.saved_results(), **results}
+        (REPO / "benchmarks" / "speech-results.json").write_text(json.dumps(merged))
+        lines = speech.report(merged)
+        lines[3:3] = ["Rows from the speech-only run: " + machine_line(f"--only {args.only}"), ""]
+        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Speech recognition")
         print("\n".join(lines))
         return
     # a partial run (or a smoke run): show it against the last full run's other rows, never write RESULTS.md
@@ -448,6 +461,7 @@ def write_report(results: dict) -> None:
         ]
     lines += encoder_tasks.encoder_report(results)
     lines += seq2seq.report(results)
+    lines += speech.report(results)
     lines += decoder_report(results)
     lines += streaming.streaming_report(results)
     text = "\n".join(lines) + "\n"

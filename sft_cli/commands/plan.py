@@ -58,7 +58,8 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         arr = np.asarray(example_lengths)
         info.update({f"length_p{p}": int(np.percentile(arr, p)) for p in (50, 90, 99)})
         info["length_max"] = int(arr.max())
-        info["truncated_examples"] = int((arr >= recipe.data.max_length).sum())
+        if task.truncates:
+            info["truncated_examples"] = int((arr >= recipe.data.max_length).sum())
     stdout.rule("recipe (resolved)")
     stdout.print(to_yaml(recipe), highlight=False, markup=False)
     table = Table(
@@ -99,6 +100,9 @@ def render_example(task: Any, row: dict) -> str:
     """Decoded tokens; for generation the untrained (masked) and trained spans are marked apart."""
     from rich.markup import escape
 
+    shown = task.render(row)
+    if shown is not None:
+        return escape(shown)
     tokenizer = getattr(task, "tokenizer", None)
     if tokenizer is None or "input_ids" not in row:
         return f"label={row.get(task.recipe.data.label_field)!r} (image)"

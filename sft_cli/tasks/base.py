@@ -38,6 +38,9 @@ class Task(ABC):
     streaming: bool = False
     #: its evaluation runs under FSDP2 sharding (every rank the same forward passes; no free-running decoding)
     shardable: bool = True
+    #: `lengths` are tokens cut at data.max_length (`sft plan` counts truncated examples); False when they are not
+    #: (speech: audio samples, and long clips are skipped, never cut)
+    truncates: bool = True
     #: pad batches to power-of-two lengths: set by the engine while it trains a compiled model (engine.compile),
     #: so its graphs are reused, not rebuilt for every length
     length_buckets: bool = False
@@ -96,6 +99,10 @@ class Task(ABC):
     def plan_statistics(self) -> dict[str, Any]:
         """Facts about the training labels that `sft plan` shows (label counts, target mean/std, entity types)."""
         return {}
+
+    def render(self, row: dict) -> Optional[str]:
+        """How `sft plan` shows a training row, when the task shows it its own way (None: decoded tokens)."""
+        return None
 
     def describe_target(self, row: dict) -> str:
         """How `sft plan` shows a tokenized training row's target, after its decoded tokens."""

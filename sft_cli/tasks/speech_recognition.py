@@ -76,13 +76,13 @@ class SpeechRecognitionTask(Task):
     main_metric = "eval_wer"
     main_mode = "min"
     auto_class = AutoModelForCTC
+    is_seq2seq = False
     group_by_length = True  # batches of similar durations: little padding
+    truncates = False  # lengths are audio samples; long clips are skipped, never cut
     shardable = False
 
     @classmethod
     def variant(cls, recipe: Any) -> type[Task]:
-        if recipe.backbone.from_scratch and recipe.backbone.arch and not recipe.backbone.name:
-            return cls
         try:
             encoder_decoder = bb.is_encoder_decoder(recipe.backbone)
         except SftError:
@@ -187,8 +187,10 @@ class SpeechRecognitionTask(Task):
         table = self.train_set if split == "train" else self.eval_set
         return [len(e["audio"]) for e in table] if table is not None else None
 
-    def describe_target(self, row: dict) -> str:
-        return f"  ({len(row['audio']) / self.rate:.2f} s of audio: {row['source']})"
+    def render(self, row: dict) -> Optional[str]:
+        """`sft plan`: the transcript the labels spell, and the clip it belongs to."""
+        text = self.tokenizer.decode(row["input_ids"], **({} if self.is_seq2seq else {"group_tokens": False}))
+        return f"{text}  ({len(row['audio']) / self.rate:.2f} s of audio: {row['source']})"
 
     def plan_statistics(self) -> dict[str, Any]:
         seconds = [len(e["audio"]) / self.rate for e in self.train_set]
@@ -411,6 +413,7 @@ class WhisperTask(SpeechRecognitionTask):
     with the language and task tokens forced; the loss is on the transcript (and end) tokens only."""
 
     auto_class = AutoModelForSpeechSeq2Seq
+    is_seq2seq = True
 
     def _processor(self, resolved: bb.ResolvedBackbone, texts: list[str]) -> None:
         from transformers import AutoFeatureExtractor, AutoTokenizer

@@ -12,6 +12,7 @@ from sft_cli.commands import train as commands
 from sft_cli.config.recipe import load_recipe
 from sft_cli.config.schema import TASKS
 from tests.conftest import DOCS, REPO, TINY_BERT, keyword_rows, write_jsonl, write_recipe
+from tests.unit.test_speech import speech_values
 
 pytestmark = pytest.mark.integration
 FAST = {"max_steps": 2, "epochs": 1, "batch_size": 8, "warmup": 0.0, "log_every": 1}
@@ -112,6 +113,9 @@ def recipes(tmp: Path, tiny_decoder: Path) -> dict[str, dict]:
             "backbone": {"name": str(tiny_decoder)},
             "data": {"train": str(DOCS / "eval.txt"), "eval": str(DOCS / "eval.txt"), "max_length": 32},
         },
+        "speech-recognition": {
+            key: value for key, value in speech_values(tmp).items() if key in ("task", "backbone", "data")
+        },
     }
 
 
@@ -139,6 +143,7 @@ def test_the_readme_lists_every_task():
         "image-classification",
         "generation",
         "language-modeling",
+        "speech-recognition",
     }
 
 
