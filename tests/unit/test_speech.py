@@ -253,3 +253,23 @@ def test_a_fixed_vocabulary_refuses_characters_it_cannot_write(tmp_path):
         speech_task(tmp_path, backbone=backbone, data=data)
     fixed = speech_task(tmp_path, backbone=backbone, data={**data, "lowercase": True, "chars_to_ignore": ["!"]})
     assert fixed.train_set[5]["text"] == "put the cup on the table" and not fixed.built_vocabulary
+
+
+def test_a_saved_dataset_with_an_audio_column_loads(tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in (SPEECH / "test.jsonl").read_text().splitlines()][:4]
+    table = datasets.Dataset.from_dict(
+        {"audio": [str(SPEECH / r["audio"]) for r in rows], "text": [r["text"] for r in rows]}
+    ).cast_column("audio", datasets.Audio(decode=False))
+    table.save_to_disk(str(tmp_path / "saved"))
+    task = speech_task(tmp_path, data={"eval": str(tmp_path / "saved")})
+    assert [e["text"] for e in task.eval_set] == [r["text"] for r in rows]
+    assert all(len(e["audio"]) > 16000 for e in task.eval_set)
+
+
+def test_lora_adapts_the_attention_and_trains_the_new_ctc_head(tmp_path):
+    task = speech_task(tmp_path, freeze={"policy": "lora"})
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("lm_head" in n for n in trainable)
+    assert not any("feature_extractor" in n for n in trainable)
