@@ -49,6 +49,7 @@ class TrainState:
     train_seconds: float = 0.0
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
+    best_tie_breakers: Optional[list[float]] = None  # the task's next metrics at the best step (equal main metrics)
     bad_evals: int = 0
     skipped_nonfinite: int = 0
     last_loss: Optional[float] = None
@@ -343,11 +344,15 @@ class Trainer:
             )
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(value if mode == "min" else -value)
-        improved = self.state.best_metric is None or (
-            value < self.state.best_metric if mode == "min" else value > self.state.best_metric
-        )
+        best = self.state.best_metric
+        improved = best is None or (value < best if mode == "min" else value > best)
+        after = [record.get(name) for name in self.task.tie_breakers] if not es else []
+        after = after if after and None not in after else None
+        if not improved and value == best and after is not None and self.state.best_tie_breakers is not None:
+            improved = after < self.state.best_tie_breakers if mode == "min" else after > self.state.best_tie_breakers
         if improved:
             self.state.best_metric, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
+            self.state.best_tie_breakers = after
             if self.output.keep_best:
                 self.save_model(self.run_dir / "best-model")
         else:

@@ -25,6 +25,9 @@ class Task(ABC):
     #: metric that selects the best model when the recipe does not name one, and its direction
     main_metric: str = "eval_loss"
     main_mode: str = "min"
+    #: eval metrics (same direction as the main one), compared in order between evaluations whose main metrics are
+    #: equal (without early stopping)
+    tie_breakers: tuple[str, ...] = ()
     #: the class that reloads `model/` (for users and tests)
     auto_class: Any = None
     #: evaluate once before the first step (e.g. the untrained perplexity)

@@ -75,6 +75,8 @@ class SpeechRecognitionTask(Task):
 
     main_metric = "eval_wer"
     main_mode = "min"
+    # early in training every WER is 1.0 (and CTC's all-blank stage gives CER 1.0 too): then CER, then loss decide
+    tie_breakers = ("eval_cer", "eval_loss")
     auto_class = AutoModelForCTC
     is_seq2seq = False
     group_by_length = True  # batches of similar durations: little padding
