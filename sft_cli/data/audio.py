@@ -111,9 +111,16 @@ def _with_absolute_paths(table: Any, key: str, audio_field: str, root: Path) -> 
 
 
 def audio_files(location: str, key: str) -> Optional[list[str]]:
-    """`sft predict --input`: the audio files a folder (recursively), a glob or one audio file names, sorted;
-    None when the location names data files or an audiofolder instead."""
+    """`sft predict --input`: the audio files a folder (recursively), a glob, one audio file or a .txt list (one
+    path per line, relative to the list) names, sorted (a list keeps its order); None when the location names
+    data files or an audiofolder instead."""
     path = Path(location).expanduser()
+    if path.is_file() and path.suffix.lower() == ".txt":  # a list of audio files, one per line
+        root = path.parent
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise SftError(f"{key}: {path} lists no audio files")
+        return [line if Path(line).is_absolute() else str(root / line) for line in lines]
     if path.is_dir():
         if any((path / name).exists() for name in METADATA_FILES) or is_data_location(location):
             return None

@@ -317,7 +317,7 @@ class SpeechRecognitionTask(Task):
 
     # -- evaluation and prediction -------------------------------------------------------------------
 
-    def transcribe(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
+    def transcribe(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], settings: Any = None) -> list[str]:
         """Greedy CTC transcripts of a padded batch (padding frames cut by the encoder's output lengths)."""
         network = bb.unwrap(model)
         logits = network(**{k: v for k, v in inputs.items() if k != "labels"}).logits
@@ -332,7 +332,7 @@ class SpeechRecognitionTask(Task):
             texts.append(self.tokenizer.decode(ctc_collapse(row[: int(length)], blank), group_tokens=False))
         return [" ".join(t.split()) for t in texts]
 
-    def transcribe_clips(self, model: torch.nn.Module, clips: list[np.ndarray]) -> list[str]:
+    def transcribe_clips(self, model: torch.nn.Module, clips: list[np.ndarray], settings: Any = None) -> list[str]:
         """Transcripts of raw clips, batched; one clip at a time for a feature encoder with group norm (wav2vec2-base
         style), whose statistics padding would change — as the exported model's pipeline hears them."""
         network = bb.unwrap(model)
@@ -341,7 +341,8 @@ class SpeechRecognitionTask(Task):
         groups = [[clip] for clip in clips] if alone else [clips]
         texts: list[str] = []
         for group in groups:
-            texts += self.transcribe(model, {k: v.to(device) for k, v in self.audio_inputs(group).items()})
+            inputs = {k: v.to(device) for k, v in self.audio_inputs(group).items()}
+            texts += self.transcribe(model, inputs, settings or self.recipe.eval)
         return texts
 
     def evaluate(
@@ -406,7 +407,7 @@ class SpeechRecognitionTask(Task):
 
     def predict(self, model: torch.nn.Module, rows: list[dict], settings: Any) -> list[dict[str, Any]]:
         clips = [row.pop("_audio") for row in rows]
-        texts = self.transcribe_clips(model, clips)
+        texts = self.transcribe_clips(model, clips, settings)
         return [{"prediction": t, "duration": round(len(c) / self.rate, 3)} for t, c in zip(texts, clips)]
 
 
@@ -475,7 +476,15 @@ class WhisperTask(SpeechRecognitionTask):
         generation.eos_token_id = self.tokenizer.eos_token_id
         generation.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         generation.max_length = None
+        # what the exported model's pipeline decodes with: the recipe's predict: settings, as sft predict does
+        generation.max_new_tokens = self.new_tokens(model, self.recipe.predict.max_new_tokens)
+        generation.num_beams = self.recipe.predict.num_beams
         model.config.decoder_start_token_id = generation.decoder_start_token_id
+
+    def new_tokens(self, model: Any, wanted: int) -> int:
+        """`max_new_tokens`, within the decoder's positions after the prefix (Whisper refuses more)."""
+        room = getattr(model.config, "max_target_positions", None)
+        return min(wanted, room - len(self.tokenizer.prefix_tokens)) if room else wanted
 
     def transcript_problem(self, text: str) -> Optional[str]:
         return None if text else "empty transcript"
@@ -512,11 +521,12 @@ class WhisperTask(SpeechRecognitionTask):
         )
         return {"sup": (summed, (labels != -100).sum())}
 
-    def transcribe(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
-        settings = self.recipe.eval
+    def transcribe(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], settings: Any = None) -> list[str]:
+        """Whisper's `generate` from the configured prefix, with the `eval:` (or `predict:`) search settings."""
+        settings = settings or self.recipe.eval
         output = bb.unwrap(model).generate(
             input_features=inputs["input_features"],
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=self.new_tokens(bb.unwrap(model), settings.max_new_tokens),
             num_beams=settings.num_beams,
         )
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)

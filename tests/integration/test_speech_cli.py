@@ -80,3 +80,37 @@ def test_an_interrupted_run_resumes_exactly(trained, caplog):
     losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (tmp / "run", run)]
     assert losses[1][-2:] == pytest.approx(losses[0][-2:], abs=1e-6)
     assert summary["eval"]["eval_loss"] == pytest.approx(whole["eval"]["eval_loss"], abs=1e-6)
+
+
+def test_a_whisper_export_transcribes_what_sft_predict_does(tmp_path):
+    """The tiny Whisper, two steps: the exported generation config starts the decoder as training did."""
+    from transformers import pipeline
+
+    from sft_cli.data.audio import read_audio
+    from tests.unit.test_speech import build_tiny_whisper
+
+    whisper = build_tiny_whisper(tmp_path / "whisper")
+    backbone = {"name": str(whisper), "from_scratch": False, "arch": None, "config": {}}
+    values = speech_values(
+        tmp_path, backbone=backbone, data={"language": "en"}, schedule={"max_steps": 2}, predict={"max_new_tokens": 12}
+    )
+    recipe = tmp_path / "whisper.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    invoke_cli("finetune", str(recipe), "--overwrite")
+    output = tmp_path / "predicted.jsonl"
+    clips = sorted((SPEECH / "test").glob("*.flac"))[:3]
+    for clip in clips:
+        shutil.copy(clip, tmp_path / clip.name)
+    invoke_cli("predict", str(recipe), "--input", str(tmp_path / "*.flac"), "--output", str(output), "--overwrite")
+    rows = read_jsonl(output)
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{clip.name}\n" for clip in reversed(clips)))
+    invoke_cli(
+        "predict", str(recipe), "--input", str(listed), "--output", str(tmp_path / "listed.jsonl"), "--overwrite"
+    )
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "listed.jsonl")] == [r["prediction"] for r in rows][::-1]
+    invoke_cli("export", str(tmp_path / "run"), "--to", str(tmp_path / "export"), "--overwrite")
+    pipe = pipeline("automatic-speech-recognition", model=str(tmp_path / "export"))
+    for row in rows:
+        heard = pipe({"raw": read_audio(row["audio"], 16000), "sampling_rate": 16000})["text"]
+        assert " ".join(heard.split()) == row["prediction"]
