@@ -67,7 +67,13 @@ def sample_indices(table: Any, rows: int, label_field: Optional[str]) -> list[in
 
 
 def _sample(
-    location: str, key: str, rows: int, target: Path, label_field: Optional[str] = None, cache: DataCache = DataCache()
+    location: str,
+    key: str,
+    rows: int,
+    target: Path,
+    label_field: Optional[str] = None,
+    cache: DataCache = DataCache(),
+    audio_field: Optional[str] = None,
 ) -> str:
     """Read the source (whole up to FULL_READ_BYTES), keep a spread of its rows as a saved dataset for the smoke run."""
     import datasets
@@ -75,7 +81,11 @@ def _sample(
     from sft_cli.data.tables import load_table
 
     path = Path(location).expanduser()
-    if path.is_file() and path.stat().st_size > FULL_READ_BYTES:
+    if audio_field is not None:  # audio paths made absolute: the sample is saved elsewhere than the data file
+        from sft_cli.data.audio import load_audio_rows
+
+        table = load_audio_rows(location, key, audio_field, cache)
+    elif path.is_file() and path.stat().st_size > FULL_READ_BYTES:
         builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
         stream = datasets.load_dataset(
             builder.get(path.suffix.lower(), "json"), data_files=str(path), split="train", streaming=True
@@ -101,6 +111,7 @@ def smoke_recipe(
             work / key,
             labels if key != "unlabeled" else None,
             cache,
+            data.audio_field if recipe.task == "speech-recognition" else None,
         )
         for key in ("train", "eval", "unlabeled")
         if getattr(data, key)

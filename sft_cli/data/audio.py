@@ -77,16 +77,16 @@ def load_audio_rows(location: Any, key: str, audio_field: str, cache: DataCache)
                     f"{key}: {path} holds audio but no metadata.csv / metadata.jsonl with the transcripts "
                     "(columns file_name and the transcript) — add one, or point at a data file"
                 )
-            return _with_absolute_paths(load_table(location, key, cache), key, audio_field, path)
+            return _with_absolute_paths(load_table(location, key, cache), key, audio_field, path.resolve())
         table = load_table(str(metadata), key, cache)
         if "file_name" not in table.column_names:
             raise SftError(f"{key}: {metadata} has no file_name column (columns: {', '.join(table.column_names)})")
         if audio_field in table.column_names and audio_field != "file_name":
             table = table.remove_columns(audio_field)
         table = table.rename_column("file_name", audio_field) if audio_field != "file_name" else table
-        return _with_absolute_paths(table, key, audio_field, path)
+        return _with_absolute_paths(table, key, audio_field, path.resolve())
     table = load_table(location, key, cache)
-    root = Path(str(location)).parent if path is not None and path.is_file() else Path(".")
+    root = (Path(str(location)).parent if path is not None and path.is_file() else Path(".")).resolve()
     if audio_field in table.column_names and isinstance(table.features[audio_field], datasets.Audio):
         return table.cast_column(audio_field, datasets.Audio(decode=False))
     return _with_absolute_paths(table, key, audio_field, root)
