@@ -227,3 +227,86 @@ def invoke_cli(*args: str) -> str:
         raise result.exception
     assert result.exit_code == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def write_digit_folders(root: Path, classes: int = 3, per_class: int = 6, unlabeled: int = 48, test: int = 4) -> Path:
+    """scikit-learn's 8x8 digits as image folders: unlabeled/ (flat), labeled/<digit>/, test/<digit>/ (disjoint)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[str, int] = {}
+    wanted = {"labeled": per_class, "test": test}
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        image = Image.fromarray((pixels * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        if label < classes:
+            split = next((s for s in ("labeled", "test") if counts.get(f"{s}{label}", 0) < wanted[s]), None)
+            if split is not None:
+                counts[f"{split}{label}"] = counts.get(f"{split}{label}", 0) + 1
+                (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+                image.save(root / split / str(label) / f"{index:04d}.png")
+                continue
+        if counts.get("unlabeled", 0) < unlabeled:
+            counts["unlabeled"] = counts.get("unlabeled", 0) + 1
+            (root / "unlabeled").mkdir(parents=True, exist_ok=True)
+            image.save(root / "unlabeled" / f"{index:04d}.png")
+    return root
+
+
+# a UNet2DModel for 8x8 images in two resolutions: ~0.2M parameters, a step in a few milliseconds
+TINY_UNET = {"block_out_channels": [32, 32], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8}
+
+
+@pytest.fixture(scope="session")
+def digit_folders(tmp_path_factory) -> Path:
+    return write_digit_folders(tmp_path_factory.mktemp("digits"))
+
+
+def diffusion_values(tmp: Path, digits: Path, **sections: Any) -> dict[str, Any]:
+    """An image-generation recipe: a tiny UNet from scratch on 8x8 digits (pretraining on the unlabelled ones)."""
+    values: dict[str, Any] = {
+        "task": "image-generation",
+        "backbone": {"arch": "unet2d", "from_scratch": True, "config": dict(TINY_UNET)},
+        "data": {"train": str(digits / "unlabeled"), "eval": str(digits / "test")},
+        "optim": {"lr": 2e-3, "weight_decay": 0.0},
+        "schedule": {
+            "epochs": 1000,
+            "max_steps": 12,
+            "batch_size": 16,
+            "warmup": 0,
+            "log_every": 4,
+            "eval_every": "12",
+        },
+        "engine": {"device": "cpu", "precision": "fp32", "seed": 0},
+        "eval": {"num_samples": 6, "num_inference_steps": 3, "batch_size": 16},
+        "output": {"dir": str(tmp / "run")},
+    }
+    for key, value in sections.items():
+        values[key] = (
+            {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
+        )
+    return values
+
+
+def build_tiny_image_classifier(directory: Path, classes: int = 3) -> Path:
+    """A random-init tiny ResNet digit classifier saved as sft saves one (its features are still a fixed map)."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    names = {i: str(i) for i in range(classes)}
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=classes,
+        id2label=names,
+        label2id={v: k for k, v in names.items()},
+    )
+    ResNetForImageClassification(config).save_pretrained(directory)
+    preprocess = {"image_size": 16, "channels": 1, "mean": [0.5], "std": [0.5]}
+    (directory / "sft_preprocess.json").write_text(json.dumps(preprocess))
+    return directory

@@ -46,6 +46,9 @@ def export(
     if dtype is not None:
         network = network.to(PRECISION_DTYPES[dtype])
     with atomic_directory(target) as tmp:
+        if task.export(network, tmp):  # the task's own format (a diffusers pipeline)
+            write_card(recipe, run_dir, tmp, getattr(task, "names", None))
+            return {"to": str(target), "merged": False, "adapter": False, "dtype": dtype}
         network.save_pretrained(tmp, safe_serialization=True)
         if adapter and not merge_lora:  # an adapter export stays an adapter: keep the task config beside it
             network.get_base_model().config.save_pretrained(tmp)

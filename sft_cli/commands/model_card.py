@@ -63,10 +63,17 @@ def render(recipe: Recipe, run_dir: Path, model_dir: Path, labels: Optional[list
         recipe.data.chat_template or recipe.data.format not in ("auto", "prompt-response")
     ):
         tags.append("conversational")
+    library = "peft" if (model_dir / "adapter_config.json").exists() else "transformers"
+    pipeline_tag = TASK_SPECS[recipe.task].pipeline_tag
+    diffusion = _read(model_dir / "sft_diffusion.json")  # image generation: a diffusers model
+    if diffusion:
+        library = "diffusers"
+        text = diffusion.get("mode") == "text" or diffusion.get("latent_pipeline")
+        pipeline_tag = "text-to-image" if text else "unconditional-image-generation"
     front = {
         "base_model": base_model(recipe),
-        "library_name": "peft" if (model_dir / "adapter_config.json").exists() else "transformers",
-        "pipeline_tag": TASK_SPECS[recipe.task].pipeline_tag,
+        "library_name": library,
+        "pipeline_tag": pipeline_tag,
         "tags": tags,
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {recipe.name}", ""]

@@ -62,6 +62,7 @@ def predict(
     accelerator = make_accelerator(recipe.engine, training=False)
     task = build_task(recipe)
     task.load_for_inference(str(model_dir))
+    task.prediction_output = output
     table = task.prediction_table(input_location)
     task.check_input(table.column_names)
     model = accelerator.prepare_model(task.model, evaluation_mode=True)

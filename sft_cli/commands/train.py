@@ -92,9 +92,9 @@ def train(
     The run directory is locked for the whole run (rank 0 holds it); `status.json` says how it ended.
     `scratch_cache` (`sft check`) keeps the parsed and tokenized data out of the shared cache.
     """
-    wants_pretrain = TASK_SPECS[recipe.task].command == "pretrain"
-    if (command == "pretrain") != wants_pretrain:
-        other = "pretrain" if wants_pretrain else "finetune"
+    spec = TASK_SPECS[recipe.task]
+    if command not in (spec.command, *spec.also_runs_with):
+        other = spec.command
         raise SftError(f"task: '{recipe.task}' runs with `sft {other}`, not `sft {command}`")
     run_dir = Path(recipe.output.dir)
     rank_zero = os.environ.get("RANK", "0") == "0"
@@ -102,7 +102,7 @@ def train(
         check_output_dir(run_dir, overwrite, resume is not None)
         started: dict[str, bool] = {"training": False}
         try:
-            return _train(recipe, run_dir, resume, resume_command, started, scratch_cache)
+            return _train(recipe, run_dir, resume, resume_command, started, scratch_cache, command)
         except Interrupted as stop:
             if rank_zero:
                 write_status(run_dir, "interrupted", checkpoint=str(stop.checkpoint), resume=resume_command)
@@ -142,12 +142,14 @@ def _train(
     resume_command: str,
     started: dict[str, bool],
     scratch_cache: Optional[Path],
+    command: str = "finetune",
 ) -> dict[str, Any]:
     resume_from = find_resume_point(run_dir, resume or None) if resume is not None else None
     limit_heap_retention()
     accelerator = make_accelerator(recipe.engine)
     set_seed(recipe.engine.seed)
     task = build_task(recipe)
+    task.command = command
     before = tokenizing_stats()
     # the first process fills the data cache (file lock, no collective); the rest read it
     with tokenize_once(recipe, scratch_cache) as (_, _, cache):

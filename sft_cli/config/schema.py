@@ -18,7 +18,11 @@ TASKS = (
     "generation",
     "language-modeling",
     "speech-recognition",
+    "image-generation",
 )
+PREDICTIONS = ("epsilon", "v_prediction")  # image-generation: what the denoiser predicts
+NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # image-generation: the scheduler's beta schedule
+SAMPLERS = ("ddim", "dpm-solver", "ddpm")  # image-generation: eval.sampler
 FREEZE_POLICIES = ("none", "head-only", "last-n", "patterns", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "step", "plateau")
@@ -44,6 +48,7 @@ class BackboneConfig:
     from_scratch: bool = False  # fresh random weights from the named (or `arch`) config
     config: dict[str, Any] = field(default_factory=dict)  # overrides applied to the model config
     trust_remote_code: bool = False
+    text_encoder: str = "minilm-l6"  # image-generation: the frozen text encoder of a text-conditional UNet
 
 
 @dataclass
@@ -86,6 +91,7 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     image_field: str = "image"
+    caption_field: Optional[str] = None  # image-generation: a caption column makes fine-tuning text-conditional
     audio_field: str = "audio"  # speech-recognition: an audio file path (relative to the data file) or an Audio column
     max_duration: Optional[float] = (
         30.0  # speech-recognition: longer clips (seconds) are skipped and counted, never cut
@@ -160,6 +166,11 @@ class LossConfig:
     class_weights: Any = None  # classification: null | balanced | {label: weight}
     label_smoothing: float = 0.0  # classification: 0 <= x < 1
     regression: str = "mse"  # regression: mse | huber | l1
+    prediction: Optional[str] = None  # image-generation: epsilon | v_prediction (null: the backbone's, else epsilon)
+    noise_schedule: Optional[str] = None  # image-generation: linear | scaled_linear | squaredcos_cap_v2 (null: the
+    # backbone's scheduler, else linear)
+    snr_gamma: Optional[float] = None  # image-generation: min-SNR loss weighting (5.0 is the paper's); null: off
+    cond_dropout: float = 0.1  # image-generation: share of training examples whose class / caption is dropped (CFG)
 
 
 @dataclass
@@ -228,6 +239,8 @@ class EngineConfig:
     num_workers: int = 0
     attention: str = "auto"  # auto: sdpa on GPU and for encoders; eager for decoders on CPU; or eager | sdpa
     kernels: str = "auto"  # auto: fused kernels (Liger) on CUDA when installed; none: plain PyTorch everywhere
+    ema: bool = False  # keep an exponential moving average of the weights, used for eval, samples and the saved model
+    ema_decay: float = 0.9999  # the EMA's largest decay (warmed up: 1 - (1 + step)^-3/4 until it reaches this)
     peak_tflops: Optional[float] = None  # for MFU in summary.json; None: measured with a short matmul
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -258,6 +271,12 @@ class EvalConfig:
     max_answer_length: int = 30  # question-answering: longest answer span, in tokens
     n_best: int = 20  # question-answering: start and end candidates searched per window
     null_threshold: float = 0.0  # question-answering: answer "" when null score - best span score > this
+    num_samples: int = 64  # image-generation: images sampled per evaluation (spread evenly over classes / captions)
+    num_inference_steps: int = 25  # image-generation: sampler steps
+    sampler: str = "ddim"  # image-generation: ddim | dpm-solver | ddpm
+    guidance_scale: float = 1.0  # image-generation: classifier-free guidance (1: none; conditional models only)
+    feature_model: Optional[str] = None  # image-generation: an image classifier (a model directory, e.g. an sft
+    # image-classification run's model/) whose features give FID / IS / class accuracy; inception-v3 where installed
 
 
 @dataclass
@@ -274,6 +293,9 @@ class PredictConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None  # sampling seed (default: engine.seed)
+    num_images: int = 1  # image-generation: images per input row (a row's `num_images` overrides)
+    num_inference_steps: Optional[int] = None  # image-generation: sampler steps (null: eval.num_inference_steps)
+    guidance_scale: Optional[float] = None  # image-generation: classifier-free guidance (null: eval.guidance_scale)
 
 
 @dataclass

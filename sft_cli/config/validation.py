@@ -13,10 +13,13 @@ from sft_cli.config.schema import (
     FORMATS,
     FREEZE_POLICIES,
     HISTORY,
+    NOISE_SCHEDULES,
     OBJECTIVES,
     OPTIMIZERS,
     PRECISIONS,
+    PREDICTIONS,
     REGRESSION_LOSSES,
+    SAMPLERS,
     SCHEDULERS,
     STRATEGIES,
     TASKS,
@@ -61,6 +64,15 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "loss.lm": (0, True, None, False),
     "loss.prompt": (0, True, None, False),
     "loss.label_smoothing": (0, True, 1, False),
+    "loss.snr_gamma": (0, False, None, False),
+    "loss.cond_dropout": (0, True, 1, False),
+    "engine.ema_decay": (0, False, 1, False),
+    "eval.num_samples": (1, True, None, False),
+    "eval.num_inference_steps": (1, True, None, False),
+    "eval.guidance_scale": (0, True, None, False),
+    "predict.num_images": (1, True, None, False),
+    "predict.num_inference_steps": (1, True, None, False),
+    "predict.guidance_scale": (0, True, None, False),
     "optim.lr": (0, False, None, False),
     "optim.weight_decay": (0, True, None, False),
     "optim.momentum": (0, True, 1, False),
@@ -149,6 +161,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.engine.device, DEVICES, "engine.device", source)
     _check_choice(recipe.engine.attention, ("auto", "eager", "sdpa"), "engine.attention", source)
     _check_choice(recipe.engine.kernels, ("auto", "none"), "engine.kernels", source)
+    _check_choice(recipe.eval.sampler, SAMPLERS, "eval.sampler", source)
+    if recipe.loss.prediction is not None:
+        _check_choice(recipe.loss.prediction, PREDICTIONS, "loss.prediction", source)
+    if recipe.loss.noise_schedule is not None:
+        _check_choice(recipe.loss.noise_schedule, NOISE_SCHEDULES, "loss.noise_schedule", source)
     _check_choice(recipe.data.asr_task, ("transcribe", "translate"), "data.asr_task", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     _check_deepspeed(recipe, source)

@@ -85,10 +85,11 @@ class Checkpointer:
         self.model: Any = None
         self.optimizer: Any = None
         self.scheduler: Any = None
+        self.ema: Any = None
 
-    def bind(self, model: Any, optimizer: Any, scheduler: Any) -> None:
-        """What is saved: the prepared model, its optimizer and scheduler."""
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+    def bind(self, model: Any, optimizer: Any, scheduler: Any, ema: Any = None) -> None:
+        """What is saved: the prepared model, its optimizer and scheduler (and the weights' EMA, engine.ema)."""
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
 
     def restore(self, checkpoint: Path) -> dict[str, Any]:
         """Load model weights and optimizer/scheduler/scaler/RNG; returns the saved TrainState fields."""
@@ -111,6 +112,12 @@ class Checkpointer:
     def _load_state(self, checkpoint: Path, saved: dict[str, Any]) -> None:
         self.parallel.read_checkpoint(checkpoint, self.model, self.optimizer, saved)
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None:
+            if saved.get("ema") is None:
+                raise SftError(
+                    f"--resume: {checkpoint.name} has no EMA weights (engine.ema was off) — resume with engine.ema: false"
+                )
+            self.ema.load_state_dict(saved["ema"])
         if saved.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
@@ -147,6 +154,7 @@ class Checkpointer:
         return {
             **({"optimizer": self.optimizer.state_dict()} if with_optimizer else {}),
             "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "rng": rng_state(),
             "train_state": state.__dict__.copy(),

@@ -23,6 +23,7 @@ from sft_cli.data.streaming import stream_loader
 from sft_cli.data.tables import batches_per_rank, epoch_batches, shard_batches
 from sft_cli.engine.accelerator import estimate_flops_per_token
 from sft_cli.engine.checkpointer import Checkpointer, SignalWatch
+from sft_cli.engine.ema import WeightAverage
 from sft_cli.engine.evaluation import evaluate_over_processes
 from sft_cli.engine.meter import Meter
 from sft_cli.engine.optim import build_optimizer, build_scheduler
@@ -103,8 +104,9 @@ class Trainer:
         self.task.length_buckets = self.engine.compile
         if self.engine.compile:
             self.model = compile_blocks(self.model)
+        self.ema = WeightAverage(self.model, self.engine.ema_decay, self.parallel.name) if self.engine.ema else None
         self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.parallel, self.task, self.output.keep)
-        self.checkpointer.bind(self.model, self.optimizer, self.scheduler)
+        self.checkpointer.bind(self.model, self.optimizer, self.scheduler, self.ema)
         self.flops_per_token = estimate_flops_per_token(self.model)
         if resume_from is not None:
             self._restore(resume_from)
@@ -116,8 +118,14 @@ class Trainer:
         log.info("resumed from %s at step %d", checkpoint, self.state.step)
 
     def save_model(self, directory: Path) -> None:
-        """Atomically write a loadable model (gathered from the shards when the model is sharded)."""
-        self.checkpointer.save_model(directory)
+        """Atomically write a loadable model (gathered from the shards when the model is sharded; the EMA weights
+        with engine.ema)."""
+        with self._averaged():
+            self.checkpointer.save_model(directory)
+
+    def _averaged(self) -> Any:
+        """The EMA weights in the model inside the block (engine.ema), else nothing changes."""
+        return self.ema.applied(self.model) if self.ema is not None else nullcontext()
 
     def save_checkpoint(self) -> Path:
         """A checkpoint of everything (weights, optimizer, scheduler, RNG, data position); keeps `output.keep`."""
@@ -273,6 +281,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return None, {}, tokens
         self.parallel.step(self.model, self.optimizer, self.schedule.max_grad_norm)
+        if self.ema is not None:
+            self.ema.update(self.model)
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -317,9 +327,13 @@ class Trainer:
         """Task metrics on the eval split, sharded over processes and gathered exactly once each."""
         if self.task.eval_set is None:
             return {}
-        return evaluate_over_processes(
-            self.task, self.model, self.accelerator, self.schedule.batch_size, False, self.parallel
-        )
+        with self._averaged():
+            metrics = evaluate_over_processes(
+                self.task, self.model, self.accelerator, self.schedule.batch_size, False, self.parallel
+            )
+        if self.accelerator.is_main_process:
+            self.task.write_eval_artifacts(self.run_dir, self.state.step)
+        return metrics
 
     def _evaluate_and_track(self) -> bool:
         """Evaluate, log, keep the best model, feed plateau/early stopping; True means stop."""

@@ -50,6 +50,8 @@ class Task(ABC):
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        self.command = "finetune"  # the command training it (pretrain | finetune): the training command sets it
+        self.prediction_output: Optional[Path] = None  # `sft predict`'s output file (tasks that write files beside it)
         self.model: nn.Module
         self.train_set: Any = None
         self.eval_set: Any = None
@@ -131,6 +133,13 @@ class Task(ABC):
     def save(self, model: nn.Module, directory: Path, state_dict: Optional[dict] = None) -> None:
         """Write a `from_pretrained`-loadable model (+ tokenizer/processor) into `directory`; `state_dict` is the
         full weights the engine gathered when the model is sharded (FSDP, ZeRO-3), else None."""
+
+    def write_eval_artifacts(self, run_dir: Path, step: int) -> None:
+        """Files an evaluation during training leaves in the run directory (image samples); nothing by default."""
+
+    def export(self, model: nn.Module, directory: Path) -> bool:
+        """Write `sft export`'s directory in the task's own format; False: the standard transformers layout."""
+        return False
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:
         """Extra artefacts after `sft eval` (plots); nothing by default."""

@@ -8,6 +8,7 @@ from sft_cli.tasks.base import Task
 from sft_cli.tasks.classification import ClassificationTask
 from sft_cli.tasks.generation import GenerationTask
 from sft_cli.tasks.image_classification import ImageClassificationTask
+from sft_cli.tasks.image_generation import ImageGenerationTask
 from sft_cli.tasks.language_modeling import LanguageModelingTask
 from sft_cli.tasks.multi_label import MultiLabelTask
 from sft_cli.tasks.question_answering import QuestionAnsweringTask
@@ -25,6 +26,7 @@ TASKS: dict[str, type[Task]] = {
     "generation": GenerationTask,
     "language-modeling": LanguageModelingTask,
     "speech-recognition": SpeechRecognitionTask,
+    "image-generation": ImageGenerationTask,
 }
 
 

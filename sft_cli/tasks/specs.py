@@ -22,6 +22,7 @@ class TaskSpec:
     card_use: str  # the model card's one-line "what it does"
     starter: dict[str, Any] = field(default_factory=dict)  # `sft init`: what the starter recipe sets
     can_chat: bool = False  # `sft chat` talks to its models
+    also_runs_with: tuple[str, ...] = ()  # other training commands it takes (image generation: pretrain too)
 
 
 STARTERS = {
@@ -71,6 +72,13 @@ STARTERS = {
         },
         "data": {"train": "data/speech/train.jsonl", "eval": "data/speech/test.jsonl", "audio_field": "audio"},
         "optim": {"lr": 0.0005},
+    },
+    "image-generation": {
+        "backbone": {"name": "runs/diffusion-pretrain/model"},
+        "data": {"train": "data/images/train", "eval": "data/images/test", "image_size": 32},
+        "optim": {"lr": 0.0002},
+        "engine": {"ema": True},
+        "eval": {"feature_model": "runs/image-classifier/model", "guidance_scale": 2.0},
     },
 }
 
@@ -138,5 +146,13 @@ TASK_SPECS: dict[str, TaskSpec] = {
         pipeline_tag="automatic-speech-recognition",
         card_use="Transcribes speech like the training recordings (language, voices, vocabulary) into text.",
         starter=STARTERS["speech-recognition"],
+    ),
+    "image-generation": TaskSpec(
+        command="finetune",
+        headline_metric="fid",
+        pipeline_tag="unconditional-image-generation",
+        card_use="Draws images like the training images (of the classes or captions below, when conditional).",
+        starter=STARTERS["image-generation"],
+        also_runs_with=("pretrain",),
     ),
 }
