@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks demo-translate demo-speech speech-data test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks demo-translate demo-speech speech-data demo-diffusion digits-gen test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,18 @@ digits: install  ## Write scikit-learn's digits as an image folder (data/digits,
 demo-digits: digits  ## Train a small ResNet from scratch on the digits images, then evaluate it
 	$(SFT) finetune recipes/digits/resnet.yaml --overwrite
 	$(SFT) eval recipes/digits/resnet.yaml
+
+digits-gen: install  ## Write scikit-learn's digits upscaled to 16x16 for image generation (data/digits-gen)
+	test -d data/digits-gen/test || $(PY) scripts/make_digit_images.py data/digits-gen --size 16 --per-class 10
+
+demo-diffusion: digits-gen  ## Pretrain a diffusion UNet on unlabelled digits, fine-tune it class-conditionally on 100 labelled ones, and the same from scratch; FID and class accuracy of both
+	$(SFT) finetune recipes/diffusion/classifier.yaml --overwrite
+	$(SFT) pretrain recipes/diffusion/pretrain.yaml --overwrite
+	$(SFT) eval recipes/diffusion/pretrain.yaml
+	$(SFT) finetune recipes/diffusion/finetune.yaml --overwrite
+	$(SFT) eval recipes/diffusion/finetune.yaml
+	$(SFT) finetune recipes/diffusion/scratch.yaml --overwrite
+	$(SFT) eval recipes/diffusion/scratch.yaml
 
 demo-gpt: install  ## Pretrain the tiny GPT-2, then SFT it (and the from-scratch control), evaluating both
 	$(SFT) pretrain recipes/tiny-gpt/pretrain.yaml --overwrite

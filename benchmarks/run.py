@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import decoder  # noqa: E402  (the decoder rows: sft vs TRL vs Trainer at a 151,936 vocabulary)
+import diffusion  # noqa: E402  (the image-generation row: against diffusers' train_unconditional.py loop)
 import encoder_tasks  # noqa: E402  (the encoder-task rows: pairs, regression, multi-label, NER, QA)
 import seq2seq  # noqa: E402  (the encoder-decoder row: translation against the Seq2SeqTrainer)
 import speech  # noqa: E402  (the speech-recognition row: CTC against the Trainer)
@@ -39,7 +40,7 @@ def peak_rss_mb() -> float:
 # ---- classification -----------------------------------------------------------------------------
 
 
-def run_sft(name: str, values: dict, quality: tuple[str, ...]) -> dict:
+def run_sft(name: str, values: dict, quality: tuple[str, ...], command: str = "finetune") -> dict:
     """Write the recipe, train and evaluate through sft's own commands; throughput + the named metrics."""
     import yaml
 
@@ -51,7 +52,7 @@ def run_sft(name: str, values: dict, quality: tuple[str, ...]) -> dict:
         yaml.safe_dump({"name": name, **values, "output": {"dir": str(WORK / name), "keep_best": False}})
     )
     recipe = load_recipe(recipe_path)
-    summary = commands.train(recipe, "finetune", overwrite=True)
+    summary = commands.train(recipe, command, overwrite=True)
     metrics = commands.evaluate_model(recipe)
     result = {key: summary[key] for key in ("tokens_per_s", "train_seconds", "train_tokens")}
     return {**result, **{key: metrics[key] for key in quality}, "mfu": summary.get("mfu")}
@@ -289,6 +290,7 @@ RUNS = {
     "qa/sft": encoder_tasks.sft_qa,
     **seq2seq.RUNS,
     **speech.RUNS,
+    **diffusion.RUNS,
 }
 
 
@@ -309,6 +311,8 @@ def run_one(name: str) -> None:
         decoder.RUN.update(decoder.SHORT_ROWS)
     result = RUNS[name](name.replace("/", "-"))
     result["peak_rss_mb"] = peak_rss_mb()
+    if name.startswith(diffusion.PREFIXES):
+        result = diffusion.finish(result)
     if "model" in result:  # decoder rows: one evaluator for every trained model, after peak RSS was read
         result["eval_loss"] = decoder.held_out_loss(result.pop("model"))
     print("RESULT " + json.dumps(result))
@@ -320,7 +324,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s, asr); "
+        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s, asr, diff); "
         "encoder = pairs, reg, mlc, ner and qa",
     )
     args = parser.parse_args()
@@ -337,6 +341,8 @@ def main() -> None:
         seq2seq.make_base()
     if any(name.startswith(speech.PREFIXES) for name in selected):
         speech.make_base()
+    if any(name.startswith(diffusion.PREFIXES) for name in selected):
+        diffusion.make_base()
     results: dict = {}
     for name in selected:
         print(f"running {name} ...", flush=True)
@@ -362,27 +368,20 @@ def main() -> None:
         encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Encoder tasks")
         print("\n".join(encoder_tasks.encoder_report(merged)))
         return
-    if prefixes and all(p.split("/")[0] + "/" in seq2seq.PREFIXES for p in prefixes) and not seq2seq.SMOKE:
-        # the encoder-decoder rows alone: kept in seq2seq-results.json, their section of RESULTS.md rewritten
-        merged = {**seq2seq.saved_results(), **results}
-        (REPO / "benchmarks" / "seq2seq-results.json").write_text(json.dumps(merged))
-        lines = seq2seq.report(merged)
-        lines[3:3] = [
-            "Rows merged from the encoder-decoder-only runs; the latest: " + machine_line(f"--only {args.only}"),
-            "",
-        ]
-        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Encoder-decoder")
-        print("\n".join(lines))
-        return
-    if prefixes and all(p.split("/")[0] + "/" in speech.PREFIXES for p in prefixes) and not speech.SMOKE:
-        # the speech rows alone: kept in speech-results.json, their section of RESULTS.md rewritten
-        merged = {**speech.saved_results(), **results}
-        (REPO / "benchmarks" / "speech-results.json").write_text(json.dumps(merged))
-        lines = speech.report(merged)
-        lines[3:3] = ["Rows from the speech-only run: " + machine_line(f"--only {args.only}"), ""]
-        encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, "## Speech recognition")
-        print("\n".join(lines))
-        return
+    for module, heading, what in SECTION_ROWS:
+        if prefixes and all(p.split("/")[0] + "/" in module.PREFIXES for p in prefixes) and not module.SMOKE:
+            # these rows alone: kept in <row>-results.json, their section of RESULTS.md rewritten
+            saved = REPO / "benchmarks" / f"{module.__name__}-results.json"
+            merged = {**module.saved_results(), **results}
+            saved.write_text(json.dumps(merged))
+            lines = module.report(merged)
+            lines[3:3] = [
+                f"Rows merged from the {what}-only runs; the latest: " + machine_line(f"--only {args.only}"),
+                "",
+            ]
+            encoder_tasks.replace_section(REPO / "benchmarks" / "RESULTS.md", lines, heading)
+            print("\n".join(lines))
+            return
     # a partial run (or a smoke run): show it against the last full run's other rows, never write RESULTS.md
     if args.only or encoder_tasks.SMOKE:
         saved = json.loads((WORK / "results.json").read_text()) if (WORK / "results.json").exists() else {}
@@ -391,6 +390,14 @@ def main() -> None:
         return
     (WORK / "results.json").write_text(json.dumps(results))
     write_report(results)
+
+
+# rows whose section of RESULTS.md a run of them alone rewrites (module, section heading, what they are)
+SECTION_ROWS = (
+    (seq2seq, "## Encoder-decoder", "encoder-decoder"),
+    (speech, "## Speech recognition", "speech"),
+    (diffusion, "## Image generation", "image-generation"),
+)
 
 
 def machine_line(flags: str = "") -> str:
@@ -462,6 +469,7 @@ def write_report(results: dict) -> None:
     lines += encoder_tasks.encoder_report(results)
     lines += seq2seq.report(results)
     lines += speech.report(results)
+    lines += diffusion.report(results)
     lines += decoder_report(results)
     lines += streaming.streaming_report(results)
     text = "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import yaml
@@ -289,22 +289,22 @@ def diffusion_values(tmp: Path, digits: Path, **sections: Any) -> dict[str, Any]
     return values
 
 
-def build_tiny_image_classifier(directory: Path, classes: int = 3) -> Path:
+def build_tiny_image_classifier(directory: Path, classes: int = 3, names: Optional[list[str]] = None) -> Path:
     """A random-init tiny ResNet digit classifier saved as sft saves one (its features are still a fixed map)."""
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
-    names = {i: str(i) for i in range(classes)}
+    labels = {i: name for i, name in enumerate(names or [str(i) for i in range(classes)])}
     config = ResNetConfig(
         num_channels=1,
         embedding_size=16,
         hidden_sizes=[16, 32],
         depths=[1, 1],
         layer_type="basic",
-        num_labels=classes,
-        id2label=names,
-        label2id={v: k for k, v in names.items()},
+        num_labels=len(labels),
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
     )
     ResNetForImageClassification(config).save_pretrained(directory)
     preprocess = {"image_size": 16, "channels": 1, "mean": [0.5], "std": [0.5]}

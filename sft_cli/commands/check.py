@@ -139,8 +139,23 @@ def smoke_recipe(
         schedule=schedule,
         engine=engine,
         output=replace(recipe.output, dir=str(work / "run"), save_every=None, tensorboard=False),
-        eval=replace(recipe.eval, batch_size=min(recipe.eval.batch_size, EVAL_ROWS), max_new_tokens=4),
+        eval=replace(
+            recipe.eval,
+            batch_size=min(recipe.eval.batch_size, EVAL_ROWS),
+            max_new_tokens=4,
+            num_samples=min(recipe.eval.num_samples, 8),  # image generation: a few images, a few sampler steps
+            num_inference_steps=min(recipe.eval.num_inference_steps, 2),
+            feature_model=_produced(recipe.eval.feature_model, models),
+        ),
     )
+
+
+def _produced(location: Optional[str], models: dict[Path, Path]) -> Optional[str]:
+    """A model path another checked recipe produced, as that check's smoke model (else unchanged)."""
+    if not location:
+        return location
+    produced = models.get(Path(location).expanduser().resolve())
+    return str(produced) if produced is not None else location
 
 
 def check_one(
@@ -186,14 +201,16 @@ def order_by_dependency(paths: list[Path], overrides: list[str]) -> list[Path]:
         except SftError:
             continue  # reported when checked
         produces[path] = Path(recipe.output.dir).expanduser().resolve() / "model"
-        needs[path] = Path(recipe.backbone.name).expanduser().resolve()
+        needs[path] = {
+            Path(name).expanduser().resolve() for name in (recipe.backbone.name, recipe.eval.feature_model) if name
+        }
     ordered: list[Path] = []
 
     def visit(path: Path, trail: tuple = ()) -> None:
         if path in ordered or path in trail:
             return
         for other in paths:
-            if other != path and produces.get(other) == needs.get(path):
+            if other != path and produces.get(other) in needs.get(path, set()):
                 visit(other, trail + (path,))
         ordered.append(path)
 

@@ -81,6 +81,8 @@ def load_unet(location: str) -> tuple[nn.Module, Optional[Path]]:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     path = Path(location).expanduser()
+    if not path.exists() and "/" in location and not location.startswith((".", "/")):
+        path = _download(location)
     pipeline = path if (path / "model_index.json").exists() else None
     folder = path / "unet" if pipeline else path
     try:
@@ -98,6 +100,32 @@ def load_unet(location: str) -> tuple[nn.Module, Optional[Path]]:
         return cls.from_pretrained(str(folder)), pipeline
     except (OSError, ValueError, RuntimeError) as err:
         raise SftError(f"backbone.name: {folder} cannot be loaded ({' '.join(str(err).split())[:200]})") from None
+
+
+def _download(repo_id: str) -> Path:
+    """A hub model's diffusers files (safetensors, no fp16/EMA-only variants, no safety checker)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                ignore_patterns=[
+                    "*.bin",
+                    "*.ckpt",
+                    "*.msgpack",
+                    "*fp16*",
+                    "*non_ema*",
+                    "*ema-only*",
+                    "safety_checker/*",
+                ],
+            )
+        )
+    except Exception as err:  # offline, unknown repo, gated: the hub says why
+        detail = " ".join(str(err).split())[:200]
+        raise SftError(
+            f"backbone.name: {repo_id} is no local directory and cannot be fetched from the hub ({detail})"
+        ) from None
 
 
 def with_class_embedding(unet: nn.Module, classes: int) -> nn.Module:
@@ -413,6 +441,28 @@ class ImageGenerationTask(Task):
         if width != height:
             raise SftError(f"data.image_size: the images are {width}x{height}, not square — set data.image_size")
         return width
+
+    def render(self, row: dict) -> Optional[str]:
+        """`sft plan`: the image as the model sees it, and what it is conditioned on."""
+        image = row[self.image_field]
+        seen = (
+            f"{image.size[0]}x{image.size[1]} {image.mode} image -> {self.size}x{self.size}, {self.channels} channel(s)"
+        )
+        if self.mode == "class":
+            return f"{seen}; class {row[self.recipe.data.label_field]}"
+        if self.mode == "text":
+            return f"{seen}; caption: {row[self.recipe.data.caption_field]}"
+        return f"{seen}; unconditional"
+
+    def plan_statistics(self) -> dict[str, Any]:
+        if self.mode == "class":
+            from collections import Counter
+
+            return {
+                "mode": self.mode,
+                "label_counts": dict(Counter(str(v) for v in self.train_set[self.recipe.data.label_field])),
+            }
+        return {"mode": self.mode}
 
     # -- training --------------------------------------------------------------------------------
 

@@ -37,6 +37,20 @@ def digits():
 
 
 @pytest.fixture(scope="module")
+def digits_gen():
+    """data/digits-gen as `make digits-gen` writes it (not committed): the image-generation recipes read it."""
+    if not (REPO / "data" / "digits-gen" / "test").is_dir():
+        done = subprocess.run(
+            [sys.executable, "scripts/make_digit_images.py", "data/digits-gen"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    return REPO / "data" / "digits-gen"
+
+
+@pytest.fixture(scope="module")
 def speech_data():
     """data/speech for the speech recipe (not committed; `make speech-data` synthesizes it with espeak-ng): where
     it is missing, the committed fixture clips, in the same layout, stand in for it."""
@@ -48,7 +62,7 @@ def speech_data():
     return target
 
 
-def test_check_passes_every_shipped_recipe(digits, speech_data, tmp_path):
+def test_check_passes_every_shipped_recipe(digits, digits_gen, speech_data, tmp_path):
     recipes = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
     scratch = tmp_path / "tmp"  # its own temp dir: another test process may be running `sft check` meanwhile
     scratch.mkdir()
@@ -65,6 +79,9 @@ def test_check_passes_every_shipped_recipe(digits, speech_data, tmp_path):
             assert row["status"] == "pass", row
     order = [r["recipe"] for r in rows]
     assert order.index("recipes/chat/pretrain.yaml") < order.index("recipes/chat/sft.yaml")  # its backbone first
+    # the image-generation recipes after the classifier that scores them (eval.feature_model) and their backbone
+    assert order.index("recipes/diffusion/classifier.yaml") < order.index("recipes/diffusion/pretrain.yaml")
+    assert order.index("recipes/diffusion/pretrain.yaml") < order.index("recipes/diffusion/finetune.yaml")
     assert not any(p.name.startswith("sft-check-") for p in scratch.iterdir())
 
 

@@ -11,7 +11,16 @@ from PIL import Image
 from sft_cli.commands import train as commands
 from sft_cli.config.recipe import load_recipe
 from sft_cli.config.schema import TASKS
-from tests.conftest import DOCS, REPO, TINY_BERT, keyword_rows, write_jsonl, write_recipe
+from tests.conftest import (
+    DOCS,
+    REPO,
+    TINY_BERT,
+    TINY_UNET,
+    build_tiny_image_classifier,
+    keyword_rows,
+    write_jsonl,
+    write_recipe,
+)
 from tests.unit.test_speech import speech_values
 
 pytestmark = pytest.mark.integration
@@ -116,6 +125,16 @@ def recipes(tmp: Path, tiny_decoder: Path) -> dict[str, dict]:
         "speech-recognition": {
             key: value for key, value in speech_values(tmp).items() if key in ("task", "backbone", "data")
         },
+        "image-generation": {
+            "task": "image-generation",
+            "backbone": {"arch": "unet2d", "from_scratch": True, "config": TINY_UNET},
+            "data": {"train": str(images), "eval": str(images)},
+            "eval": {
+                "num_samples": 4,
+                "num_inference_steps": 2,
+                "feature_model": str(build_tiny_image_classifier(tmp / "classifier", names=["a", "b"])),
+            },
+        },
     }
 
 
@@ -144,6 +163,7 @@ def test_the_readme_lists_every_task():
         "generation",
         "language-modeling",
         "speech-recognition",
+        "image-generation",
     }
 
 

@@ -276,3 +276,56 @@ def test_latent_lora_path_runs_a_step_on_tiny_components(tmp_path, digit_folders
     assert (model / "unet_lora" / "adapter_config.json").exists()
     assert json.loads((model / "sft_diffusion.json").read_text())["latent_pipeline"] == str(pipeline)
     assert (tmp_path / "run" / "samples" / "step-1.png").exists()
+
+
+def test_text_conditional_fine_tuning_from_a_pretrained_cross_attention_unet(tmp_path, digit_folders):
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from sft_cli.commands import train as commands
+    from sft_cli.commands.export import export
+    from sft_cli.config.recipe import load_recipe
+
+    text_unet = {**TINY_UNET, "cross_attention_dim": 384}
+    base = {"arch": "unet2d-condition", "config": text_unet}
+    pretrain = diffusion_values(
+        tmp_path, digit_folders, backbone=base, schedule={"max_steps": 2}, output={"dir": str(tmp_path / "pre")}
+    )
+    commands.train(load_recipe(write_recipe(tmp_path / "pre.yaml", pretrain)), "pretrain")
+    assert (tmp_path / "pre" / "model" / "text_encoder" / "config.json").exists()  # MiniLM, frozen, saved with it
+    rows = [
+        {"image": str(path), "caption": f"the digit {['zero', 'one', 'two'][int(path.parent.name)]}"}
+        for path in sorted((digit_folders / "labeled").glob("*/*.png"))
+    ]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune = diffusion_values(
+        tmp_path,
+        digit_folders,
+        backbone={"name": str(tmp_path / "pre" / "model"), "from_scratch": False, "arch": None, "config": {}},
+        data={
+            "train": str(tmp_path / "captions.jsonl"),
+            "eval": str(tmp_path / "captions.jsonl"),
+            "caption_field": "caption",
+        },
+        schedule={"max_steps": 2, "eval_every": "2"},
+        eval={"num_samples": 3, "num_inference_steps": 2, "guidance_scale": 3.0},
+        output={"dir": str(tmp_path / "text")},
+    )
+    recipe = write_recipe(tmp_path / "text.yaml", finetune)
+    summary = commands.train(load_recipe(recipe), "finetune")
+    assert summary["trainable_params"] == summary["total_params"]  # the UNet trains; the text encoder is not in it
+    meta = json.loads((tmp_path / "text" / "model" / "sft_diffusion.json").read_text())
+    assert meta["mode"] == "text"
+    export(tmp_path / "text", tmp_path / "exported", merge_lora=False, dtype=None)
+    assert "pipeline_tag: text-to-image" in (tmp_path / "exported" / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "exported"), trust_remote_code=True)
+    assert type(pipe).__name__ == "SftTextToImagePipeline"
+    images = pipe(
+        prompt=["the digit one", "the digit two"],
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="np",
+    ).images
+    assert images.shape == (2, 8, 8, 1) and not np.array_equal(images[0], images[1])
