@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -11,8 +11,11 @@ from sft_cli.config.schema import OptimConfig, ScheduleConfig
 from sft_cli.errors import SftError
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD; no weight decay on biases and norm weights; optional layer-wise LR decay."""
+def build_optimizer(
+    model: torch.nn.Module, config: OptimConfig, lr_scales: Optional[dict[str, float]] = None
+) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD; no weight decay on biases and norm weights; optional layer-wise LR decay; `lr_scales`
+    multiplies the LR of parameters whose names contain a key (a task's zero-initialized additions)."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     depth = _layer_depths(model) if config.layer_lr_decay else {}
     max_depth = max(depth.values(), default=0)
@@ -24,6 +27,7 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
         lr = config.lr * (
             config.layer_lr_decay ** (max_depth - depth.get(name, max_depth)) if config.layer_lr_decay else 1.0
         )
+        lr *= next((scale for part, scale in (lr_scales or {}).items() if part in name), 1.0)
         groups.setdefault((decay, lr), []).append(param)
     if not groups:
         raise SftError("freeze: the policy leaves no trainable parameter")

@@ -98,7 +98,7 @@ class Trainer:
         self.parallel = for_training(self.engine.distributed.strategy, self.accelerator, self.schedule)
         self.parallel.check_task(self.task.name, self.task.shardable)
         model = self.parallel.shard(model)  # before the optimizer, which then holds the shards
-        self.optimizer = build_optimizer(model, self.optim_config)
+        self.optimizer = build_optimizer(model, self.optim_config, self.task.lr_scales())
         self.scheduler = build_scheduler(self.optimizer, self.schedule, self.total_steps, self.windows_per_epoch)
         self.model, self.optimizer = self.parallel.prepare(model, self.optimizer)
         self.task.length_buckets = self.engine.compile

@@ -97,6 +97,10 @@ class Task(ABC):
     def loss_terms(self, model: nn.Module, batch: Batch) -> LossTerms:
         """Summed losses per term (`sup`, optionally `lm`) for one micro-batch."""
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name part (parameters the task adds at zero); none by default."""
+        return {}
+
     def loss_weights(self) -> dict[str, float]:
         """Fixed weights that override the recipe's loss mix (e.g. pretraining's LM term is the loss)."""
         return {}

@@ -44,7 +44,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
     (path.parent / f".{path.stem}-render").rmdir()
 
 
-METRIC_PREFERENCE = ("eval_accuracy", "eval_macro_f1", "eval_exact_match", "eval_perplexity")
+METRIC_PREFERENCE = ("eval_fid", "eval_accuracy", "eval_macro_f1", "eval_exact_match", "eval_perplexity")
 
 
 def report_png(run_dirs: Sequence[Path], path: Path) -> Path:

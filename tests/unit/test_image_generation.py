@@ -186,6 +186,15 @@ def test_class_conditional_training_with_the_loss_mix_and_condition_dropout(tmp_
     terms = task.loss_terms(task.model, batch)
     assert set(terms) == {"sup", "lm"} and all(torch.isfinite(total) for total, _ in terms.values())
     assert task.counts(batch) == {"sup": torch.tensor(18), "lm": torch.tensor(18)}
+    from sft_cli.config.schema import OptimConfig
+    from sft_cli.engine.optim import build_optimizer
+    from sft_cli.tasks.image_generation import CLASS_EMBEDDING_LR_SCALE
+
+    optimizer = build_optimizer(task.model, OptimConfig(lr=1e-3), task.lr_scales())
+    embedding = task.model.class_embedding.weight
+    group = next(g for g in optimizer.param_groups if any(p is embedding for p in g["params"]))
+    assert group["lr"] == pytest.approx(1e-3 * CLASS_EMBEDDING_LR_SCALE)  # the zero-initialized rows train faster
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
 def build_tiny_latent_pipeline(directory: Path) -> Path:
