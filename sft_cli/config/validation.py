@@ -169,6 +169,12 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_choice(recipe.data.asr_task, ("transcribe", "translate"), "data.asr_task", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     _check_deepspeed(recipe, source)
+    _check(
+        not recipe.engine.ema or recipe.engine.distributed.strategy == "ddp",
+        source,
+        f"'engine.ema' keeps the average of whole weights: not with engine.distributed.strategy "
+        f"{recipe.engine.distributed.strategy} (sharded) — use ddp, or set engine.ema: false",
+    )
     _check_choice(recipe.data.format, FORMATS, "data.format", source)
     _check_choice(recipe.loss.train_on, TRAIN_ON, "loss.train_on", source)
     _check_choice(recipe.data.history, HISTORY, "data.history", source)
