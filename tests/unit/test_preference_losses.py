@@ -1,0 +1,69 @@
+"""The preference losses against their formulas, computed by hand (math, not torch) on small log-probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sft_cli.model.preference_losses import PairLogps, preference_loss
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+POLICY = PairLogps(torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -7.0]), torch.tensor([4, 3]), torch.tensor([3, 7]))
+REFERENCE = PairLogps(
+    torch.tensor([-5.0, -8.0]), torch.tensor([-5.5, -7.5]), torch.tensor([4, 3]), torch.tensor([3, 7])
+)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_dpo_is_minus_log_sigmoid_of_the_scaled_log_ratio_margin(smoothing):
+    beta = 0.1
+    losses, chosen, rejected = preference_loss("dpo", POLICY, REFERENCE, beta, label_smoothing=smoothing)
+    for i, (pc, pr, rc, rr) in enumerate([(-4, -6, -5, -5.5), (-9, -7, -8, -7.5)]):
+        margin = beta * ((pc - rc) - (pr - rr))
+        expected = -log_sigmoid(margin) * (1 - smoothing) - log_sigmoid(-margin) * smoothing
+        assert losses[i].item() == pytest.approx(expected, rel=1e-6)
+        assert chosen[i].item() == pytest.approx(beta * (pc - rc)) and rejected[i].item() == pytest.approx(
+            beta * (pr - rr)
+        )
+
+
+def test_ipo_is_the_squared_distance_of_the_length_normalized_margin_from_half_over_beta():
+    beta = 0.5
+    losses, _, _ = preference_loss("ipo", POLICY, REFERENCE, beta)
+    margin = (-4 / 4 - -5 / 4) - (-6 / 3 - -5.5 / 3)
+    assert losses[0].item() == pytest.approx((margin - 1 / (2 * beta)) ** 2, rel=1e-6)
+
+
+def test_orpo_is_minus_beta_log_sigmoid_of_the_log_odds_ratio():
+    beta = 0.25
+    losses, chosen, _ = preference_loss("orpo", POLICY, None, beta)
+    c, r = -4 / 4, -6 / 3
+
+    def log_odds(p: float) -> float:
+        return p - math.log1p(-math.exp(p))
+
+    assert losses[0].item() == pytest.approx(-beta * log_sigmoid(log_odds(c) - log_odds(r)), rel=1e-6)
+    assert chosen[0].item() == pytest.approx(beta * c)
+
+
+def test_simpo_has_a_margin_and_no_reference():
+    beta, gamma = 2.0, 0.5
+    losses, _, _ = preference_loss("simpo", POLICY, None, beta, gamma=gamma)
+    c, r = -9 / 3, -7 / 7
+    assert losses[1].item() == pytest.approx(-log_sigmoid(beta * (c - r) - gamma), rel=1e-6)
+    more_margin, _, _ = preference_loss("simpo", POLICY, None, beta, gamma=gamma + 1)
+    assert (more_margin > losses).all()  # the margin asks for more
+
+
+def test_beta_reaches_the_loss_and_the_reference_is_required_where_used():
+    low, _, _ = preference_loss("dpo", POLICY, REFERENCE, 0.1)
+    high, _, _ = preference_loss("dpo", POLICY, REFERENCE, 1.0)
+    assert not torch.allclose(low, high)
+    with pytest.raises(ValueError, match="needs the reference"):
+        preference_loss("dpo", POLICY, None, 0.1)
