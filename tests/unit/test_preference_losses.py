@@ -67,3 +67,27 @@ def test_beta_reaches_the_loss_and_the_reference_is_required_where_used():
     assert not torch.allclose(low, high)
     with pytest.raises(ValueError, match="needs the reference"):
         preference_loss("dpo", POLICY, None, 0.1)
+
+
+def test_chunked_sequence_logps_equal_full_logits_in_value_and_gradient():
+    from torch import nn
+
+    from sft_cli.model.sequence_logps import sequence_logps
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    sequence = torch.randint(0, 4, (37,))
+    upstream = torch.randn(4)
+    sums, tokens = sequence_logps(hidden, head, labels, sequence, 4, rows=8)
+    (sums * upstream).sum().backward()
+    chunked = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    per_token = head(hidden).log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    full = torch.zeros(4).index_add(0, sequence, per_token)
+    (full * upstream).sum().backward()
+    assert torch.allclose(sums, full, atol=1e-5)
+    assert tokens.tolist() == torch.bincount(sequence, minlength=4).tolist()
+    for mine, reference in zip(chunked, [hidden.grad, head.weight.grad, head.bias.grad]):
+        assert torch.allclose(mine, reference, atol=1e-5)
