@@ -91,3 +91,60 @@ def test_chunked_sequence_logps_equal_full_logits_in_value_and_gradient():
     assert tokens.tolist() == torch.bincount(sequence, minlength=4).tolist()
     for mine, reference in zip(chunked, [hidden.grad, head.weight.grad, head.bias.grad]):
         assert torch.allclose(mine, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("row", "prompt", "chosen", "rejected"),
+    [
+        ({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}, "Sky?", "Blue.", "Green."),
+        (
+            {
+                "prompt": [{"role": "user", "content": "Sky?"}],
+                "chosen": [{"role": "assistant", "content": "Blue."}],
+                "rejected": [{"role": "assistant", "content": "Green."}],
+            },
+            "Sky?",
+            "Blue.",
+            "Green.",
+        ),
+        (
+            {
+                "chosen": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}],
+                "rejected": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Green."}],
+            },
+            "Sky?",
+            "Blue.",
+            "Green.",
+        ),
+        ({"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}, "Q: sky? A:", " blue", " green"),
+    ],
+)
+def test_trl_pair_shapes_give_prompt_and_two_completions(row, prompt, chosen, rejected):
+    from sft_cli.chat.preference_pairs import pair_messages
+
+    prompt_messages, chosen_side, rejected_side = pair_messages(row, "prompt", "chosen", "rejected")
+    assert prompt_messages[-1] == {"role": "user", "content": prompt}
+    assert chosen_side == [{"role": "assistant", "content": chosen}]
+    assert rejected_side == [{"role": "assistant", "content": rejected}]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Blue."}, "completions are identical"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "x"}],
+                "rejected": [{"role": "user", "content": "B?"}, {"role": "assistant", "content": "y"}],
+            },
+            "share no prompt",
+        ),
+        ({"prompt": "Sky?", "chosen": "Blue.", "rejected": None}, "'rejected' is empty"),
+    ],
+)
+def test_bad_pairs_say_what_is_wrong(row, message):
+    from sft_cli.chat.formats import InvalidConversation
+    from sft_cli.chat.preference_pairs import pair_messages
+
+    with pytest.raises(InvalidConversation, match=message):
+        pair_messages(row, "prompt", "chosen", "rejected")
