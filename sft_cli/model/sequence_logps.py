@@ -87,3 +87,35 @@ def sequence_logps(
         0, sequence, torch.ones_like(sequence)
     )
     return sums, tokens
+
+
+def completion_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a causal-LM batch: the summed log-probability of its labelled (completion) tokens, and their
+    count. Hidden states go through the output head in chunks (`sequence_logps`), never as full logits."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    if type(head) is nn.Linear:
+        return sequence_logps(hidden[keep], head, targets[keep], rows, labels.shape[0])
+    per_token = head(hidden[keep]).float().log_softmax(-1).gather(1, targets[keep][:, None]).squeeze(1)  # LoRA head
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
+    tokens = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device).index_add(
+        0, rows, torch.ones_like(rows)
+    )
+    return sums, tokens
+
+
+def reference_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference model's completion log-probabilities without a second model: a LoRA model's base (its
+    adapters disabled), or the model itself as it is now (a pass before training: `loss.reference: precompute`)."""
+    with torch.no_grad():
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                return completion_logps(model, input_ids, attention_mask, labels)
+        return completion_logps(model, input_ids, attention_mask, labels)

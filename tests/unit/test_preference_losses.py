@@ -148,3 +148,33 @@ def test_bad_pairs_say_what_is_wrong(row, message):
 
     with pytest.raises(InvalidConversation, match=message):
         pair_messages(row, "prompt", "chosen", "rejected")
+
+
+def test_adapters_off_reference_equals_a_frozen_copy_and_completion_logps_equal_full_logits(tiny_decoder):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sft_cli.model.sequence_logps import completion_logps, reference_logps
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_decoder).eval()
+    frozen = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # as if trained: the adapters change the outputs
+    input_ids = torch.randint(5, 500, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[2, 9:] = -100
+    off, tokens = reference_logps(model, input_ids, attention_mask, labels)
+    with torch.no_grad():
+        full = frozen(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].log_softmax(-1)
+        per_token = full.gather(2, input_ids[:, 1:, None]).squeeze(2) * (labels[:, 1:] != -100)
+        on, _ = completion_logps(model, input_ids, attention_mask, labels)
+    assert torch.allclose(off, per_token.sum(1), atol=1e-4)  # adapters off == the frozen base model
+    assert tokens.tolist() == [7, 7, 4]
+    assert not torch.allclose(on, off, atol=1e-3)  # and on, the adapters count
