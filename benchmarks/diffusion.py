@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from statistics import mean, stdev
 
 import encoder_tasks  # benchmarks/ is on the path, as run.py puts it
 
@@ -195,7 +194,6 @@ def report(results: dict) -> list[str]:
     rows = {k: v for k, v in results.items() if k.startswith(PREFIXES)}
     if not rows:
         return []
-    peers = {seed_of(k): r for k, r in rows.items() if k.startswith("diff/diffusers")}
     lines = [
         "",
         "## Image generation: unconditional diffusion (UNet2DModel, 16x16 digits)",
@@ -213,26 +211,10 @@ def report(results: dict) -> list[str]:
         "| run | images/s | × peer | wall s | peak RSS MB | × peer | held-out loss |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        peer = peers.get(seed_of(name))
-        speed = f"{r['images_per_s'] / peer['images_per_s']:.2f}" if peer else ""
-        memory = f"{r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}" if peer else ""
-        lines.append(
-            f"| {name} | {r['images_per_s']:,.1f} | {speed} | {r['train_seconds']:.1f} | {r['peak_rss_mb']:,.0f} | "
-            f"{memory} | {r['eval_loss']:.4f} |"
-        )
-    if len(peers) > 1:
-        for side in ("diffusers-loop", "sft"):
-            runs = {k: r for k, r in rows.items() if k.startswith(f"diff/{side}")}
-            speed = [r["images_per_s"] / peers[seed_of(k)]["images_per_s"] for k, r in runs.items()]
-            rss = [r["peak_rss_mb"] / peers[seed_of(k)]["peak_rss_mb"] for k, r in runs.items()]
-            loss = [r["eval_loss"] for r in runs.values()]
-            lines.append(
-                f"| **diff/{side}, mean of {len(runs)} seeds** | {mean(r['images_per_s'] for r in runs.values()):,.1f} "
-                f"| {mean(speed):.2f} | {mean(r['train_seconds'] for r in runs.values()):.1f} | "
-                f"{mean(r['peak_rss_mb'] for r in runs.values()):,.0f} | {mean(rss):.2f} | "
-                f"{mean(loss):.4f} ± {stdev(loss) if len(loss) > 1 else 0:.4f} |"
-            )
+    sides = ("diff/diffusers-loop", "diff/sft")
+    lines += encoder_tasks.seeded_rows(
+        rows, "diff/diffusers", sides, seed_of, "images_per_s", ",.1f", (("eval_loss", ".4f", True),)
+    )
     return lines
 
 

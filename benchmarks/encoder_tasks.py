@@ -661,6 +661,50 @@ def _spread(runs: list[dict], keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" for k, v in values.items())
 
 
+def seeded_rows(
+    rows: dict,
+    peer: str,
+    sides: tuple[str, ...],
+    seed_of: Any,
+    speed: str,
+    speed_format: str,
+    quality: tuple[tuple[str, str, bool], ...],
+) -> list[str]:
+    """Table rows of a two-seed comparison: one per run (speed and peak RSS as ratios to the `peer` run of the same
+    seed), then per side the means over its seeds; `quality` is (key, format, with ± standard deviation)."""
+    from statistics import mean, stdev
+
+    peers = {seed_of(k): r for k, r in rows.items() if k.startswith(peer)}
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    lines = []
+    for name, r in rows.items():
+        match = peers.get(seed_of(name))
+        ratios = [f"{r[key] / match[key]:.2f}" if match else "" for key in (speed, "peak_rss_mb")]
+        cells = [name, format(r[speed], speed_format), ratios[0], f"{r['train_seconds']:.1f}"]
+        cells += [f"{r['peak_rss_mb']:,.0f}", ratios[1]] + [format(r[key], spec) for key, spec, _ in quality]
+        lines.append(line(cells))
+    if len(peers) < 2:
+        return lines
+    for side in sides:
+        runs = {k: r for k, r in rows.items() if k.startswith(side)}
+
+        def average(key: str, of_ratio: bool = False, runs: dict = runs) -> float:
+            return mean(r[key] / peers[seed_of(k)][key] if of_ratio else r[key] for k, r in runs.items())
+
+        cells = [f"**{side}, mean of {len(runs)} seeds**", format(average(speed), speed_format)]
+        cells += [f"{average(speed, True):.2f}", f"{average('train_seconds'):.1f}", f"{average('peak_rss_mb'):,.0f}"]
+        cells.append(f"{average('peak_rss_mb', True):.2f}")
+        for key, spec, spread in quality:
+            values = [r[key] for r in runs.values()]
+            deviation = f" ± {format(stdev(values) if len(values) > 1 else 0, spec)}" if spread else ""
+            cells.append(format(mean(values), spec) + deviation)
+        lines.append(line(cells))
+    return lines
+
+
 def replace_section(path: Path, lines: list[str], title: str) -> None:
     """Write a section (`lines`, its heading starting with `title`) into RESULTS.md in place of its previous
     version (or before the decoder section); the other sections are left as the last full run wrote them."""

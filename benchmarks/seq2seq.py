@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from statistics import mean, stdev
 from typing import Any
 
 import encoder_tasks  # benchmarks/ is on the path, as run.py puts it
@@ -192,7 +191,6 @@ def report(results: dict) -> list[str]:
     rows = {k: v for k, v in results.items() if k.startswith(PREFIXES)}
     if not rows:
         return []
-    trainers = {seed_of(k): r for k, r in rows.items() if k.startswith("s2s/trainer")}
     lines = [
         "",
         "## Encoder-decoder: translation (T5, English -> Spanish)",
@@ -209,26 +207,9 @@ def report(results: dict) -> list[str]:
         "| run | tokens/s | × Trainer | wall s | peak RSS MB | × Trainer | chrF++ | BLEU |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        trainer = trainers.get(seed_of(name))
-        speed = f"{r['tokens_per_s'] / trainer['tokens_per_s']:.2f}" if trainer else ""
-        memory = f"{r['peak_rss_mb'] / trainer['peak_rss_mb']:.2f}" if trainer else ""
-        lines.append(
-            f"| {name} | {r['tokens_per_s']:,.0f} | {speed} | {r['train_seconds']:.1f} | {r['peak_rss_mb']:,.0f} | "
-            f"{memory} | {r['chrf']:.2f} | {r['bleu']:.2f} |"
-        )
-    if len(trainers) > 1:
-        for side in ("trainer", "sft"):
-            runs = {k: r for k, r in rows.items() if k.startswith(f"s2s/{side}")}
-            ratios = [r["tokens_per_s"] / trainers[seed_of(k)]["tokens_per_s"] for k, r in runs.items()]
-            rss = [r["peak_rss_mb"] / trainers[seed_of(k)]["peak_rss_mb"] for k, r in runs.items()]
-            chrf, bleu = [r["chrf"] for r in runs.values()], [r["bleu"] for r in runs.values()]
-            lines.append(
-                f"| **s2s/{side}, mean of {len(runs)} seeds** | {mean(r['tokens_per_s'] for r in runs.values()):,.0f} | "
-                f"{mean(ratios):.2f} | {mean(r['train_seconds'] for r in runs.values()):.1f} | "
-                f"{mean(r['peak_rss_mb'] for r in runs.values()):,.0f} | {mean(rss):.2f} | "
-                f"{mean(chrf):.2f} ± {stdev(chrf) if len(chrf) > 1 else 0:.2f} | {mean(bleu):.2f} |"
-            )
+    quality = (("chrf", ".2f", True), ("bleu", ".2f", False))
+    sides = ("s2s/trainer", "s2s/sft")
+    lines += encoder_tasks.seeded_rows(rows, "s2s/trainer", sides, seed_of, "tokens_per_s", ",.0f", quality)
     return lines
 
 

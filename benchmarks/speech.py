@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from statistics import mean, stdev
 from typing import Any
 
 import encoder_tasks  # benchmarks/ is on the path, as run.py puts it
@@ -208,7 +207,6 @@ def report(results: dict) -> list[str]:
     rows = {k: v for k, v in results.items() if k.startswith(PREFIXES)}
     if not rows:
         return []
-    trainers = {seed_of(k): r for k, r in rows.items() if k.startswith("asr/trainer")}
     lines = [
         "",
         "## Speech recognition: CTC (wav2vec2-style, espeak-ng speech)",
@@ -224,26 +222,9 @@ def report(results: dict) -> list[str]:
         "| run | audio s/s | × Trainer | wall s | peak RSS MB | × Trainer | WER | CER |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        trainer = trainers.get(seed_of(name))
-        speed = f"{r['audio_seconds_per_s'] / trainer['audio_seconds_per_s']:.2f}" if trainer else ""
-        memory = f"{r['peak_rss_mb'] / trainer['peak_rss_mb']:.2f}" if trainer else ""
-        lines.append(
-            f"| {name} | {r['audio_seconds_per_s']:,.1f} | {speed} | {r['train_seconds']:.1f} | "
-            f"{r['peak_rss_mb']:,.0f} | {memory} | {r['wer']:.3f} | {r['cer']:.3f} |"
-        )
-    if len(trainers) > 1:
-        for side in ("trainer", "sft"):
-            runs = {k: r for k, r in rows.items() if k.startswith(f"asr/{side}")}
-            speed = [r["audio_seconds_per_s"] / trainers[seed_of(k)]["audio_seconds_per_s"] for k, r in runs.items()]
-            rss = [r["peak_rss_mb"] / trainers[seed_of(k)]["peak_rss_mb"] for k, r in runs.items()]
-            cer = [r["cer"] for r in runs.values()]
-            lines.append(
-                f"| **asr/{side}, mean of {len(runs)} seeds** | {mean(r['audio_seconds_per_s'] for r in runs.values()):,.1f} "
-                f"| {mean(speed):.2f} | {mean(r['train_seconds'] for r in runs.values()):.1f} | "
-                f"{mean(r['peak_rss_mb'] for r in runs.values()):,.0f} | {mean(rss):.2f} | "
-                f"{mean(r['wer'] for r in runs.values()):.3f} | {mean(cer):.3f} ± {stdev(cer) if len(cer) > 1 else 0:.3f} |"
-            )
+    quality = (("wer", ".3f", False), ("cer", ".3f", True))
+    sides = ("asr/trainer", "asr/sft")
+    lines += encoder_tasks.seeded_rows(rows, "asr/trainer", sides, seed_of, "audio_seconds_per_s", ",.1f", quality)
     return lines
 
 
