@@ -885,6 +885,10 @@ class ImageGenerationTask(Task):
     def export(self, model: nn.Module, directory: Path) -> bool:
         """A diffusers pipeline directory: DDPMPipeline (unconditional), StableDiffusionPipeline (latent), or sft's
         class- / text-conditional pipeline (pipeline.py beside it: `trust_remote_code=True`)."""
+        dtype = next(bb.unwrap(model).parameters()).dtype  # `sft export --dtype`: every component alike
+        for part in (self.vae, self.text_encoder):
+            if part is not None:
+                part.to(dtype)
         pipe = self.pipeline(model, self.recipe.eval.sampler)
         pipe.save_pretrained(str(directory), safe_serialization=True)
         if not self.latent and self.mode == "class" or (self.text_encoder is not None and not self.latent):

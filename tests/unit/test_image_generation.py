@@ -285,6 +285,19 @@ def test_latent_lora_path_runs_a_step_on_tiny_components(tmp_path, digit_folders
     assert (model / "unet_lora" / "adapter_config.json").exists()
     assert json.loads((model / "sft_diffusion.json").read_text())["latent_pipeline"] == str(pipeline)
     assert (tmp_path / "run" / "samples" / "step-1.png").exists()
+    from diffusers import StableDiffusionPipeline
+
+    from sft_cli.commands.export import export
+
+    export(tmp_path / "run", tmp_path / "exported", merge_lora=False, dtype="bf16")
+    exported = StableDiffusionPipeline.from_pretrained(str(tmp_path / "exported"), torch_dtype=torch.bfloat16)
+    assert exported.unet.dtype == torch.bfloat16
+    from safetensors import safe_open
+
+    for part in ("unet", "vae", "text_encoder"):  # every component was written in bf16
+        (weights,) = (tmp_path / "exported" / part).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16, part
 
 
 def test_text_conditional_fine_tuning_from_a_pretrained_cross_attention_unet(tmp_path, digit_folders):
