@@ -31,6 +31,29 @@ def _guided(prediction: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def _denoise(
+    pipeline: DiffusionPipeline,
+    batch: int,
+    condition: dict[str, torch.Tensor],
+    guided: Optional[dict[str, torch.Tensor]],
+    guidance_scale: float,
+    generator: Any,
+    num_inference_steps: int,
+) -> torch.Tensor:
+    """DDPMPipeline's loop with a condition: `condition` conditions the batch; with guidance, `guided` conditions
+    the doubled [conditional; unconditional] batch instead."""
+    unet, scheduler = pipeline.unet, pipeline.scheduler
+    image = _noise(unet, batch, generator, pipeline._execution_device)
+    scheduler.set_timesteps(num_inference_steps)
+    for t in pipeline.progress_bar(scheduler.timesteps):
+        if guided is not None:
+            prediction = _guided(unet(torch.cat([image, image]), t, **guided).sample, guidance_scale)
+        else:
+            prediction = unet(image, t, **condition).sample
+        image = scheduler.step(prediction, t, image, generator=generator).prev_sample
+    return image
+
+
 def _output(image: torch.Tensor, pipeline: DiffusionPipeline, output_type: str, return_dict: bool) -> Any:
     image = (image / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
@@ -77,16 +100,10 @@ class SftClassConditionalPipeline(DiffusionPipeline):
         device = self._execution_device
         labels = torch.tensor([self.class_index(c) for c in class_labels], device=device)
         null = torch.full_like(labels, self.unet.config.num_class_embeds - 1)
-        guided = guidance_scale != 1.0
-        image = _noise(self.unet, len(labels), generator, device)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            if guided:
-                both = self.unet(torch.cat([image, image]), t, class_labels=torch.cat([labels, null])).sample
-                prediction = _guided(both, guidance_scale)
-            else:
-                prediction = self.unet(image, t, class_labels=labels).sample
-            image = self.scheduler.step(prediction, t, image, generator=generator).prev_sample
+        guided = {"class_labels": torch.cat([labels, null])} if guidance_scale != 1.0 else None
+        image = _denoise(
+            self, len(labels), {"class_labels": labels}, guided, guidance_scale, generator, num_inference_steps
+        )
         return _output(image, self, output_type, return_dict)
 
 
@@ -121,16 +138,10 @@ class SftTextToImagePipeline(DiffusionPipeline):
     ) -> Any:
         prompts = [prompt] if isinstance(prompt, str) else [p or "" for p in prompt]
         device = self._execution_device
-        guided = guidance_scale != 1.0
-        states = self.encode(prompts + [""] * len(prompts) if guided else prompts).to(device)
-        image = _noise(self.unet, len(prompts), generator, device)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            if guided:
-                prediction = _guided(
-                    self.unet(torch.cat([image, image]), t, encoder_hidden_states=states).sample, guidance_scale
-                )
-            else:
-                prediction = self.unet(image, t, encoder_hidden_states=states).sample
-            image = self.scheduler.step(prediction, t, image, generator=generator).prev_sample
+        if guidance_scale != 1.0:
+            states = self.encode(prompts + [""] * len(prompts)).to(device)
+            condition, guided = {}, {"encoder_hidden_states": states}
+        else:
+            condition, guided = {"encoder_hidden_states": self.encode(prompts).to(device)}, None
+        image = _denoise(self, len(prompts), condition, guided, guidance_scale, generator, num_inference_steps)
         return _output(image, self, output_type, return_dict)
