@@ -8,18 +8,12 @@ from typing import Any, Iterator
 
 import torch
 
-from sft_cli.errors import SftError
-
 
 class WeightAverage:
     """The EMA of a model's trainable parameters; `applied()` puts it in the model for a while."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, strategy: str):
-        if strategy != "ddp":
-            raise SftError(
-                f"engine.ema: not with engine.distributed.strategy: {strategy} (the average of sharded weights is "
-                "not kept) — use ddp, or set engine.ema: false"
-            )
+    def __init__(self, model: torch.nn.Module, decay: float):
+        """(Whole weights only: recipe validation refuses engine.ema with a sharded strategy.)"""
         from diffusers.training_utils import EMAModel
 
         # warm-up as diffusers' train_unconditional.py: decay 1 - (1 + step)^-3/4, capped at `decay`

@@ -104,7 +104,7 @@ class Trainer:
         self.task.length_buckets = self.engine.compile
         if self.engine.compile:
             self.model = compile_blocks(self.model)
-        self.ema = WeightAverage(self.model, self.engine.ema_decay, self.parallel.name) if self.engine.ema else None
+        self.ema = WeightAverage(self.model, self.engine.ema_decay) if self.engine.ema else None
         self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.parallel, self.task, self.output.keep)
         self.checkpointer.bind(self.model, self.optimizer, self.scheduler, self.ema)
         self.flops_per_token = estimate_flops_per_token(self.model)
