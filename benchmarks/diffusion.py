@@ -15,7 +15,6 @@ SFT_BENCH_SMOKE=1 (a check of the wiring, not a benchmark): 2 optimizer steps.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -216,8 +215,3 @@ def report(results: dict) -> list[str]:
         rows, "diff/diffusers", sides, seed_of, "images_per_s", ",.1f", (("eval_loss", ".4f", True),)
     )
     return lines
-
-
-def saved_results() -> dict:
-    path = REPO / "benchmarks" / "diffusion-results.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -211,8 +211,3 @@ def report(results: dict) -> list[str]:
     sides = ("s2s/trainer", "s2s/sft")
     lines += encoder_tasks.seeded_rows(rows, "s2s/trainer", sides, seed_of, "tokens_per_s", ",.0f", quality)
     return lines
-
-
-def saved_results() -> dict:
-    path = REPO / "benchmarks" / "seq2seq-results.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -226,8 +226,3 @@ def report(results: dict) -> list[str]:
     sides = ("asr/trainer", "asr/sft")
     lines += encoder_tasks.seeded_rows(rows, "asr/trainer", sides, seed_of, "audio_seconds_per_s", ",.1f", quality)
     return lines
-
-
-def saved_results() -> dict:
-    path = REPO / "benchmarks" / "speech-results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
