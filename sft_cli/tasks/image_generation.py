@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sft_cli.data.tables import require_columns
+from sft_cli.data.tables import drop_null_rows, require_columns
 from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.tasks.base import Batch, LossTerms, Task
@@ -182,10 +182,23 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def image_grid(images: np.ndarray, rows: list[list[int]]) -> Any:
-    """A PIL grid: one row per list of image indices (N x H x W x C floats in [0, 1])."""
+def to_pil(pixels: np.ndarray) -> Any:
+    """An H x W x C float image in [0, 1] as a PIL image, quantized as diffusers' numpy_to_pil does."""
     from PIL import Image
 
+    quantized = (pixels * 255).round().astype(np.uint8)
+    return Image.fromarray(quantized[..., 0] if quantized.shape[-1] == 1 else quantized)
+
+
+def save_png(image: Any, path: Path) -> None:
+    """Write a PNG whole or not at all (a temporary beside it, then renamed)."""
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format="PNG")
+    partial.replace(path)
+
+
+def image_grid(images: np.ndarray, rows: list[list[int]]) -> Any:
+    """A PIL grid: one row per list of image indices (N x H x W x C floats in [0, 1])."""
     height, width, channels = images.shape[1:]
     columns = max(len(r) for r in rows)
     canvas = np.ones((len(rows) * (height + 2), columns * (width + 2), channels), dtype=np.float32)
@@ -194,8 +207,7 @@ def image_grid(images: np.ndarray, rows: list[list[int]]) -> Any:
             canvas[
                 y * (height + 2) + 1 : y * (height + 2) + 1 + height, x * (width + 2) + 1 : x * (width + 2) + 1 + width
             ] = images[index]
-    pixels = (canvas * 255).round().astype(np.uint8)
-    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    return to_pil(canvas)
 
 
 @contextmanager
@@ -261,28 +273,22 @@ class ImageGenerationTask(Task):
     def _images(self, location: Any, key: str) -> Any:
         """Rows with a decodable image column (as image classification reads them), one size unless resized."""
         table = ImageClassificationTask._table(self, location, key)  # same folders, files and checks
-        field = self.recipe.data.image_field
-        if field not in table.column_names and "image" in table.column_names:
-            field = "image"
+        field = ImageClassificationTask._image_column(self, table)
         require_columns(table, [field], "data.image_field", f"{key} ({location})")
         self.image_field = field
         caption = self.recipe.data.caption_field
         if caption and caption in table.column_names:
-            from sft_cli.data.tables import drop_null_rows
-
             table = drop_null_rows(table, [caption], key, self.skipped)
         if self.recipe.data.image_size is None and len(table):
-            import datasets
+            import io
 
-            raw = table.cast_column(field, datasets.Image(decode=False))
-            sizes = set()
+            import datasets
             from PIL import Image
 
-            for value in raw[field]:
-                with Image.open(
-                    value["path"] if not value.get("bytes") else __import__("io").BytesIO(value["bytes"])
-                ) as im:
-                    sizes.add(im.size)
+            sizes = set()
+            for value in table.cast_column(field, datasets.Image(decode=False))[field]:
+                with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
+                    sizes.add(image.size)  # the header only
                 if len(sizes) > 1:
                     shown = " and ".join(f"{w}x{h}" for w, h in sorted(sizes))
                     raise SftError(
@@ -349,7 +355,6 @@ class ImageGenerationTask(Task):
             self.names = label_names(table[data.label_field])
         self.pipeline_dir: Optional[Path] = None
         location: Optional[Path] = None
-        self.text_location = None
         if spec.from_scratch:
             arch = spec.arch or ("unet2d-condition" if self.mode == "text" else "unet2d")
             if arch not in ("unet2d", "unet2d-condition"):
@@ -413,7 +418,6 @@ class ImageGenerationTask(Task):
         else:
             name = self.recipe.backbone.text_encoder
             source = str(bb.embedded_aliases().get(name, name))
-        self.text_location = source
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.text_encoder = AutoModel.from_pretrained(source).eval().requires_grad_(False)
@@ -439,7 +443,6 @@ class ImageGenerationTask(Task):
         self.tokenizer = AutoTokenizer.from_pretrained(str(pipeline / "tokenizer"))
         self.text_encoder = AutoModel.from_pretrained(str(pipeline / "text_encoder")).eval().requires_grad_(False)
         self.text_max_length = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1000 else 77
-        self.text_location = str(pipeline)
 
     def _freeze(self, unet: nn.Module) -> nn.Module:
         """The recipe's freeze policy; LoRA goes on the UNet's attention projections (diffusers' LoRA scripts)."""
@@ -743,23 +746,16 @@ class ImageGenerationTask(Task):
         if self.samples is None:
             return
         from sft_cli.rundir import manifest
-        from sft_cli.rundir.atomic import atomic_directory
 
         folder = run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(self.samples["images"], self.samples["rows"])
-        with atomic_directory(folder / f".step-{step}") as tmp:
-            grid.save(tmp / "grid.png")
-        (folder / f".step-{step}" / "grid.png").replace(folder / f"step-{step}.png")
-        (folder / f".step-{step}").rmdir()
+        save_png(image_grid(self.samples["images"], self.samples["rows"]), folder / f"step-{step}.png")
         manifest.record(run_dir, folder)
 
     def report(self, metrics: dict[str, Any], directory: Path) -> None:
         """`sft eval`: samples.png beside eval.json."""
         if self.samples is not None:
-            path = directory / "samples.png"
-            image_grid(self.samples["images"], self.samples["rows"]).save(path.with_suffix(".tmp.png"))
-            path.with_suffix(".tmp.png").replace(path)
+            save_png(image_grid(self.samples["images"], self.samples["rows"]), directory / "samples.png")
 
     # -- saving, loading, predict, export --------------------------------------------------------
 
@@ -870,7 +866,7 @@ class ImageGenerationTask(Task):
             paths = []
             for k, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
                 name = f"{slug(condition) if condition is not None else 'image'}-seed{row['seed']}-{k}.png"
-                image_grid(image[None], [[0]]).crop((1, 1, 1 + image.shape[1], 1 + image.shape[0])).save(folder / name)
+                to_pil(image).save(folder / name)
                 paths.append(str(Path(folder.name) / name))
             out.append({"path": paths[0] if count == 1 else paths, "seed": int(row["seed"])})
         return out
