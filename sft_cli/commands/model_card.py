@@ -59,7 +59,7 @@ def render(recipe: Recipe, run_dir: Path, model_dir: Path, labels: Optional[list
     tags = ["sft", recipe.task]
     if recipe.freeze.policy == "lora":
         tags.append("lora")
-    if recipe.task == "generation" and (
+    if recipe.task in ("generation", "preference") and (
         recipe.data.chat_template or recipe.data.format not in ("auto", "prompt-response")
     ):
         tags.append("conversational")

@@ -19,7 +19,10 @@ TASKS = (
     "language-modeling",
     "speech-recognition",
     "image-generation",
+    "preference",
 )
+PREFERENCE_LOSSES = ("dpo", "ipo", "orpo", "simpo")  # preference: loss.preference
+REFERENCE_MODES = ("precompute", "adapters-off")  # preference: where DPO / IPO's reference log-probabilities come from
 PREDICTIONS = ("epsilon", "v_prediction")  # image-generation: what the denoiser predicts
 NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # image-generation: the scheduler's beta schedule
 SAMPLERS = ("ddim", "dpm-solver", "ddpm")  # image-generation: eval.sampler
@@ -90,6 +93,8 @@ class DataConfig:
     stride: int = 128  # token-classification / question-answering: tokens shared by consecutive windows (<= half)
     prompt_field: str = "prompt"
     response_field: str = "response"
+    chosen_field: str = "chosen"  # preference: the preferred completion (text or assistant messages)
+    rejected_field: str = "rejected"  # preference: the dispreferred completion
     image_field: str = "image"
     caption_field: Optional[str] = None  # image-generation: a caption column makes fine-tuning text-conditional
     audio_field: str = "audio"  # speech-recognition: an audio file path (relative to the data file) or an Audio column
@@ -171,6 +176,13 @@ class LossConfig:
     # backbone's scheduler, else linear)
     snr_gamma: Optional[float] = None  # image-generation: min-SNR loss weighting (5.0 is the paper's); null: off
     cond_dropout: float = 0.1  # image-generation: share of training examples whose class / caption is dropped (CFG)
+    preference: str = "dpo"  # preference: dpo | ipo | orpo | simpo
+    beta: float = 0.1  # preference: DPO / IPO's KL strength; ORPO's odds-ratio weight; SimPO's reward scale
+    gamma: float = 0.5  # preference: SimPO's target reward margin
+    sft_weight: Optional[float] = None  # preference: weight of the NLL on chosen completions (RPO; ORPO's own
+    # term); null: 1.0 for orpo, 0 otherwise
+    reference: str = "precompute"  # preference (dpo, ipo): precompute (once, before training, cached with the data)
+    # | adapters-off (on the fly, the LoRA model with its adapters disabled)
 
 
 @dataclass

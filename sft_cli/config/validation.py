@@ -18,6 +18,8 @@ from sft_cli.config.schema import (
     OPTIMIZERS,
     PRECISIONS,
     PREDICTIONS,
+    PREFERENCE_LOSSES,
+    REFERENCE_MODES,
     REGRESSION_LOSSES,
     SAMPLERS,
     SCHEDULERS,
@@ -66,6 +68,9 @@ RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "loss.label_smoothing": (0, True, 1, False),
     "loss.snr_gamma": (0, False, None, False),
     "loss.cond_dropout": (0, True, 1, False),
+    "loss.beta": (0, False, None, False),
+    "loss.gamma": (None, False, None, False),  # any finite number
+    "loss.sft_weight": (0, True, None, False),
     "engine.ema_decay": (0, False, 1, False),
     "eval.num_samples": (1, True, None, False),
     "eval.num_inference_steps": (1, True, None, False),
@@ -166,6 +171,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _check_choice(recipe.loss.prediction, PREDICTIONS, "loss.prediction", source)
     if recipe.loss.noise_schedule is not None:
         _check_choice(recipe.loss.noise_schedule, NOISE_SCHEDULES, "loss.noise_schedule", source)
+    _check_preference(recipe, source)
     _check_choice(recipe.data.asr_task, ("transcribe", "translate"), "data.asr_task", source)
     _check_choice(recipe.engine.distributed.strategy, STRATEGIES, "engine.distributed.strategy", source)
     _check_deepspeed(recipe, source)
@@ -231,6 +237,26 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             source,
             f"'data.{name}' must be a path, glob, hub name or a non-empty list of paths; got {value!r}",
         )
+
+
+def _check_preference(recipe: Recipe, source: str) -> None:
+    """loss.preference / loss.reference choices and what each needs."""
+    loss = recipe.loss
+    _check_choice(loss.preference, PREFERENCE_LOSSES, "loss.preference", source)
+    _check_choice(loss.reference, REFERENCE_MODES, "loss.reference", source)
+    if recipe.task != "preference":
+        return
+    _check(
+        loss.reference != "adapters-off" or recipe.freeze.policy == "lora",
+        source,
+        "'loss.reference: adapters-off' takes the reference from the base model under LoRA adapters — set "
+        "freeze.policy: lora, or loss.reference: precompute",
+    )
+    _check(
+        loss.label_smoothing == 0 or loss.preference in ("dpo", "simpo"),
+        source,
+        f"'loss.label_smoothing' (conservative DPO) applies to dpo and simpo, not {loss.preference} — set it to 0",
+    )
 
 
 def _check_deepspeed(recipe: Recipe, source: str) -> None:

@@ -68,9 +68,12 @@ def packing_efficiency(lengths: list[int], rows: list[list[int]], max_length: in
     return sum(lengths[i] for row in rows for i in row) / max(1, len(rows) * max_length)
 
 
-def packed_attention(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask: causal, and only within an example (block-diagonal); padding is segment -1."""
+def packed_attention(segments: torch.Tensor, dtype: torch.dtype, shared: Optional[int] = None) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask: causal, and only within an example (block-diagonal); padding is segment -1.
+    `shared`: a segment every example also sees (a prompt that several completions continue)."""
     same = segments[:, :, None] == segments[:, None, :]
+    if shared is not None:
+        same |= segments[:, None, :] == shared
     length = segments.shape[1]
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=segments.device))
     allowed = same & causal & (segments[:, :, None] >= 0)

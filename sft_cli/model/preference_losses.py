@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dpo", "ipo", "orpo", "simpo")
+from sft_cli.config.schema import PREFERENCE_LOSSES as LOSSES
+
 NEEDS_REFERENCE = ("dpo", "ipo")
 
 

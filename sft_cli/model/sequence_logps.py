@@ -89,33 +89,47 @@ def sequence_logps(
     return sums, tokens
 
 
-def completion_logps(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a causal-LM batch: the summed log-probability of its labelled (completion) tokens, and their
-    count. Hidden states go through the output head in chunks (`sequence_logps`), never as full logits."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != -100
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    if type(head) is nn.Linear:
-        return sequence_logps(hidden[keep], head, targets[keep], rows, labels.shape[0])
-    per_token = head(hidden[keep]).float().log_softmax(-1).gather(1, targets[keep][:, None]).squeeze(1)  # LoRA head
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
-    tokens = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device).index_add(
-        0, rows, torch.ones_like(rows)
-    )
-    return sums, tokens
+class SequenceScorer(nn.Module):
+    """A causal LM that returns log p(target) at chosen positions: `forward(input_ids, score_index, score_targets,
+    **inputs)` with `score_index` flat indices into [batch x length] (the position that predicts each target).
+
+    Hidden states go through the output head in chunks (no `[tokens x vocab]` tensor) where the architecture's
+    logits are exactly head(hidden) (`lm_loss.hidden_loss_matches`); else the full logits of the model, gathered.
+    Positions are explicit, so a target need not follow its predictor in the row: the rejected completion of a
+    pair packed after its chosen one is scored from the shared prompt's last position.
+    """
+
+    def __init__(self, lm: nn.Module, chunked: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.chunked = chunked
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """What `backbone.unwrap` descends into: the language model itself."""
+        return self.lm
+
+    def network(self) -> nn.Module:
+        """The transformers model (through a PEFT wrapper)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(
+        self, input_ids: torch.Tensor, score_index: torch.Tensor, score_targets: torch.Tensor, **inputs: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.chunked:
+            logits = self.lm(input_ids=input_ids, use_cache=False, **inputs).logits
+            rows = logits.reshape(-1, logits.shape[-1])[score_index].float()
+            return rows.log_softmax(-1).gather(1, score_targets[:, None]).squeeze(1)
+        network = self.network()
+        decoder = getattr(network, network.base_model_prefix)
+        hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        rows = hidden.reshape(-1, hidden.shape[-1])[score_index]
+        head = network.get_output_embeddings()
+        if type(head) is nn.Linear:
+            return token_logps(rows, head, score_targets)
+        return head(rows).float().log_softmax(-1).gather(1, score_targets[:, None]).squeeze(1)  # a LoRA head
 
 
-def reference_logps(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference model's completion log-probabilities without a second model: a LoRA model's base (its
-    adapters disabled), or the model itself as it is now (a pass before training: `loss.reference: precompute`)."""
-    with torch.no_grad():
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                return completion_logps(model, input_ids, attention_mask, labels)
-        return completion_logps(model, input_ids, attention_mask, labels)
+def per_sequence(values: torch.Tensor, sequence: torch.Tensor, count: int) -> torch.Tensor:
+    """Sums of per-token `values` by sequence id in [0, count)."""
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, sequence, values)

@@ -11,6 +11,7 @@ from sft_cli.tasks.image_classification import ImageClassificationTask
 from sft_cli.tasks.image_generation import ImageGenerationTask
 from sft_cli.tasks.language_modeling import LanguageModelingTask
 from sft_cli.tasks.multi_label import MultiLabelTask
+from sft_cli.tasks.preference import PreferenceTask
 from sft_cli.tasks.question_answering import QuestionAnsweringTask
 from sft_cli.tasks.regression import RegressionTask
 from sft_cli.tasks.speech_recognition import SpeechRecognitionTask
@@ -27,6 +28,7 @@ TASKS: dict[str, type[Task]] = {
     "language-modeling": LanguageModelingTask,
     "speech-recognition": SpeechRecognitionTask,
     "image-generation": ImageGenerationTask,
+    "preference": PreferenceTask,
 }
 
 

@@ -80,6 +80,13 @@ STARTERS = {
         "engine": {"ema": True},
         "eval": {"feature_model": "runs/image-classifier/model", "guidance_scale": 2.0},
     },
+    "preference": {
+        "backbone": {"name": "runs/chat-sft/model"},
+        "data": {"train": "data/prefs/train.jsonl", "eval": "data/prefs/test.jsonl", "max_length": 512},
+        "loss": {"preference": "dpo", "beta": 0.1},
+        "optim": {"lr": 5.0e-6},
+        "schedule": {"epochs": 1, "batch_size": 8},
+    },
 }
 
 TASK_SPECS: dict[str, TaskSpec] = {
@@ -154,5 +161,13 @@ TASK_SPECS: dict[str, TaskSpec] = {
         card_use="Draws images like the training images (of the classes or captions below, when conditional).",
         starter=STARTERS["image-generation"],
         also_runs_with=("pretrain",),
+    ),
+    "preference": TaskSpec(
+        command="finetune",
+        headline_metric="reward_accuracy",
+        pipeline_tag="text-generation",
+        card_use="Answers prompts or continues conversations, tuned towards the preferred replies of its pairs.",
+        starter=STARTERS["preference"],
+        can_chat=True,
     ),
 }
