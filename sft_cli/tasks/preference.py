@@ -163,7 +163,7 @@ class PreferenceTask(GenerationTask):
     def _shared_prompt_exact(self) -> bool:
         """Whether this model scores a pair packed after one prompt exactly as two separate rows."""
         generator = torch.Generator().manual_seed(0)
-        vocab = min(len(self.tokenizer), bb.unwrap(self.scorer).get_input_embeddings().num_embeddings)
+        vocab = min(len(self.tokenizer), self.scorer.network().config.get_text_config().vocab_size)
         pair = {
             name: torch.randint(vocab, (size,), generator=generator).tolist()
             for name, size in (("prompt_ids", 5), ("chosen_ids", 3), ("rejected_ids", 4))

@@ -150,31 +150,24 @@ def test_bad_pairs_say_what_is_wrong(row, message):
         pair_messages(row, "prompt", "chosen", "rejected")
 
 
-def test_adapters_off_reference_equals_a_frozen_copy_and_completion_logps_equal_full_logits(tiny_decoder):
-    import copy
-
-    from peft import LoraConfig, get_peft_model
+def test_scorer_at_explicit_positions_equals_full_logits_in_value_and_gradient(tiny_decoder):
     from transformers import AutoModelForCausalLM
 
-    from sft_cli.model.sequence_logps import completion_logps, reference_logps
+    from sft_cli.model.sequence_logps import SequenceScorer
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_decoder).eval()
-    frozen = copy.deepcopy(base)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)  # as if trained: the adapters change the outputs
-    input_ids = torch.randint(5, 500, (3, 12))
-    attention_mask = torch.ones_like(input_ids)
-    labels = input_ids.clone()
-    labels[:, :5] = -100  # the prompt
-    labels[2, 9:] = -100
-    off, tokens = reference_logps(model, input_ids, attention_mask, labels)
-    with torch.no_grad():
-        full = frozen(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].log_softmax(-1)
-        per_token = full.gather(2, input_ids[:, 1:, None]).squeeze(2) * (labels[:, 1:] != -100)
-        on, _ = completion_logps(model, input_ids, attention_mask, labels)
-    assert torch.allclose(off, per_token.sum(1), atol=1e-4)  # adapters off == the frozen base model
-    assert tokens.tolist() == [7, 7, 4]
-    assert not torch.allclose(on, off, atol=1e-3)  # and on, the adapters count
+    torch.manual_seed(0)
+    input_ids = torch.randint(5, 500, (2, 10))
+    index = torch.tensor([3, 4, 9, 12, 13, 14])  # flat positions over [2 x 10]; targets need not follow them
+    targets = torch.randint(5, 500, (6,))
+    results = []
+    for chunked in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_decoder)
+        scorer = SequenceScorer(model, chunked)
+        logps = scorer(input_ids, index, targets)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append(
+            (logps.detach(), model.lm_head.weight.grad.clone(), model.model.embed_tokens.weight.grad.clone())
+        )
+    (ours, head_grad, embed_grad), (theirs, head_ref, embed_ref) = results
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(head_grad, head_ref, atol=1e-5) and torch.allclose(embed_grad, embed_ref, atol=1e-5)
