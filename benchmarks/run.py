@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import decoder  # noqa: E402  (the decoder rows: sft vs TRL vs Trainer at a 151,936 vocabulary)
 import diffusion  # noqa: E402  (the image-generation row: against diffusers' train_unconditional.py loop)
 import encoder_tasks  # noqa: E402  (the encoder-task rows: pairs, regression, multi-label, NER, QA)
+import preference  # noqa: E402  (the preference row: DPO against TRL's DPOTrainer)
 import seq2seq  # noqa: E402  (the encoder-decoder row: translation against the Seq2SeqTrainer)
 import speech  # noqa: E402  (the speech-recognition row: CTC against the Trainer)
 import streaming  # noqa: E402  (the streaming rows: peak RSS against corpus size)
@@ -291,6 +292,7 @@ RUNS = {
     **seq2seq.RUNS,
     **speech.RUNS,
     **diffusion.RUNS,
+    **preference.RUNS,
 }
 
 
@@ -313,6 +315,8 @@ def run_one(name: str) -> None:
     result["peak_rss_mb"] = peak_rss_mb()
     if name.startswith(diffusion.PREFIXES):
         result = diffusion.finish(result)
+    if name.startswith(preference.PREFIXES):
+        result = preference.finish(result)
     if "model" in result:  # decoder rows: one evaluator for every trained model, after peak RSS was read
         result["eval_loss"] = decoder.held_out_loss(result.pop("model"))
     print("RESULT " + json.dumps(result))
@@ -324,7 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s, asr, diff); "
+        help="comma-separated prefixes (cls, gen, dec, dec512, stream, pairs, reg, mlc, ner, qa, s2s, asr, diff, pref); "
         "encoder = pairs, reg, mlc, ner and qa",
     )
     args = parser.parse_args()
@@ -343,6 +347,8 @@ def main() -> None:
         speech.make_base()
     if any(name.startswith(diffusion.PREFIXES) for name in selected):
         diffusion.make_base()
+    if any(name.startswith(preference.PREFIXES) for name in selected):
+        preference.make_base()
     results: dict = {}
     for name in selected:
         print(f"running {name} ...", flush=True)
@@ -397,6 +403,7 @@ SECTION_ROWS = (
     (seq2seq, "## Encoder-decoder", "encoder-decoder"),
     (speech, "## Speech recognition", "speech"),
     (diffusion, "## Image generation", "image-generation"),
+    (preference, "## Preference tuning", "preference"),
 )
 
 
@@ -470,6 +477,7 @@ def write_report(results: dict) -> None:
     lines += seq2seq.report(results)
     lines += speech.report(results)
     lines += diffusion.report(results)
+    lines += preference.report(results)
     lines += decoder_report(results)
     lines += streaming.streaming_report(results)
     text = "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any, Iterable, Optional
 
 import torch
@@ -44,7 +45,9 @@ class PreferenceTask(GenerationTask):
 
     main_metric = "eval_loss"
     main_mode = "min"
+    shardable = True  # evaluations while training only score pairs (every rank the same forwards); `sft eval` decodes
     eval_at_start = True  # the starting reward accuracy and log-probabilities, for the comparison after
+    reference_seconds = 0.0  # spent computing the reference's log-probabilities (0 when read from the cache)
 
     @classmethod
     def variant(cls, recipe: Any) -> type[Task]:
@@ -122,14 +125,18 @@ class PreferenceTask(GenerationTask):
         """The split with `ref_logps` (chosen, rejected) from the model as it starts, computed once and cached
         beside the tokenized data (keyed by the data and the weights, so a resumed run reads the same values)."""
         from accelerate import PartialState
+        from accelerate.state import AcceleratorState
 
         device = PartialState().device
+        # under the precision training computes in (the engine's autocast), so the policy starts at reward 0
+        precision = AcceleratorState().mixed_precision if AcceleratorState._shared_state else "no"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         lm = scorer.lm
         weights = hashlib.blake2b(digest_size=16)
         for name, tensor in sorted(lm.state_dict().items()):
             weights.update(name.encode())
             weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        key_parts = (encoded._fingerprint, "reference-v1", weights.hexdigest(), device.type, self.layout)
+        key_parts = (encoded._fingerprint, "reference-v1", weights.hexdigest(), device.type, precision, self.layout)
         home = next(scorer.parameters()).device
         scorer.to(device)
         was_training = scorer.training
@@ -138,10 +145,11 @@ class PreferenceTask(GenerationTask):
         def score(rows: dict[str, list]) -> dict[str, list]:
             pairs = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in self.collate(pairs, train=False).items()}
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 policy = self._logps(scorer, batch)
             return {"ref_logps": torch.stack([policy.chosen, policy.rejected], 1).cpu().tolist()}
 
+        start = time.perf_counter()
         try:
             return encoded.map(
                 score,
@@ -153,6 +161,7 @@ class PreferenceTask(GenerationTask):
         finally:
             scorer.train(was_training)
             scorer.to(home)
+            self.reference_seconds += time.perf_counter() - start
 
     # -- batches ------------------------------------------------------------------------------------
 
@@ -341,12 +350,12 @@ class PreferenceTask(GenerationTask):
         table = self.train_set
         return {
             "pairs": len(table),
+            "prompt_tokens": sum(len(ids) for ids in table["prompt_ids"]),
             "completion_tokens": {
-                "prompt": sum(len(ids) for ids in table["prompt_ids"]),
-                "chosen": sum(len(ids) for ids in table["chosen_ids"]),
-                "rejected": sum(len(ids) for ids in table["rejected_ids"]),
+                side: sum(len(ids) for ids in table[f"{side}_ids"]) for side in ("chosen", "rejected")
             },
             "reference": self.reference_mode(),
+            "layout": self.layout,
         }
 
     def reference_mode(self) -> str:
@@ -367,5 +376,6 @@ class PreferenceTask(GenerationTask):
                 "reference": self.reference_mode(),
                 "layout": self.layout,
                 "sft_weight": self.sft_weight(),
+                "reference_seconds": round(self.reference_seconds, 3),
             }
         }

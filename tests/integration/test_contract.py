@@ -56,6 +56,7 @@ def image_folder(root: Path) -> Path:
 def recipes(tmp: Path, tiny_decoder: Path) -> dict[str, dict]:
     pairs = [{"prompt": f"name {i}", "response": f"value {i % 5}"} for i in range(24)]
     train = write_jsonl(tmp / "pairs.jsonl", pairs)
+    choices = write_jsonl(tmp / "choices.jsonl", [{**p, "chosen": p["response"], "rejected": "none"} for p in pairs])
     texts = write_jsonl(tmp / "texts.jsonl", keyword_rows(40, 0))
     images = image_folder(tmp / "images")
     tiny = {"name": "minilm-l6", "from_scratch": True, "config": TINY_BERT}
@@ -117,6 +118,12 @@ def recipes(tmp: Path, tiny_decoder: Path) -> dict[str, dict]:
             "data": {"train": str(train), "eval": str(train), "max_length": 32},
             "eval": {"max_new_tokens": 4},
         },
+        "preference": {
+            "task": "preference",
+            "backbone": {"name": str(tiny_decoder)},
+            "data": {"train": str(choices), "eval": str(choices), "max_length": 32},
+            "eval": {"max_new_tokens": 4},
+        },
         "language-modeling": {
             "task": "language-modeling",
             "backbone": {"name": str(tiny_decoder)},
@@ -164,6 +171,7 @@ def test_the_readme_lists_every_task():
         "language-modeling",
         "speech-recognition",
         "image-generation",
+        "preference",
     }
 
 

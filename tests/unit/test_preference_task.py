@@ -36,6 +36,7 @@ def preference_recipe(tmp: Path, decoder: Path, rows: list[dict], **sections) ->
 
 
 def setup_task(tmp: Path, decoder: Path, rows: list[dict], **sections):
+    torch.manual_seed(0)  # as the training command seeds before setup (new chat-token embeddings are drawn)
     task = build_task(load_recipe(preference_recipe(tmp, decoder, rows, **sections)))
     task.setup()
     return task
@@ -191,3 +192,25 @@ def test_recipe_refuses_adapters_off_without_lora(tmp_path, tiny_decoder, pairs)
     values["loss"]["preference"] = "dpp"
     with pytest.raises(SftError, match="did you mean 'dpo'"):
         load_recipe(write_recipe(tmp_path / "typo.yaml", values))
+
+
+def test_the_reference_is_read_back_from_the_data_cache_on_a_second_start(tmp_path, tiny_decoder, pairs, monkeypatch):
+    from sft_cli.tasks.preference import PreferenceTask
+
+    recipe = preference_recipe(tmp_path, tiny_decoder, pairs)
+
+    def start() -> PreferenceTask:
+        torch.manual_seed(0)
+        task = build_task(load_recipe(recipe))
+        task.setup()
+        return task
+
+    first = start()
+    scored = []
+    original = PreferenceTask._logps
+    monkeypatch.setattr(
+        PreferenceTask, "_logps", lambda self, model, batch: scored.append(1) or original(self, model, batch)
+    )
+    again = start()  # a resumed run starts from the same weights and data: the same cache key
+    assert len(scored) == 2  # the start-up layout check only: no reference pass over the data
+    assert again.train_set["ref_logps"] == first.train_set["ref_logps"]
