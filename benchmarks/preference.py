@@ -109,12 +109,25 @@ def steps() -> int:
     return (SMOKE_PAIRS if SMOKE else RUN["pairs"]) // RUN["batch"]
 
 
+def fresh(directory: Path) -> Path:
+    """An empty directory (a previous run's cache removed)."""
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+    return directory
+
+
 def sft_run(name: str) -> dict:
     values = {
         "name": name,
         "task": "preference",
         "backbone": {"name": str(BASE)},
-        "data": {"train": str(train_pairs()), "chat_template": "chatml", "max_length": RUN["max_length"]},
+        "data": {
+            "train": str(train_pairs()),
+            "chat_template": "chatml",
+            "max_length": RUN["max_length"],
+            "cache_dir": str(fresh(WORK / f"{name}-cache")),  # every run computes its own reference pass
+        },
         "loss": {"preference": "dpo", "beta": RUN["beta"]},
         "optim": {"lr": RUN["lr"], "weight_decay": 0.0},
         "schedule": {
