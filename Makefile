@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo demo-digits demo-gpt demo-chat demo-tasks demo-translate demo-speech speech-data demo-diffusion digits-gen test test-fast lint format bench digits clean
+.PHONY: help install demo demo-digits demo-gpt demo-chat demo-preference demo-tasks demo-translate demo-speech speech-data demo-diffusion digits-gen test test-fast lint format bench digits clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,14 @@ demo-chat: install  ## Pretrain a small Llama, chat-tune it on multi-turn conver
 	$(SFT) eval recipes/chat/sft.yaml
 	$(SFT) finetune recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all --overwrite
 	$(SFT) eval recipes/chat/sft.yaml loss.train_on=all output.dir=runs/chat-sft-all
+
+demo-preference: install  ## DPO (+ the chosen reply's NLL) on the chat demo's SFT model with pairs from its own data, and plain DPO as the control; reward accuracy and generation before and after
+	@test -f runs/chat-sft/model/config.json || $(MAKE) demo-chat
+	$(SFT) eval recipes/preference/dpo.yaml --model runs/chat-sft/model output.dir=runs/chat-dpo-before
+	$(SFT) finetune recipes/preference/dpo.yaml --overwrite
+	$(SFT) eval recipes/preference/dpo.yaml
+	$(SFT) finetune recipes/preference/dpo.yaml loss.sft_weight=0 output.dir=runs/chat-dpo-only --overwrite
+	$(SFT) eval recipes/preference/dpo.yaml loss.sft_weight=0 output.dir=runs/chat-dpo-only
 
 demo-tasks: install  ## Fine-tune MiniLM for sentence pairs, regression, multi-label, NER and QA; evaluate each
 	for task in pairs regression multi-label ner qa; do \

@@ -105,7 +105,11 @@ def to_messages(
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": row["system"]})
     elif fmt == "prompt-response":
-        messages = [{"role": "user", "content": row.get(fields.prompt_field)}]
+        value = row.get(fields.prompt_field)
+        if isinstance(value, list):  # a conversational prompt (TRL's shape): the messages to continue
+            messages = [_message(turn, index, "messages", names) for index, turn in enumerate(value, 1)]
+        else:
+            messages = [{"role": "user", "content": value}]
         messages += [] if prompt else [{"role": "assistant", "content": row.get(fields.response_field)}]
     else:
         messages = [_message(turn, index, fmt, names) for index, turn in enumerate(_turns(row[column]), 1)]

@@ -68,9 +68,10 @@ class PreferenceTask(GenerationTask):
         }
         for key, table in tables.items():
             require_columns(table, [data.chosen_field, data.rejected_field], "data.chosen_field", key)
-        first = next(iter(tables.values()))[0]
+        sample = next(iter(tables.values()))
+        conversational = any(is_conversational(row, data) for row in sample.select(range(min(32, len(sample)))))
         self.chat = None
-        if is_conversational(first, data) or data.chat_template is not None or data.template == "chat":
+        if conversational or data.chat_template is not None or data.template == "chat":
             template = prepare_tokenizer(self.tokenizer, data.chat_template, model_dir or spec.name)
             self.chat = ChatEncoder(self.tokenizer, template, "last", data.history)
         ensure_pad_token(self.tokenizer)
@@ -81,7 +82,9 @@ class PreferenceTask(GenerationTask):
         set_stop_tokens(bb.unwrap(model), self.tokenizer)
         self.isolation = None
         if train:
-            self.train_set = encode_pairs(tables["data.train"], self.pairs, "data.train", data.train, self.skipped)
+            self.train_set = encode_pairs(
+                tables["data.train"], self.pairs, "data.train", data.train, self.skipped, self.data_cache
+            )
             model = bb.apply_freeze(model, recipe.freeze, self.new_tokens)
         chunked = hidden_loss_matches(model, len(self.tokenizer))
         if chunked:
@@ -89,14 +92,11 @@ class PreferenceTask(GenerationTask):
         self.scorer = self.model = SequenceScorer(model, chunked)
         self.layout = SHARED if self._shared_prompt_exact() else ROWS
         if "data.eval" in tables:
-            self.eval_set = encode_pairs(tables["data.eval"], self.pairs, "data.eval", data.eval, self.skipped)
+            self.eval_set = encode_pairs(
+                tables["data.eval"], self.pairs, "data.eval", data.eval, self.skipped, self.data_cache
+            )
             self.eval_prompts = self._eval_prompts(tables["data.eval"].select(self.eval_set["row"]))
-        if self.uses_reference() and (recipe.loss.reference == "precompute" or not train):
-            reference = self.scorer if train else self._backbone_scorer()
-            if train:
-                self.train_set = self._with_reference(self.train_set, "data.train", reference)
-            if self.eval_set is not None:
-                self.eval_set = self._with_reference(self.eval_set, "data.eval", reference)
+        self._attach_reference(train)
 
     def uses_reference(self) -> bool:
         """DPO and IPO compare with a reference model; ORPO and SimPO need none."""
@@ -112,6 +112,16 @@ class PreferenceTask(GenerationTask):
         return prompts
 
     # -- the reference model, without a second copy --------------------------------------------------
+
+    def _attach_reference(self, train: bool) -> None:
+        """Precomputed reference log-probabilities on each split (DPO / IPO; `sft eval` always: from the backbone)."""
+        if not self.uses_reference() or (train and self.recipe.loss.reference != "precompute"):
+            return
+        reference = self.scorer if train else self._backbone_scorer()
+        if train:
+            self.train_set = self._with_reference(self.train_set, "data.train", reference)
+        if self.eval_set is not None:
+            self.eval_set = self._with_reference(self.eval_set, "data.eval", reference)
 
     def _backbone_scorer(self) -> SequenceScorer:
         """The model training started from (`sft eval` of a trained run scores rewards against it)."""
@@ -261,7 +271,7 @@ class PreferenceTask(GenerationTask):
         return {"sft": self.sft_weight()}
 
     def _logps(self, model: torch.nn.Module, batch: Batch) -> PairLogps:
-        """Summed completion log-probabilities per side, and (kept for the NLL term) the per-token ones."""
+        """Summed completion log-probabilities of both sides of every pair in the batch, with their lengths."""
         segments = batch["segment_ids"]
         if int(segments.max()) > 0:  # the shared-prompt layout (segments 1 and 2 are the completions)
             attention = {"attention_mask": packed_attention(segments, bb.compute_dtype(model, segments.device), 0)}

@@ -74,7 +74,7 @@ def test_predict_plan_and_export_work_as_for_generation(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp, recipe = run
-    rows = write_jsonl(tmp / "ask.jsonl", [{"messages": r["prompt"]} for r in read_jsonl(PREFS / "test.jsonl")[:3]])
+    rows = write_jsonl(tmp / "ask.jsonl", read_jsonl(PREFS / "test.jsonl")[:3])  # the pairs' own prompts (messages)
     invoke_cli("predict", str(tmp / "run"), "--input", str(rows), "--output", str(tmp / "out.jsonl"))
     assert [isinstance(r["prediction"], str) for r in read_jsonl(tmp / "out.jsonl")] == [True] * 3
     plan = invoke_cli("plan", str(recipe))
