@@ -194,21 +194,25 @@ def trl_precompute_run(name: str) -> dict:
 
 
 def finish(result: dict) -> dict:
-    """After peak RSS was read: tokens/s, and the held-out reward accuracy from the one evaluator."""
+    """After peak RSS was read: tokens/s, and reward accuracy from the one evaluator, held out and on the training
+    pairs (how far each side got on its own objective)."""
     result["tokens_per_s"] = pair_tokens() / result["train_seconds"]
-    result.update(held_out_rewards(result.pop("model")))
+    model = result.pop("model")
+    result.update(rewards(model, PREFS / "test.jsonl"))
+    result.update({f"train_{k}": v for k, v in rewards(model, train_pairs()).items()})
     return result
 
 
-def held_out_rewards(model_dir: str) -> dict:
-    """sft's preference eval of a trained model on the held-out pairs, against the starting model (fp32)."""
+def rewards(model_dir: str, pairs: Path) -> dict:
+    """sft's preference eval of a trained model on (the first RUN['eval_pairs'] of) `pairs`, against the starting
+    model (fp32)."""
     from sft_cli.config.recipe import load_recipe
     from sft_cli.engine.accelerator import make_accelerator
     from sft_cli.engine.evaluation import evaluate_over_processes
     from sft_cli.tasks.registry import build_task
 
-    test = WORK / "pref-test.jsonl"
-    lines = (PREFS / "test.jsonl").read_text(encoding="utf-8").splitlines()[: RUN["eval_pairs"]]
+    test = WORK / f"pref-score-{pairs.stem}.jsonl"
+    lines = pairs.read_text(encoding="utf-8").splitlines()[: RUN["eval_pairs"]]
     test.write_text("\n".join(lines[: SMOKE_PAIRS if SMOKE else None]) + "\n", encoding="utf-8")
     path = WORK / "pref-held-out.yaml"
     values = {
@@ -255,13 +259,15 @@ def report(results: dict) -> list[str]:
         "with `precompute_ref_log_probs=True`; sft with its defaults (reference precomputed, pairs packed after "
         "one shared prompt, chunked log-probabilities). Tokens/s: 2 x prompt + chosen + rejected tokens per pair "
         "over the training wall time (reference pass included), the same count for every side. One evaluator "
-        f"scores every trained model: sft's preference eval on the {RUN['eval_pairs']} held-out pairs against the "
-        "starting model (fp32). × peer: against TRL's DPOTrainer run of the same seed.",
+        f"scores every trained model: sft's preference eval on the {RUN['eval_pairs']} held-out pairs, and on the "
+        f"first {RUN['eval_pairs']} training pairs, against the starting model (fp32). × peer: against TRL's "
+        "DPOTrainer run of the same seed.",
         "",
-        "| run | pair tokens/s | × peer | train s | peak RSS MB | × peer | held-out reward accuracy | reward margin |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | pair tokens/s | × peer | train s | peak RSS MB | × peer | held-out reward accuracy | held-out margin "
+        "| train-pair reward accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     sides = (*SIDES, "pref/trl-precompute")
-    quality = (("reward_accuracy", ".3f", True), ("reward_margin", ".3f", True))
+    quality = (("reward_accuracy", ".3f", True), ("reward_margin", ".3f", True), ("train_reward_accuracy", ".3f", True))
     lines += encoder_tasks.seeded_rows(rows, "pref/trl-dpotrainer", sides, seed_of, "tokens_per_s", ",.0f", quality)
     return lines

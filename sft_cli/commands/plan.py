@@ -22,6 +22,7 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     import torch
 
     task = build_task(recipe)
+    task.computes = False  # tokenize and count, never run the model over the data
     task.setup(train=True)
     if task.streaming:
         return _stream_plan(recipe, task)

@@ -95,6 +95,7 @@ def prepare(recipe: Recipe) -> dict[str, Any]:
     task = build_task(recipe)
     with tokenize_once(recipe) as (root, key, cache):
         task.data_cache = cache
+        task.computes = False  # tokenize and cache, never run the model over the data
         task.setup(train=True)
     return {
         "cache_dir": str(root),

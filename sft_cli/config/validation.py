@@ -252,6 +252,13 @@ def _check_preference(recipe: Recipe, source: str) -> None:
         "'loss.reference: adapters-off' takes the reference from the base model under LoRA adapters — set "
         "freeze.policy: lora, or loss.reference: precompute",
     )
+    for key, used in (("data.packing", recipe.data.packing), ("data.unlabeled", recipe.data.unlabeled)):
+        _check(not used, source, f"'{key}' is generation's; task preference packs each pair itself — remove it")
+    _check(
+        recipe.loss.prompt == 0,
+        source,
+        "'loss.prompt' is generation's; task preference scores only the completions — remove it",
+    )
     _check(
         loss.label_smoothing == 0 or loss.preference in ("dpo", "simpo"),
         source,

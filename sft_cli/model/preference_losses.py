@@ -58,7 +58,7 @@ def orpo(policy: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor, to
     """ORPO's odds-ratio term (Hong et al. 2024): -β·log σ(log odds(c) - log odds(r)) on mean token log-probs,
     odds(p) = p / (1 - p); the NLL on the chosen completion is added by the caller (`loss.sft_weight`).
     Returns (losses, β·mean logp chosen, β·mean logp rejected) — ORPO's rewards."""
-    chosen, rejected = policy.mean_per_token()
+    chosen, rejected = (side.clamp(max=-1e-6) for side in policy.mean_per_token())  # p < 1: finite odds
     log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
     losses = -beta * F.logsigmoid(log_odds)
     return losses, beta * chosen.detach(), beta * rejected.detach()

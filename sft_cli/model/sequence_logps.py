@@ -9,7 +9,7 @@ activation checkpointing would do, but no `[tokens x vocab]` tensor at any time.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -17,44 +17,54 @@ from torch import nn
 from sft_cli.model.lm_loss import chunk_rows
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    logits = hidden.float() @ weight.float().T
+def _chunk_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], compute: torch.dtype
+) -> torch.Tensor:
+    """fp32 logits of one chunk, the matmul in `compute` (autocast's dtype, as the model's own head would run)."""
+    logits = (h.to(compute) @ weight.T).float()
     return logits + bias.float() if bias is not None else logits
 
 
 class _LinearTokenLogps(torch.autograd.Function):
-    """logp_i = log softmax(h_i @ W^T + b)[y_i], chunk by chunk."""
+    """logp_i = log softmax(h_i @ W^T + b)[y_i], chunk by chunk: matmuls in the compute dtype, softmax in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rows):  # type: ignore[override]
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            w = weight.to(compute)  # once per call, not per chunk
             for start in range(0, hidden.shape[0], rows):
-                logits = _chunk_logits(hidden[start : start + rows], weight, bias)
+                logits = _chunk_logits(hidden[start : start + rows], w, bias, compute)
                 y = labels[start : start + rows]
                 out[start : start + rows] = logits.gather(1, y[:, None]).squeeze(1) - logits.logsumexp(-1)
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.rows = rows
+        ctx.rows, ctx.compute = rows, compute
         return out
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        compute = ctx.compute
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.rows):
-            h = hidden[start : start + ctx.rows]
-            y, g = labels[start : start + ctx.rows], grad_output[start : start + ctx.rows].float()
-            grad = _chunk_logits(h, weight, bias).softmax(-1).mul_(-g[:, None])  # d/d logits = g * (onehot - p)
-            grad[torch.arange(len(y), device=grad.device), y] += g
-            if grad_hidden is not None:
-                grad_hidden[start : start + ctx.rows] = (grad @ weight.float()).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, h.float())
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute)
+            for start in range(0, hidden.shape[0], ctx.rows):
+                h = hidden[start : start + ctx.rows].to(compute)
+                y, g = labels[start : start + ctx.rows], grad_output[start : start + ctx.rows].float()
+                grad = _chunk_logits(h, w, bias, compute).softmax(-1).mul_(-g[:, None])  # g * (onehot - p)
+                grad[torch.arange(len(y), device=grad.device), y] += g
+                low = grad.to(compute)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + ctx.rows] = (low @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(low.T, h)  # accumulated in the compute dtype, as lm_loss does
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
@@ -70,23 +80,6 @@ def token_logps(
     """log p(labels[i] | hidden[i]) under `head`, for every row (fp32), chunked."""
     rows = rows or chunk_rows(head.weight.shape[0])
     return _LinearTokenLogps.apply(hidden, head.weight, head.bias, labels, rows)
-
-
-def sequence_logps(
-    hidden: torch.Tensor,
-    head: nn.Linear,
-    labels: torch.Tensor,
-    sequence: torch.Tensor,
-    count: int,
-    rows: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities and token counts per sequence: rows belong to `sequence[i]` in [0, count)."""
-    per_token = token_logps(hidden, head, labels, rows)
-    sums = torch.zeros(count, dtype=torch.float32, device=hidden.device).index_add(0, sequence, per_token)
-    tokens = torch.zeros(count, dtype=torch.long, device=hidden.device).index_add(
-        0, sequence, torch.ones_like(sequence)
-    )
-    return sums, tokens
 
 
 class SequenceScorer(nn.Module):
@@ -112,6 +105,10 @@ class SequenceScorer(nn.Module):
     def network(self) -> nn.Module:
         """The transformers model (through a PEFT wrapper)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """engine.grad_checkpointing reaches the language model's layers."""
+        self.lm.gradient_checkpointing_enable(**kwargs)
 
     def forward(
         self, input_ids: torch.Tensor, score_index: torch.Tensor, score_targets: torch.Tensor, **inputs: torch.Tensor

@@ -57,6 +57,7 @@ class Task(ABC):
         self.eval_set: Any = None
         self.skipped = SkipCounter()  # rows left out of each split, by reason
         self.data_cache = DataCache()  # where parsed and tokenized data goes: the command sets it (tokenize once)
+        self.computes = True  # setup may run the model over the data (a reference pass); False: plan, prepare
 
     @classmethod
     def variant(cls, recipe: Recipe) -> type[Task]:

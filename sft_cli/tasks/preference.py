@@ -67,7 +67,8 @@ class PreferenceTask(GenerationTask):
             if location and (train or key == "data.eval")
         }
         for key, table in tables.items():
-            require_columns(table, [data.chosen_field, data.rejected_field], "data.chosen_field", key)
+            require_columns(table, [data.chosen_field], "data.chosen_field", key)
+            require_columns(table, [data.rejected_field], "data.rejected_field", key)
         sample = next(iter(tables.values()))
         conversational = any(is_conversational(row, data) for row in sample.select(range(min(32, len(sample)))))
         self.chat = None
@@ -115,7 +116,7 @@ class PreferenceTask(GenerationTask):
 
     def _attach_reference(self, train: bool) -> None:
         """Precomputed reference log-probabilities on each split (DPO / IPO; `sft eval` always: from the backbone)."""
-        if not self.uses_reference() or (train and self.recipe.loss.reference != "precompute"):
+        if not self.uses_reference() or (train and self.recipe.loss.reference != "precompute") or not self.computes:
             return
         reference = self.scorer if train else self._backbone_scorer()
         if train:
@@ -144,9 +145,22 @@ class PreferenceTask(GenerationTask):
         lm = scorer.lm
         weights = hashlib.blake2b(digest_size=16)
         for name, tensor in sorted(lm.state_dict().items()):
+            if "lora_" in name:  # LoRA starts as the identity (B = 0): its random A does not change the reference
+                continue
             weights.update(name.encode())
             weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        key_parts = (encoded._fingerprint, "reference-v1", weights.hexdigest(), device.type, precision, self.layout)
+        config = scorer.network().config
+        key_parts = (
+            encoded._fingerprint,
+            "reference-v2",
+            weights.hexdigest(),
+            config.to_json_string(use_diff=False),  # rope, windows: what the weights alone do not say
+            config._attn_implementation,
+            scorer.chunked,
+            device.type,
+            precision,
+            self.layout,
+        )
         home = next(scorer.parameters()).device
         scorer.to(device)
         was_training = scorer.training
@@ -180,9 +194,14 @@ class PreferenceTask(GenerationTask):
         return table["length"] if table is not None else None
 
     def _shared_prompt_exact(self) -> bool:
-        """Whether this model scores a pair packed after one prompt exactly as two separate rows."""
+        """Whether this model scores a pair packed after one prompt exactly as two separate rows (checked on a short
+        random pair; a sliding attention window, which a long packed row could exceed, means no)."""
+        config = self.scorer.network().config.get_text_config()
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            log.info("preference pairs go as two padded rows: this model attends through a sliding window")
+            return False
         generator = torch.Generator().manual_seed(0)
-        vocab = min(len(self.tokenizer), self.scorer.network().config.get_text_config().vocab_size)
+        vocab = min(len(self.tokenizer), config.vocab_size)
         pair = {
             name: torch.randint(vocab, (size,), generator=generator).tolist()
             for name, size in (("prompt_ids", 5), ("chosen_ids", 3), ("rejected_ids", 4))
@@ -274,11 +293,11 @@ class PreferenceTask(GenerationTask):
         """Summed completion log-probabilities of both sides of every pair in the batch, with their lengths."""
         segments = batch["segment_ids"]
         if int(segments.max()) > 0:  # the shared-prompt layout (segments 1 and 2 are the completions)
-            attention = {"attention_mask": packed_attention(segments, bb.compute_dtype(model, segments.device), 0)}
-        else:
-            attention = {"attention_mask": (segments >= 0).long()}
-        per_token = model(batch["input_ids"], batch["score_index"], batch["score_targets"],
-                          position_ids=batch["position_ids"], **attention)  # fmt: skip
+            mask = packed_attention(segments, bb.compute_dtype(model, segments.device), 0)
+            inputs = {"attention_mask": mask, "position_ids": batch["position_ids"]}
+        else:  # two right-padded rows a pair: the plain padding mask
+            inputs = {"attention_mask": (segments >= 0).long()}
+        per_token = model(batch["input_ids"], batch["score_index"], batch["score_targets"], **inputs)
         pairs = batch["pair_tokens"].shape[0]
         sums = per_sequence(per_token, batch["score_sequence"], 2 * pairs).view(pairs, 2)
         tokens = batch["pair_tokens"]
@@ -335,7 +354,8 @@ class PreferenceTask(GenerationTask):
                 totals["nll"] -= float(policy.chosen.sum())
                 totals["chosen_tokens"] += float(policy.chosen_tokens.sum())
                 totals["pairs"] += losses.shape[0]
-        summed = {name: sum(part[name] for part in gather([totals])) for name in totals}
+        parts = gather([totals])  # one collective: every process's sums
+        summed = {name: sum(part[name] for part in parts) for name in totals}
         pairs = max(summed["pairs"], 1)
         nll = summed["nll"] / max(summed["chosen_tokens"], 1)
         metrics: dict[str, Any] = {

@@ -110,8 +110,8 @@ def encode_pairs(
                 reason = ""
             except (InvalidConversation, MaskError) as err:
                 if not data.skip_invalid:
-                    prefix = f"{key}: {location}" if isinstance(err, InvalidConversation) else "data.chat_template"
-                    raise SftError(f"{prefix} row {index + 1}: {err} — {SKIP_HINT}") from None
+                    prefix = key if isinstance(err, InvalidConversation) else "data.chat_template"
+                    raise SftError(f"{prefix}: {location} row {index + 1}: {err} — {SKIP_HINT}") from None
                 prompt, chosen, rejected, reason = [], [], [], "invalid pair"
             for name, value in zip(
                 COLUMNS, (prompt, chosen, rejected, len(prompt) + len(chosen) + len(rejected), index, reason)

@@ -180,7 +180,7 @@ def test_plain_pairs_use_the_format_string_and_eos(tmp_path, tiny_decoder):
 
 
 def test_missing_rejected_column_is_one_line(tmp_path, tiny_decoder):
-    with pytest.raises(SftError, match="data.chosen_field"):
+    with pytest.raises(SftError, match="data.rejected_field"):
         setup_task(tmp_path, tiny_decoder, [{"prompt": "a", "chosen": "b", "other": "c"}])
 
 
@@ -192,6 +192,10 @@ def test_recipe_refuses_adapters_off_without_lora(tmp_path, tiny_decoder, pairs)
     values["loss"]["preference"] = "dpp"
     with pytest.raises(SftError, match="did you mean 'dpo'"):
         load_recipe(write_recipe(tmp_path / "typo.yaml", values))
+    values["loss"] = {"preference": "dpo"}
+    values["data"]["packing"] = True
+    with pytest.raises(SftError, match="'data.packing' is generation's"):
+        load_recipe(write_recipe(tmp_path / "packing.yaml", values))
 
 
 def test_the_reference_is_read_back_from_the_data_cache_on_a_second_start(tmp_path, tiny_decoder, pairs, monkeypatch):
