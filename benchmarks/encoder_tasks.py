@@ -690,6 +690,8 @@ def seeded_rows(
         return lines
     for side in sides:
         runs = {k: r for k, r in rows.items() if k.startswith(side)}
+        if len(runs) < 2:  # a side run once (one seed) has its row above
+            continue
 
         def average(key: str, of_ratio: bool = False, runs: dict = runs) -> float:
             return mean(r[key] / peers[seed_of(k)][key] if of_ratio else r[key] for k, r in runs.items())
