@@ -3,8 +3,8 @@
 Inputs are, per pair, the summed log-probability of the chosen and of the rejected completion under the policy
 (`*_logps`), their completion token counts (`*_tokens`), and for DPO / IPO the same sums under the reference
 model. Each function returns the per-pair losses and the implicit rewards (chosen, rejected) that eval reports;
-the formulas are those of the papers as TRL implements them (DPOTrainer's `sigmoid` and `ipo`, ORPOTrainer,
-CPOTrainer's `simpo`), so runs compare with TRL's.
+the formulas are the papers', as TRL's DPOTrainer (`sigmoid`, with cDPO's label smoothing as TRL 0.x had it;
+`ipo`), ORPOTrainer and CPOTrainer (`simpo`) write them, so runs compare with TRL's.
 """
 
 from __future__ import annotations

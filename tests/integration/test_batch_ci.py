@@ -79,6 +79,7 @@ def test_check_passes_every_shipped_recipe(digits, digits_gen, speech_data, tmp_
             assert row["status"] == "pass", row
     order = [r["recipe"] for r in rows]
     assert order.index("recipes/chat/pretrain.yaml") < order.index("recipes/chat/sft.yaml")  # its backbone first
+    assert order.index("recipes/chat/sft.yaml") < order.index("recipes/preference/dpo.yaml")  # DPO on that SFT model
     # the image-generation recipes after the classifier that scores them (eval.feature_model) and their backbone
     assert order.index("recipes/diffusion/classifier.yaml") < order.index("recipes/diffusion/pretrain.yaml")
     assert order.index("recipes/diffusion/pretrain.yaml") < order.index("recipes/diffusion/finetune.yaml")

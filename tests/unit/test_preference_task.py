@@ -161,13 +161,24 @@ def test_beta_and_the_sft_term_reach_the_loss(task):
         ({"prompt": "Which module?", "chosen": "os", "rejected": None}, "row 2: 'rejected' is empty"),
     ],
 )
-def test_a_bad_pair_names_file_and_row(tmp_path, tiny_decoder, row, message):
+def test_a_bad_pair_names_file_and_row(task, row, message):
+    import dataclasses
+
+    import datasets
+
+    from sft_cli.data.tables import SkipCounter
+    from sft_cli.tasks.preference_data import PairEncoder, encode_pairs
+
     good = {"prompt": "Which module?", "chosen": "os", "rejected": "sys"}
+    plain = dataclasses.replace(task.recipe.data, chat_template=None)
+    encoder = PairEncoder(task.tokenizer, plain, None)
     with pytest.raises(SftError, match=message) as caught:
-        setup_task(tmp_path, tiny_decoder, [good, row], data={"chat_template": None})
-    assert "train.jsonl" in str(caught.value) and "data.skip_invalid" in str(caught.value)
-    task = setup_task(tmp_path, tiny_decoder, [good, row, good], data={"chat_template": None, "skip_invalid": True})
-    assert len(task.train_set) == 2 and task.skipped.describe("data.train") == "1 invalid pair"
+        encode_pairs(datasets.Dataset.from_list([good, row]), encoder, "data.train", "train.jsonl", SkipCounter())
+    assert "data.train: train.jsonl row 2" in str(caught.value) and "data.skip_invalid" in str(caught.value)
+    skipped = SkipCounter()
+    encoder.data = dataclasses.replace(plain, skip_invalid=True)
+    kept = encode_pairs(datasets.Dataset.from_list([good, row, good]), encoder, "data.train", "train.jsonl", skipped)
+    assert len(kept) == 2 and skipped.describe("data.train") == "1 invalid pair"
 
 
 def test_plain_pairs_use_the_format_string_and_eos(tmp_path, tiny_decoder):
