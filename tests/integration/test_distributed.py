@@ -18,7 +18,11 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.integration
 NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-TOLERANCE = 1e-4  # gloo all-reduce sums in another order than one process does
+TOLERANCE = 1e-4  # gloo all-reduce sums in another order than one process does (fp32)
+# Under precision auto this CPU trains in bf16 autocast, whose matmuls round at ~3 significant digits: with
+# transformers 5.25 the one-process run itself differs between two runs by 4e-5 at step 29, and two processes
+# from one by 1.5e-4 (the same at the previous commit). Two uncoordinated copies differ by orders more.
+TOLERANCES = {"cpu": TOLERANCE, "default": 1e-3}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -60,7 +64,7 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     one = [r for r in read_jsonl(runs["one"] / "metrics.jsonl") if "loss" in r]
     two = [r for r in read_jsonl(runs["two"] / "metrics.jsonl") if "loss" in r]
     assert len(one) == len(two) == 32
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=TOLERANCE)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=TOLERANCES[runs["engine"]])
     assert [r["loss_sup"] for r in two] == pytest.approx([r["loss"] for r in two], abs=1e-6)  # not 1/world of it
     assert [r["epoch"] for r in two] == [r["epoch"] for r in one]
     s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in ("one", "two"))
