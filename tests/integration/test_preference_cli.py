@@ -97,3 +97,43 @@ def test_a_pair_with_identical_completions_is_one_line_exit_2(run):
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and "bad.jsonl row 1" in message[0] and "identical" in message[0]
     assert "Traceback" not in result.stderr
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, tiny_decoder):
+    """The reference log-probabilities are part of the run's data: a resumed run reads the same ones back."""
+    import signal
+
+    from tests.integration.test_schedules_resume import _wait_for_checkpoint, cli
+
+    train = write_jsonl(tmp_path / "train.jsonl", read_jsonl(PREFS / "train.jsonl")[:96])
+
+    def recipe(name: str) -> Path:
+        values = {
+            "name": name,
+            "task": "preference",
+            "backbone": {"name": str(tiny_decoder)},
+            "data": {"train": str(train), "chat_template": "chatml", "max_length": 96},
+            "loss": {"preference": "dpo", "beta": 0.5},
+            "optim": {"lr": 3e-3},
+            "schedule": {"max_steps": 36, "batch_size": 8, "warmup": 0.0, "log_every": 1},
+            "engine": {"device": "cpu", "precision": "fp32", "seed": 0},
+            "output": {"dir": str(tmp_path / name), "save_every": 6, "keep": 2},
+        }
+        return write_recipe(tmp_path / f"{name}.yaml", values)
+
+    whole = cli("finetune", str(recipe("whole")))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    process = cli("finetune", str(recipe("killed")), wait=False)
+    _wait_for_checkpoint(tmp_path / "killed", process, 12)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = max(int(p.name.split("-")[1]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*"))
+    assert done < 36, "the run finished before it could be killed"
+    resumed = cli("finetune", str(recipe("killed")), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    losses = [
+        [r["loss"] for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("whole", "killed")
+    ]
+    assert len(losses[0]) == 36 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["preference"]["reference_seconds"] < 1.0  # read back from the run's data cache, not recomputed
