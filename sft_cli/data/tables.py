@@ -196,6 +196,21 @@ class SkipCounter:
         return ", ".join(f"{n} {reason}" for reason, n in self.by_split.get(key, {}).items())
 
 
+def keep_usable(
+    encoded: datasets.Dataset, key: str, location: str, skipped: SkipCounter, unit: str
+) -> datasets.Dataset:
+    """Count an encoded split's rows by their `skip` reason and keep the usable ones; none usable is an error."""
+    reasons = encoded["skip"]
+    for reason in sorted(set(reasons) - {""}):
+        skipped.add(key, reason, reasons.count(reason))
+    if all(reasons):
+        raise SftError(f"{key}: no usable {unit} in {location} ({skipped.describe(key)})")
+    kept = [index for index, reason in enumerate(reasons) if not reason]
+    if len(kept) < len(reasons):
+        encoded = encoded.select(kept)
+    return encoded.remove_columns("skip")
+
+
 def drop_null_rows(
     table: datasets.Dataset,
     fields: Sequence[str],

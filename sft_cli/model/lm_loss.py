@@ -160,13 +160,12 @@ def release_before_embedding_backward(network: nn.Module) -> None:
     embeddings.register_forward_hook(on_output)
 
 
-class CausalLMLoss(nn.Module):
-    """A causal LM and its loss in one forward: hidden states, keep the labelled positions, chunked projection."""
+class WrappedLM(nn.Module):
+    """A causal LM behind a forward of our own that reads its last hidden states (the output head applied apart)."""
 
-    def __init__(self, lm: nn.Module, kernels: str = "auto"):
+    def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        self.kernels = kernels
 
     @property
     def wrapped(self) -> nn.Module:
@@ -177,6 +176,20 @@ class CausalLMLoss(nn.Module):
         """The transformers model (through a PEFT wrapper)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+    def last_hidden(self, input_ids: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """The decoder's last hidden states, without the output head."""
+        network = self.network()
+        decoder = getattr(network, network.base_model_prefix)
+        return decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+
+
+class CausalLMLoss(WrappedLM):
+    """A causal LM and its loss in one forward: hidden states, keep the labelled positions, chunked projection."""
+
+    def __init__(self, lm: nn.Module, kernels: str = "auto"):
+        super().__init__(lm)
+        self.kernels = kernels
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -184,9 +197,7 @@ class CausalLMLoss(nn.Module):
         label_weights: Optional[torch.Tensor] = None,
         **inputs: Any,
     ) -> torch.Tensor:
-        network = self.network()
-        decoder = getattr(network, network.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        hidden = self.last_hidden(input_ids, **inputs)
         keep = labels != -100
         if label_weights is not None:
             keep &= label_weights != 0
@@ -194,7 +205,7 @@ class CausalLMLoss(nn.Module):
         weights = label_weights[keep] if label_weights is not None else torch.ones_like(targets, dtype=torch.float32)
         if rows.shape[0] == 0:
             return hidden.sum() * 0.0  # keeps every parameter in the graph (DDP) at zero loss
-        head = network.get_output_embeddings()
+        head = self.network().get_output_embeddings()
         fused = _fused_kernel(rows.device, self.kernels)
         if fused is not None and type(head) is nn.Linear and bool((weights == 1).all()):
             return fused(head.weight, rows, targets, head.bias)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from sft_cli.model.lm_loss import chunk_rows
+from sft_cli.model.lm_loss import WrappedLM, chunk_rows
 
 
 def _chunk_logits(
@@ -82,7 +82,7 @@ def token_logps(
     return _LinearTokenLogps.apply(hidden, head.weight, head.bias, labels, rows)
 
 
-class SequenceScorer(nn.Module):
+class SequenceScorer(WrappedLM):
     """A causal LM that returns log p(target) at chosen positions: `forward(input_ids, score_index, score_targets,
     **inputs)` with `score_index` flat indices into [batch x length] (the position that predicts each target).
 
@@ -93,18 +93,8 @@ class SequenceScorer(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, chunked: bool = True):
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm)
         self.chunked = chunked
-
-    @property
-    def wrapped(self) -> nn.Module:
-        """What `backbone.unwrap` descends into: the language model itself."""
-        return self.lm
-
-    def network(self) -> nn.Module:
-        """The transformers model (through a PEFT wrapper)."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """engine.grad_checkpointing reaches the language model's layers."""
@@ -117,11 +107,9 @@ class SequenceScorer(nn.Module):
             logits = self.lm(input_ids=input_ids, use_cache=False, **inputs).logits
             rows = logits.reshape(-1, logits.shape[-1])[score_index].float()
             return rows.log_softmax(-1).gather(1, score_targets[:, None]).squeeze(1)
-        network = self.network()
-        decoder = getattr(network, network.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        hidden = self.last_hidden(input_ids, **inputs)
         rows = hidden.reshape(-1, hidden.shape[-1])[score_index]
-        head = network.get_output_embeddings()
+        head = self.network().get_output_embeddings()
         if type(head) is nn.Linear:
             return token_logps(rows, head, score_targets)
         return head(rows).float().log_softmax(-1).gather(1, score_targets[:, None]).squeeze(1)  # a LoRA head

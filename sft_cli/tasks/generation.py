@@ -80,11 +80,7 @@ class GenerationTask(Task):
         recipe, data, spec = self.recipe, self.recipe.data, self.recipe.backbone
         resolved = bb.resolve(spec) if train else None
         self.tokenizer = backbone_tokenizer(resolved, spec) if train else load_tokenizer(model_dir, spec)
-        tables = {
-            key: load_table(location, key, self.data_cache)
-            for key, location in (("data.train", data.train), ("data.eval", data.eval))
-            if location and (train or key == "data.eval")
-        }
+        tables = self._tables(train)
         self.chat = self._chat_encoder(next(iter(tables.values())).column_names, model_dir or spec.name)
         readers = {key: self._reader(table, key) for key, table in tables.items()}  # columns, template, mask checks
         ensure_pad_token(self.tokenizer)
@@ -109,6 +105,15 @@ class GenerationTask(Task):
                 tables["data.eval"], reader, "data.eval", data.eval, self.skipped, self.data_cache
             )
             self.eval_prompts = self._eval_prompts(tables["data.eval"].select(kept), reader)
+
+    def _tables(self, train: bool) -> dict[str, Any]:
+        """data.train (when training) and data.eval, by recipe key."""
+        data = self.recipe.data
+        return {
+            key: load_table(location, key, self.data_cache)
+            for key, location in (("data.train", data.train), ("data.eval", data.eval))
+            if location and (train or key == "data.eval")
+        }
 
     # -- model and template ------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from sft_cli.chat.formats import InvalidConversation, to_messages, tools_of
 from sft_cli.chat.masks import ROLE_IDS, ROLE_NAMES, ChatEncoder, MaskError, role_token_counts
-from sft_cli.data.tables import DataCache, SkipCounter, cached_map
+from sft_cli.data.tables import DataCache, SkipCounter, cached_map, keep_usable
 from sft_cli.errors import SftError
 from sft_cli.tasks.text import tokenizer_fingerprint
 
@@ -106,16 +106,8 @@ def encode_split(
         tokenizer_fingerprint(reader.tokenizer),
     )
     encoded = cached_map(table, encode, str(fingerprint), with_indices=True, cache=cache)
-    reasons = encoded["skip"]
-    for reason in sorted(set(reasons) - {""}):
-        skipped.add(key, reason, reasons.count(reason))
-    if all(reasons):
-        raise SftError(f"{key}: no usable example in {location} ({skipped.describe(key)})")
-    kept = [index for index, reason in enumerate(reasons) if not reason]
-    if len(kept) < len(reasons):
-        encoded = encoded.select(kept)
-    rows = list(dict.fromkeys(encoded["row"]))
-    return encoded.remove_columns("skip"), rows
+    encoded = keep_usable(encoded, key, location, skipped, "example")
+    return encoded, list(dict.fromkeys(encoded["row"]))
 
 
 def history_summary(encoded: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from sft_cli.chat.masks import ChatEncoder
 from sft_cli.chat.templates import prepare_tokenizer
 from sft_cli.data.packing import packed_attention, pad_sequences
-from sft_cli.data.tables import fingerprint, load_table, require_columns
+from sft_cli.data.tables import fingerprint, require_columns
 from sft_cli.errors import SftError
 from sft_cli.model import backbone as bb
 from sft_cli.model.lm_loss import hidden_loss_matches, release_before_embedding_backward
@@ -61,11 +61,7 @@ class PreferenceTask(GenerationTask):
         if train and bb.is_encoder_decoder(spec):
             raise SftError("backbone: task preference tunes decoder-only models; this one is encoder-decoder")
         self.tokenizer = backbone_tokenizer(resolved, spec) if train else load_tokenizer(model_dir, spec)
-        tables = {
-            key: load_table(location, key, self.data_cache)
-            for key, location in (("data.train", data.train), ("data.eval", data.eval))
-            if location and (train or key == "data.eval")
-        }
+        tables = self._tables(train)
         for key, table in tables.items():
             require_columns(table, [data.chosen_field], "data.chosen_field", key)
             require_columns(table, [data.rejected_field], "data.rejected_field", key)
@@ -87,10 +83,9 @@ class PreferenceTask(GenerationTask):
                 tables["data.train"], self.pairs, "data.train", data.train, self.skipped, self.data_cache
             )
             model = bb.apply_freeze(model, recipe.freeze, self.new_tokens)
-        chunked = hidden_loss_matches(model, len(self.tokenizer))
-        if chunked:
-            release_before_embedding_backward(model.get_base_model() if hasattr(model, "get_base_model") else model)
-        self.scorer = self.model = SequenceScorer(model, chunked)
+        self.scorer = self.model = SequenceScorer(model, hidden_loss_matches(model, len(self.tokenizer)))
+        if self.scorer.chunked:
+            release_before_embedding_backward(self.scorer.network())
         self.layout = SHARED if self._shared_prompt_exact() else ROWS
         if "data.eval" in tables:
             self.eval_set = encode_pairs(

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from sft_cli.chat.formats import InvalidConversation, tools_of
 from sft_cli.chat.masks import ChatEncoder, MaskError
 from sft_cli.chat.preference_pairs import Messages, pair_messages
-from sft_cli.data.tables import DataCache, SkipCounter, cached_map
+from sft_cli.data.tables import DataCache, SkipCounter, cached_map, keep_usable
 from sft_cli.errors import SftError
 from sft_cli.tasks.generation_data import render_prompt
 from sft_cli.tasks.text import tokenizer_fingerprint
@@ -132,12 +132,4 @@ def encode_pairs(
         tokenizer_fingerprint(encoder.tokenizer),
     )
     encoded = cached_map(table, encode, str(settings), with_indices=True, cache=cache)
-    reasons = encoded["skip"]
-    for reason in sorted(set(reasons) - {""}):
-        skipped.add(key, reason, reasons.count(reason))
-    if all(reasons):
-        raise SftError(f"{key}: no usable pair in {location} ({skipped.describe(key)})")
-    kept = [index for index, reason in enumerate(reasons) if not reason]
-    if len(kept) < len(reasons):
-        encoded = encoded.select(kept)
-    return encoded.remove_columns("skip")
+    return keep_usable(encoded, key, location, skipped, "pair")
