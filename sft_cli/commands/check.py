@@ -138,7 +138,7 @@ def smoke_recipe(
         data=replace(data, **sampled),
         schedule=schedule,
         engine=engine,
-        output=replace(recipe.output, dir=str(work / "run"), save_every=None, tensorboard=False),
+        output=replace(recipe.output, dir=str(work / "run"), save_every=None, tensorboard=False, report_to=[]),
         eval=replace(
             recipe.eval,
             batch_size=min(recipe.eval.batch_size, EVAL_ROWS),

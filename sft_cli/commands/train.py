@@ -18,11 +18,12 @@ from accelerate.utils import gather_object, set_seed
 from sft_cli.commands.model_card import write_card
 from sft_cli.commands.prepare import tokenize_once
 from sft_cli.commands.runs import write_status
-from sft_cli.config.recipe import Recipe, to_yaml
+from sft_cli.config.recipe import Recipe, to_dict, to_yaml
 from sft_cli.data.tables import tokenizing_stats
 from sft_cli.engine.accelerator import make_accelerator
 from sft_cli.engine.checkpointer import Interrupted, Stopped, stop_on_signals
 from sft_cli.engine.evaluation import evaluate_over_processes
+from sft_cli.engine.tracking import Trackers
 from sft_cli.engine.trainer import Trainer
 from sft_cli.errors import SftError, StorageError, is_storage_error, storage_message
 from sft_cli.model.memory import limit_heap_retention
@@ -164,6 +165,34 @@ def _train(
         write_status(run_dir, "running", pid=os.getpid())
         manifest.record(run_dir, *(run_dir / name for name in ("recipe.yaml", "status.json", "metrics.jsonl")))
     started["training"] = True
+    trackers = start_trackers(recipe, run_dir, resume_from is not None) if accelerator.is_main_process else None
+    try:
+        return _fit(recipe, run_dir, accelerator, task, resume_from, resume_command, tokenized, trackers)
+    finally:
+        if trackers is not None:
+            trackers.finish()
+
+
+def start_trackers(recipe: Recipe, run_dir: Path, resume: bool) -> Trackers:
+    """The recipe's experiment trackers, started with the resolved recipe as params (output.report_to)."""
+    from sft_cli.engine.tracking import flatten
+
+    trackers = Trackers(recipe.output, run_dir, recipe.name, resume=resume)
+    if trackers.names:
+        trackers.start(flatten(to_dict(recipe)))
+    return trackers
+
+
+def _fit(
+    recipe: Recipe,
+    run_dir: Path,
+    accelerator: Any,
+    task: Any,
+    resume_from: Optional[Path],
+    resume_command: str,
+    tokenized: list,
+    trackers: Optional[Trackers],
+) -> dict[str, Any]:
     trainer = Trainer(
         task,
         accelerator,
@@ -174,6 +203,7 @@ def _train(
         recipe.loss,
         run_dir,
         resume_command,
+        trackers,
     )
     trainer.setup(resume_from)
     if accelerator.is_main_process:
@@ -206,11 +236,15 @@ def _train(
         summary["eval"] = next(
             (h for h in trainer.state.history if h["step"] == summary["model_from_step"]), trainer.state.history[-1]
         )
+    if trackers is not None and trackers.ids:
+        summary["trackers"] = trackers.ids
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "summary.json", summary)
         for directory in (run_dir / "model", run_dir / "best-model"):
             write_card(recipe, run_dir, directory, getattr(task, "names", None))
         _report(run_dir)
+        if trackers is not None:
+            trackers.log_artifacts()
         write_status(run_dir, "finished")
         manifest.record(run_dir, *(run_dir / name for name in ("summary.json", "model", "best-model", "report.png")))
         print_table(f"{recipe.name}: training summary", {k: v for k, v in summary.items() if k != "eval"})
@@ -256,6 +290,7 @@ def evaluate_model(
         if (run_dir / "metrics.jsonl").exists():
             _report(run_dir)
         manifest.record(run_dir, *(run_dir / name for name in EVAL_FILES if (run_dir / name).exists()))
+        _track_eval(recipe, run_dir, metrics)
         print_table(
             f"{recipe.name}: eval on {recipe.data.eval}",
             {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -263,3 +298,26 @@ def evaluate_model(
         if "per_class" in metrics:
             print_per_class(metrics["per_class"])
     return metrics
+
+
+def _track_eval(recipe: Recipe, run_dir: Path, metrics: dict[str, Any]) -> None:
+    """`sft eval` adds its metrics (at the trained step) and pictures to the training run's tracker runs."""
+    trackers = start_trackers(recipe, run_dir, resume=True)
+    if not trackers.active:
+        return
+    try:
+        step = _trained_steps(run_dir)
+        trackers.log({"step": step, **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}})
+        trackers.log_artifacts()
+    finally:
+        trackers.finish()
+
+
+def _trained_steps(run_dir: Path) -> int:
+    """The steps summary.json says the run trained (0 when it has none)."""
+    import json
+
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text()).get("steps", 0))
+    except (OSError, ValueError, TypeError):
+        return 0

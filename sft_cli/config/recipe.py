@@ -177,7 +177,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         key = getattr(err, "full_key", None) or "?"
         value = getattr(err, "value", None)
         message = str(err).splitlines()[0]
-        if "Value" in message and key != "?":
+        if ("Value" in message or "is not a ListConfig" in message) and key != "?":
             message = f"'{key}' expects {_field_type(key)}, got {value!r}"
         raise SftError(f"{source}: {message}") from None
     validate(recipe, source)

@@ -33,6 +33,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OBJECTIVES = ("auto", "clm", "mlm", "span", "denoise")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
+# output.report_to: Accelerate's built-in trackers (its LoggerType values)
+TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 # The allowed values of data.format, loss.train_on and data.history (validation checks them).
@@ -266,7 +268,11 @@ class OutputConfig:
     keep: int = 2
     keep_best: bool = True
     merge_lora: bool = False
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as report_to: [tensorboard] (events in output.dir/tensorboard)
+    report_to: list[str] = field(default_factory=list)  # tensorboard | mlflow | wandb | comet_ml | aim | clearml | ...
+    tracker: dict[str, Any] = field(default_factory=dict)  # options per tracker: {mlflow: {tracking_uri,
+    # experiment_name, run_name, tags}, wandb: {project, mode, entity, dir, name, tags}, tensorboard: {logging_dir}}
+    tracker_required: bool = False  # a tracker that cannot start fails the run (default: a warning, training goes on)
 
 
 @dataclass

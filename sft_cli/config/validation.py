@@ -25,6 +25,7 @@ from sft_cli.config.schema import (
     SCHEDULERS,
     STRATEGIES,
     TASKS,
+    TRACKERS,
     TRAIN_ON,
     Recipe,
 )
@@ -208,6 +209,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     if sched.early_stopping is not None:
         _check_choice(sched.early_stopping.mode, ("min", "max"), "schedule.early_stopping.mode", source)
     _check(bool(recipe.output.dir), source, "'output.dir' must be a directory path")
+    _check_trackers(recipe.output, source)
     _check(recipe.data.train is not None, source, "'data.train' is required: a file, directory or hub name")
     if recipe.data.streaming or sched.max_tokens:
         what = "'data.streaming'" if recipe.data.streaming else "'schedule.max_tokens'"
@@ -333,3 +335,21 @@ def recipe_owned_values(schedule: Any) -> dict[str, Any]:
         "gradient_accumulation_steps": schedule.grad_accum,
         "gradient_clipping": schedule.max_grad_norm or 0.0,
     }
+
+
+def _check_trackers(output: Any, source: str) -> None:
+    """output.report_to names Accelerate's trackers; output.tracker holds a mapping of options per tracker."""
+    for name in output.report_to:
+        _check_choice(str(name), TRACKERS, "output.report_to", source)
+    for name, options in output.tracker.items():
+        _check_choice(str(name), TRACKERS, "output.tracker", source)
+        _check(
+            options is None or isinstance(options, dict),
+            source,
+            f"'output.tracker.{name}' must be a mapping of options, e.g. {{project: my-project}}; got {options!r}",
+        )
+        _check(
+            name in output.report_to or (name == "tensorboard" and output.tensorboard),
+            source,
+            f"'output.tracker.{name}' sets options for a tracker that is not in output.report_to — add {name} there",
+        )

@@ -71,6 +71,7 @@ class Trainer:
         loss: LossConfig,
         run_dir: Path,
         resume_command: str = "",
+        trackers: Optional[Any] = None,
     ):
         self.task, self.accelerator = task, accelerator
         self.schedule, self.optim_config, self.engine, self.output = schedule, optim, engine, output
@@ -79,9 +80,8 @@ class Trainer:
         self.resume_command = resume_command
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = MetricLog(
-            run_dir / "metrics.jsonl", enabled=accelerator.is_main_process, tensorboard=output.tensorboard
-        )
+        mirror = trackers.log if trackers is not None and accelerator.is_main_process else None
+        self.log = MetricLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process, mirror=mirror)
         self.state = TrainState()
         self.signals = SignalWatch()
 

@@ -1,42 +1,29 @@
-"""The run's metric log, metrics.jsonl: one JSON object per line, optionally mirrored to TensorBoard."""
+"""The run's metric log, metrics.jsonl: one JSON object per line, optionally mirrored to experiment trackers."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
-
-from sft_cli.errors import SftError
-from sft_cli.rundir import manifest
+from typing import Any, Callable, Optional
 
 
 class MetricLog:
     """Appends one JSON object per line to metrics.jsonl; the source of truth for reports."""
 
-    def __init__(self, path: Path, enabled: bool = True, tensorboard: bool = False):
+    def __init__(self, path: Path, enabled: bool = True, mirror: Optional[Callable[[dict[str, Any]], None]] = None):
         self.path = path
         self.enabled = enabled
-        self.tensorboard = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SftError("output.tensorboard: install it first (pip install 'sft[tensorboard]')") from None
-            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
-            manifest.record(path.parent, path.parent / "tensorboard")
+        self.mirror = mirror  # the run's experiment trackers (output.report_to)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append a record (flushed at once so a killed run keeps its log); mirror scalars to TensorBoard."""
+        """Append a record (flushed at once so a killed run keeps its log); mirror it to the trackers."""
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record.get("step", 0))
-            self.tensorboard.flush()
+        if self.mirror is not None:
+            self.mirror(record)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records written after the checkpoint's step (they will be redone)."""

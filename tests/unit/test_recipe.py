@@ -53,6 +53,10 @@ def test_overrides_win_and_create_nested_keys(tmp_path):
             "'engine.skip_nonfinite': DeepSpeed steps inside backward",
         ),
         ("data: {train: t}\n", ["engine.distributed.deepspeed_config=nope.json"], "file not found: nope.json"),
+        ("data: {train: t}\noutput: {report_to: [mlflw]}\n", [], "did you mean 'mlflow'"),
+        ("data: {train: t}\noutput: {report_to: mlflow}\n", [], "'output.report_to' expects list"),
+        ("data: {train: t}\noutput: {report_to: [wandb], tracker: {wandb: offline}}\n", [], "output.tracker.wandb"),
+        ("data: {train: t}\noutput: {tracker: {mlflow: {tracking_uri: x}}}\n", [], "not in output.report_to"),
     ],
 )
 def test_bad_recipes_fail_before_compute_naming_the_key(tmp_path, text, overrides, expected):
