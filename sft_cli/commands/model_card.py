@@ -42,10 +42,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _data_line(key: str, location: Optional[str]) -> Optional[str]:
+def _data_line(key: str, location: Any) -> Optional[str]:
     if not location:
         return None
-    path = Path(location)
+    if isinstance(location, (list, tuple)):  # a list of files, or a mixture's sources
+        lines = [_data_line(f"{key}[{i}]", item) for i, item in enumerate(location)]
+        return "\n".join(line for line in lines if line)
+    if isinstance(location, dict):
+        share = {k: v for k, v in location.items() if k in ("weight", "num_samples")}
+        line = _data_line(key, location.get("path"))
+        return f"{line} ({', '.join(f'{k} {v}' for k, v in share.items())})" if line and share else line
+    path = Path(str(location))
     size = f", {path.stat().st_size:,} bytes" if path.is_file() else (", a directory" if path.is_dir() else "")
     return f"- `{key}`: `{location}`{size}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,18 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         return _stream_plan(recipe, task)
     params = count_parameters(task.model)
     lengths = task.lengths("train")
-    num_rows = len(task.train_set)
+    num_rows = task.mixture.epoch_size if task.mixture is not None else len(task.train_set)
     packed = hasattr(task.train_set, "rows")
     example_lengths = [len(e) for r in task.train_set.rows for e in r["input_ids"]] if packed else lengths
     steps = math.ceil(math.ceil(num_rows / recipe.schedule.batch_size) / recipe.schedule.grad_accum)
     on_gpu = recipe.engine.device in ("auto", "cuda") and torch.cuda.is_available()
     precision = resolve_precision(recipe.engine.precision, on_gpu)
     dtype = autocast_dtype(precision)
-    tokens = int(sum(lengths)) if lengths is not None else num_rows
+    epoch_rows = task.mixture.epoch_indices(0) if task.mixture is not None else None
+    if lengths is None:
+        tokens = num_rows
+    else:
+        tokens = int(sum(lengths) if epoch_rows is None else np.asarray(lengths)[epoch_rows].sum())
     seconds = (
         tokens
         * estimate_flops_per_token(task.model)
@@ -78,6 +83,9 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         shown = ", ".join(f"{k} {human(v)}" for k, v in value.items()) if isinstance(value, dict) else human(value)
         title = "labels" if key == "label_distribution" else key.replace("_", " ")
         stdout.print(f"{title}: {shown}", highlight=False)
+    if task.mixture is not None:
+        info["mixture"] = mixture_plan(task.mixture, lengths)
+        print_mixture(info["mixture"])
     extras = task.summary_extras()
     if extras.get("packing_efficiency") is not None:
         info["packing_efficiency"] = extras["packing_efficiency"]
@@ -91,8 +99,13 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         because = f" — per-turn because {history['per_turn_because']}" if history.get("per_turn_because") else ""
         stdout.print(f"chat history (data.history): {counts} example(s){because}", highlight=False)
         stdout.print(f"end of turn: {history['end_of_turn']}", highlight=False)
-    stdout.rule("two examples as the model sees them")
-    for index in range(min(2, num_rows)):
+    if task.mixture is not None:  # the first example of each source
+        stdout.rule("the first example of each source as the model sees it")
+        shown = [int(start) for start, end in zip(task.mixture.offsets, task.mixture.offsets[1:]) if end > start]
+    else:
+        stdout.rule("two examples as the model sees them")
+        shown = list(range(min(2, num_rows)))
+    for index in shown:
         stdout.print(render_example(task, task.train_set[index]), highlight=False)
     return info
 
@@ -126,6 +139,61 @@ def render_example(task: Any, row: dict) -> str:
     return "".join(parts)
 
 
+def mixture_plan(mixture: Any, lengths: Any) -> list[dict[str, Any]]:
+    """Per source of a data.train mixture: its rows and tokens, what one epoch draws, and the effective shares."""
+    rows = mixture.describe()
+    if mixture.streaming or lengths is None:
+        return rows
+    lengths = np.asarray(lengths)
+    drawn = mixture.epoch_indices(0)
+    sources = mixture.source_of(drawn)
+    per_epoch = [int(lengths[drawn[sources == i]].sum()) for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        start, end = mixture.offsets[i], mixture.offsets[i + 1]
+        row["tokens"] = int(lengths[start:end].sum())
+        row["tokens_per_epoch"] = per_epoch[i]
+        row["token_share"] = round(per_epoch[i] / max(sum(per_epoch), 1), 4)
+    return rows
+
+
+def print_mixture(rows: list[dict[str, Any]]) -> None:
+    """The mixture's sources as a table."""
+    columns = [
+        c
+        for c in (
+            "source",
+            "path",
+            "files",
+            "rows",
+            "rows_per_epoch",
+            "share",
+            "tokens",
+            "tokens_per_epoch",
+            "token_share",
+        )
+        if c in rows[0]
+    ]
+    table = Table(title="data.train mixture (one epoch)")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("source", "path") else "right")
+    for row in rows:
+        table.add_row(
+            *(
+                f"{row[c]:.1%}" if "share" in c else human(row[c]) if isinstance(row[c], int) else str(row[c])
+                for c in columns
+            )
+        )
+    stdout.print(table)
+
+
+def _cell(column: str, value: Any) -> str:
+    if "share" in column:
+        return f"{value:.1%}"
+    if column == "path":
+        return Path(value).name or value
+    return human(value) if isinstance(value, int) else str(value)
+
+
 def print_role_shares(shares: dict[str, dict[str, Any]]) -> None:
     """Tokens per role and the share of them that trains."""
     table = Table(title="tokens trained per role (training split)")
@@ -140,6 +208,7 @@ def _stream_plan(recipe: Recipe, task: Any) -> dict[str, Any]:
     """data.streaming: the corpus is not read ahead, so the plan has the files and the budget, not counts."""
     schedule = recipe.schedule
     builder, files = task.stream_files
+    files = [f for _, (_, source_files), _ in task.stream_sources for f in source_files]
     per_step = recipe.data.max_length * schedule.batch_size * schedule.grad_accum
     steps = [n for n in (schedule.max_steps, math.ceil((schedule.max_tokens or 0) / per_step)) if n]
     info = {
@@ -159,4 +228,9 @@ def _stream_plan(recipe: Recipe, task: Any) -> dict[str, Any]:
     for key, value in info.items():
         table.add_row(key, human(value))
     stdout.print(table)
+    if task.mixture is not None:
+        info["mixture"] = mixture_plan(task.mixture, None)
+        for row, (_, (_, source_files), _) in zip(info["mixture"], task.stream_sources):
+            row["files"] = len(source_files)
+        print_mixture(info["mixture"])
     return info

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 from sft_cli.config.schema import Recipe
 from sft_cli.data.files import content_hash, is_data_location, resolve_files
+from sft_cli.data.mixture import sources
 from sft_cli.data.tables import DataCache, fingerprint, tokenizing_stats
 
 log = logging.getLogger("sft")
@@ -31,19 +32,17 @@ def cache_root(recipe: Recipe) -> Path:
 
 def data_key(recipe: Recipe) -> str:
     """What the prepared data depends on: the files' content, the tokenizer and the task's data settings."""
-    sources = {}
-    for name in ("train", "eval", "unlabeled"):
+    stamps: dict[str, Any] = {}
+    mix = sources(recipe.data)
+    if mix is not None:  # each source's content and its own data keys (weights only sample: not part of the key)
+        stamps["train"] = [[_stamp(s.path, s.key), sorted(s.fields.items())] for s in mix]
+    for name in ("train", "eval", "unlabeled")[1 if mix else 0 :]:
         location = getattr(recipe.data, name)
-        if location is None:
-            continue
-        if is_data_location(location):
-            builder, files = resolve_files(location, f"data.{name}")
-            sources[name] = [builder, content_hash(files)]
-        else:
-            sources[name] = [str(location), _directory_stamp(Path(str(location)).expanduser())]
+        if location is not None:
+            stamps[name] = _stamp(location, f"data.{name}")
     data = {k: v for k, v in vars(recipe.data).items() if k not in ("train", "eval", "unlabeled", "cache_dir")}
     return fingerprint(
-        sources,
+        stamps,
         recipe.task,
         recipe.objective,
         vars(recipe.backbone),
@@ -51,6 +50,14 @@ def data_key(recipe: Recipe) -> str:
         data,
         recipe.loss.train_on,
     )
+
+
+def _stamp(location: Any, key: str) -> list[str]:
+    """What a data location's content is: its files' hashes, or a saved dataset's / hub name's stamp."""
+    if is_data_location(location):
+        builder, files = resolve_files(location, key)
+        return [builder, content_hash(files)]
+    return [str(location), _directory_stamp(Path(str(location)).expanduser())]
 
 
 def _directory_stamp(path: Path) -> str:

@@ -239,6 +239,7 @@ def _fit(
     if trackers is not None and trackers.ids:
         summary["trackers"] = trackers.ids
     if accelerator.is_main_process:
+        manifest.record(run_dir, run_dir / "summary.json")  # first: a failure below must not orphan it
         write_json_atomic(run_dir / "summary.json", summary)
         for directory in (run_dir / "model", run_dir / "best-model"):
             write_card(recipe, run_dir, directory, getattr(task, "names", None))

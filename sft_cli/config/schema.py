@@ -37,6 +37,29 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
+# data.train as a mixture: a list of sources {path, weight | num_samples, <data.* keys for this source>}; these
+# data keys stay recipe-wide (one chat template, one cache, one length, one stream setting for the whole mix)
+MIXTURE_KEYS = ("path", "weight", "num_samples")
+MIXTURE_GLOBAL_KEYS = (
+    "train",
+    "eval",
+    "unlabeled",
+    "cache_dir",
+    "num_proc",
+    "streaming",
+    "shuffle_buffer",
+    "chat_template",
+    "history",
+    "packing",
+    "max_length",
+    "max_target_length",
+    "image_size",
+    "mean",
+    "std",
+    "augment",
+)
+MIXTURE_TASKS = ("generation", "language-modeling")
+
 # The allowed values of data.format, loss.train_on and data.history (validation checks them).
 FORMATS = ("auto", "prompt-response", "messages", "sharegpt", "alpaca", "translation")
 TRAIN_ON = ("assistant", "last", "all")
@@ -77,7 +100,8 @@ class DataConfig:
     """Where the examples are and which fields hold what."""
 
     # a file (.jsonl/.json/.csv/.parquet/.txt, optionally .gz/.bz2/.xz/.zst), a glob, a list of files, a
-    # directory of data files, a save_to_disk dir, an image folder, or a hub name
+    # directory of data files, a save_to_disk dir, an image folder, or a hub name; or a mixture: a list of
+    # sources {path, weight | num_samples, any per-source data key (format, fields, template, roles)}
     train: Any = None
     eval: Any = None
     text_field: str = "text"

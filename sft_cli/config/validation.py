@@ -13,6 +13,9 @@ from sft_cli.config.schema import (
     FORMATS,
     FREEZE_POLICIES,
     HISTORY,
+    MIXTURE_GLOBAL_KEYS,
+    MIXTURE_KEYS,
+    MIXTURE_TASKS,
     NOISE_SCHEDULES,
     OBJECTIVES,
     OPTIMIZERS,
@@ -27,6 +30,7 @@ from sft_cli.config.schema import (
     TASKS,
     TRACKERS,
     TRAIN_ON,
+    DataConfig,
     Recipe,
 )
 from sft_cli.errors import SftError
@@ -230,7 +234,9 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         source,
         "'data.streaming': a stream has no length — set 'schedule.max_steps' or 'schedule.max_tokens'",
     )
-    for name in ("train", "eval", "unlabeled"):
+    if is_mixture(recipe.data.train):
+        _check_mixture(recipe, source)
+    for name in ("train", "eval", "unlabeled")[1 if is_mixture(recipe.data.train) else 0 :]:
         value = getattr(recipe.data, name)
         _check(
             value is None
@@ -353,3 +359,68 @@ def _check_trackers(output: Any, source: str) -> None:
             source,
             f"'output.tracker.{name}' sets options for a tracker that is not in output.report_to — add {name} there",
         )
+
+
+def is_mixture(train: Any) -> bool:
+    """data.train is a list of sources (mappings), not a path or a list of paths."""
+    return isinstance(train, (list, tuple)) and any(isinstance(item, dict) for item in train)
+
+
+def _check_mixture(recipe: Recipe, source: str) -> None:
+    """Each source: a path, a weight > 0 or num_samples >= 1 (not both), and data keys of the right type."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _check(
+        recipe.task in MIXTURE_TASKS,
+        source,
+        f"'data.train' as a list of sources (a mixture) is for tasks {', '.join(MIXTURE_TASKS)}; task {recipe.task} "
+        "reads one source — merge the files, or use a list of paths",
+    )
+    _check(
+        not recipe.data.packing,
+        source,
+        "'data.packing' with a mixture: each epoch draws rows from the sources by weight, packing would fix them "
+        "ahead — set data.packing: false",
+    )
+    per_source = [f for f in vars(DataConfig()) if f not in MIXTURE_GLOBAL_KEYS]
+    known = (*MIXTURE_KEYS, *per_source)
+    for index, entry in enumerate(recipe.data.train):
+        key = f"data.train[{index}]"
+        _check(isinstance(entry, dict), source, f"'{key}' must be a mapping {{path, weight}}; got {entry!r}")
+        for name in entry:
+            if name in MIXTURE_GLOBAL_KEYS:
+                raise SftError(f"{source}: '{key}.{name}' is set once for the whole mixture — move it to data.{name}")
+            if name not in known:
+                near = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+                hint = f"did you mean '{key}.{near[0]}'?" if near else f"known keys: {', '.join(known)}"
+                raise SftError(f"{source}: unknown key '{key}.{name}' — {hint}")
+        _check(bool(entry.get("path")), source, f"'{key}.path' is required: a file, glob, directory or hub name")
+        weight, samples = entry.get("weight"), entry.get("num_samples")
+        _check(
+            weight is None or samples is None,
+            source,
+            f"'{key}': set weight (a share of the mix) or num_samples (rows per epoch), not both",
+        )
+        _check(
+            weight is None or (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0),
+            source,
+            f"'{key}.weight' must be a number > 0; got {weight!r}",
+        )
+        _check(
+            samples is None or (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1),
+            source,
+            f"'{key}.num_samples' must be a whole number >= 1; got {samples!r}",
+        )
+        _check(
+            samples is None or not recipe.data.streaming,
+            source,
+            f"'{key}.num_samples': a stream has no epochs to count rows in — give it a weight",
+        )
+        fields = {k: v for k, v in entry.items() if k not in MIXTURE_KEYS}
+        try:
+            data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), fields))
+        except OmegaConfBaseException as err:
+            name = getattr(err, "full_key", None) or "?"
+            raise SftError(f"{source}: '{key}.{name}' has the wrong type — {str(err).splitlines()[0]}") from None
+        _check_choice(data.format, FORMATS, f"{key}.format", source)

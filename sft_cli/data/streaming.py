@@ -99,11 +99,19 @@ class BlockStream(IterableDataset):
         # next one is role k mod workers's, so worker w of a resumed loader plays role (w + k) mod workers.
         role = (worker + self.skip_batches) % workers
         skip = self.skip_batches // workers + (1 if role < self.skip_batches % workers else 0)
-        blocks = self.blocks(self.rank * workers + role, self.world * workers)
+        rows = self.rows(self.rank * workers + role, self.world * workers)
         for _ in range(skip * self.batch_size):  # fast-forward: tokenized again, not trained on
-            next(blocks)
+            next(rows)
         while True:
-            yield self.collate([{"input_ids": next(blocks)} for _ in range(self.batch_size)])
+            yield self.batch([next(rows) for _ in range(self.batch_size)])
+
+    def rows(self, shard: int, shards: int) -> Iterator[dict]:
+        """This shard's training rows, one token block each."""
+        return ({"input_ids": block} for block in self.blocks(shard, shards))
+
+    def batch(self, rows: list[dict]) -> Any:
+        """Collate rows into a training batch."""
+        return self.collate(rows)
 
     def blocks(self, shard: int, shards: int) -> Iterator[list[int]]:
         """This shard's shuffled blocks, epoch after epoch."""
@@ -133,6 +141,35 @@ class BlockStream(IterableDataset):
                         yield pending[: self.block]
                         pending = pending[self.block :]
                 document += 1
+
+
+class MixedBlockStream(BlockStream):
+    """A `data.train` mixture as a stream: each block comes from a source drawn by weight (seeded per shard).
+
+    Every source keeps its own files, fields and shuffle buffer; the draw is a pure function of (seed, shard),
+    so resume skips exactly as for one source. Batches carry each row's source and tokens for summary.json.
+    """
+
+    def __init__(self, streams: Sequence[BlockStream], weights: Sequence[float]):
+        first = streams[0]
+        super().__init__(
+            first.files, first.builder, first.field, first.encode, first.block, first.separator, first.batch_size,
+            first.collate, first.seed, first.rank, first.world, first.buffer, first.skip_batches, first.skip_invalid,
+        )  # fmt: skip
+        self.streams, self.weights = list(streams), list(weights)
+
+    def rows(self, shard: int, shards: int) -> Iterator[dict]:
+        from sft_cli.data.mixture import interleave
+
+        sources = [stream.blocks(shard, shards) for stream in self.streams]
+        for source, block in interleave(sources, self.weights, self.seed, shard):
+            yield {"input_ids": block, "source": source}
+
+    def batch(self, rows: list[dict]) -> Any:
+        batch = self.collate([{"input_ids": row["input_ids"]} for row in rows])
+        batch["mixture_source"] = torch.tensor([row["source"] for row in rows])
+        batch["mixture_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows])
+        return batch
 
 
 def _shuffled(items: Iterator[list[int]], rng: np.random.Generator, size: int) -> Iterator[list[int]]:

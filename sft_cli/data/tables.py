@@ -314,15 +314,24 @@ def _cached(table: datasets.Dataset, new_fingerprint: str) -> bool:
 
 
 def epoch_batches(
-    lengths: Sequence[int] | None, num_examples: int, batch_size: int, seed: int, epoch: int, group_by_length: bool
+    lengths: Sequence[int] | None,
+    num_examples: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool,
+    population: Optional[np.ndarray] = None,
 ) -> list[list[int]]:
     """The batches of one epoch: a shuffled order, optionally grouped by length in mega-batches.
 
     Grouping sorts each run of 50 batches by length so padding is small while the batch order stays
-    random; the result depends only on (seed, epoch), which is what lets resume skip exactly.
+    random; the result depends only on (seed, epoch), which is what lets resume skip exactly. `population`
+    (a mixture's rows of this epoch, repeats allowed) replaces range(num_examples).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(num_examples)
+    if population is not None:
+        order = np.asarray(population)[order]
     if group_by_length and lengths is not None:
         lengths_arr = np.asarray(lengths)
         mega = batch_size * 50

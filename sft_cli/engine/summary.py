@@ -43,7 +43,23 @@ def training_summary(trainer: Any) -> dict[str, Any]:
         "precision": trainer.accelerator.mixed_precision,
         "num_processes": trainer.accelerator.num_processes,
         **compile_report(trainer.engine.compile),
+        **mixture_report(trainer),
     }
+
+
+def mixture_report(trainer: Any) -> dict[str, Any]:
+    """A data.train mixture: its sources (rows, rows per epoch, share) and the tokens and examples each trained,
+    summed over processes."""
+    mixture = trainer.task.mixture
+    if mixture is None:
+        return {}
+    from accelerate.utils import gather_object
+
+    ranks = gather_object([[trainer.state.tokens_per_source, trainer.state.examples_per_source]])
+    keys = [s.key for s in mixture.sources]
+    tokens = {k: sum(r[0].get(k, 0) for r in ranks) for k in keys}
+    examples = {k: sum(r[1].get(k, 0) for r in ranks) for k in keys}
+    return {"mixture": mixture.describe(), "tokens_per_source": tokens, "examples_per_source": examples}
 
 
 def compile_report(compiled: bool) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -55,6 +56,8 @@ class TrainState:
     skipped_nonfinite: int = 0
     last_loss: Optional[float] = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    tokens_per_source: dict[str, int] = field(default_factory=dict)  # a data.train mixture: tokens trained per source
+    examples_per_source: dict[str, int] = field(default_factory=dict)
 
 
 class Trainer:
@@ -146,11 +149,16 @@ class Trainer:
         if self.task.streaming:
             total = min(caps)
             return total, total
-        per_rank = batches_per_rank(len(self.task.train_set), self.schedule.batch_size, world)
+        per_rank = batches_per_rank(self._epoch_examples(), self.schedule.batch_size, world)
         windows_per_epoch = max(1, math.ceil(per_rank / accum))
         if self.schedule.epochs:
             caps.append(math.ceil(self.schedule.epochs * windows_per_epoch))
         return min(caps), windows_per_epoch
+
+    def _epoch_examples(self) -> int:
+        """Examples in one epoch: the training table's rows, or a mixture's rows per epoch."""
+        mixture = self.task.mixture
+        return mixture.epoch_size if mixture is not None else len(self.task.train_set)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -166,8 +174,8 @@ class Trainer:
             self._paused(self._evaluate_and_track)
         try:
             while not stop and self.state.step < self.total_steps:
-                for window in self._windows(self.state.epoch, self.state.window_in_epoch):
-                    stop = self._step(window)
+                for window, indices in self._windows(self.state.epoch, self.state.window_in_epoch):
+                    stop = self._step(window, indices)
                     if stop or self.state.step >= self.total_steps:
                         break
                 if self.state.window_in_epoch >= self.windows_per_epoch:  # a whole epoch is done
@@ -188,8 +196,9 @@ class Trainer:
             self.signals.restore()
         return self.summary()
 
-    def _step(self, window: list[Batch]) -> bool:
+    def _step(self, window: list[Batch], indices: Optional[list[list[int]]] = None) -> bool:
         """One optimizer step plus whatever falls due after it; True means stop early."""
+        self._count_sources(window, indices)
         loss, parts, tokens = self._train_window(window)
         self.state.step += 1
         self.state.window_in_epoch += 1
@@ -208,6 +217,29 @@ class Trainer:
         if self.signals.signal is not None:
             raise self.signals.interrupted(self.save_checkpoint())
         return stop
+
+    def _count_sources(self, window: list[Batch], indices: Optional[list[list[int]]]) -> None:
+        """A mixture's tokens and examples per source (this process's share; summed over processes at the end)."""
+        mixture = self.task.mixture
+        if mixture is None:
+            return
+        if indices is not None:  # in-memory rows: their sources and lengths are known from the indices
+            flat = np.asarray([i for batch in indices for i in batch], dtype=np.int64)
+            lengths = self.task.lengths("train")
+            fixed = self.task.tokens_per_example or 0  # packed blocks: every example the same length
+            tokens = np.asarray(lengths)[flat] if lengths is not None else np.full(len(flat), fixed, dtype=np.int64)
+            sources = mixture.source_of(flat)
+        else:  # a stream marks each row's source and tokens itself
+            sources = np.concatenate([b.pop("mixture_source").numpy() for b in window])
+            tokens = np.concatenate([b.pop("mixture_tokens").numpy() for b in window])
+        for number, source in enumerate(mixture.sources):
+            chosen = sources == number
+            self.state.examples_per_source[source.key] = self.state.examples_per_source.get(source.key, 0) + int(
+                chosen.sum()
+            )
+            self.state.tokens_per_source[source.key] = self.state.tokens_per_source.get(source.key, 0) + int(
+                tokens[chosen].sum()
+            )
 
     def _paused(self, action: Callable[[], Any]) -> Any:
         """Run eval or saving without counting it as training time."""
@@ -228,14 +260,16 @@ class Trainer:
             stream = self.task.train_stream(rank, world, self.schedule.batch_size, skip * accum)
             iterator = iter(stream_loader(stream, self.engine.num_workers))
             while True:
-                yield [next(iterator) for _ in range(accum)]
+                yield [next(iterator) for _ in range(accum)], None
+        mixture = self.task.mixture
         batches = epoch_batches(
             self.task.lengths("train"),
-            len(self.task.train_set),
+            self._epoch_examples(),
             self.schedule.batch_size,
             self.engine.seed,
             epoch,
             self.task.groups_by_length(self.schedule.group_by_length),
+            mixture.epoch_indices(epoch) if mixture is not None else None,
         )
         mine = shard_batches(batches, world)[rank]  # as many batches on every rank, each example once
         windows = [mine[i : i + accum] for i in range(0, len(mine), accum)][skip:]
@@ -249,7 +283,7 @@ class Trainer:
         )
         iterator = iter(loader)
         for window in windows:
-            yield [next(iterator) for _ in window]
+            yield [next(iterator) for _ in window], window
 
     def _train_window(self, window: list[Batch]) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor], int]:
         """Forward/backward over one accumulation window, then one optimizer step."""

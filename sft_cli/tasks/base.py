@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from sft_cli.config.schema import Recipe
+from sft_cli.data.mixture import Mixture, source_data, sources
 from sft_cli.data.tables import DataCache, SkipCounter
 from sft_cli.errors import SftError
 
@@ -58,6 +61,7 @@ class Task(ABC):
         self.skipped = SkipCounter()  # rows left out of each split, by reason
         self.data_cache = DataCache()  # where parsed and tokenized data goes: the command sets it (tokenize once)
         self.computes = True  # setup may run the model over the data (a reference pass); False: plan, prepare
+        self.mixture: Optional[Mixture] = None  # data.train as a list of sources: which rows each epoch draws
 
     @classmethod
     def variant(cls, recipe: Recipe) -> type[Task]:
@@ -76,6 +80,34 @@ class Task(ABC):
     def lengths(self, split: str) -> Optional[list[int]]:
         """Example lengths used for length-grouped batching (None: no grouping)."""
         return None
+
+    def train_locations(self) -> list[tuple[str, Any, Any]]:
+        """(recipe key, location, data keys) of each training source: data.train, or each source of a mixture."""
+        data = self.recipe.data
+        mix = sources(data)
+        if mix is None:
+            return [("data.train", data.train, data)]
+        return [(s.key, s.path, source_data(data, s)) for s in mix]
+
+    def mix_sources(self, parts: list[Any]) -> Any:
+        """The training table of all sources (a mixture remembers each one's rows), or the one source's."""
+        mix = sources(self.recipe.data)
+        if mix is None:
+            return parts[0]
+        import datasets
+
+        self.mixture = Mixture(mix, [len(p) for p in parts], self.recipe.engine.seed)
+        return datasets.concatenate_datasets(parts)
+
+    @contextmanager
+    def reading(self, data: Any) -> Iterator[None]:
+        """Inside, `self.recipe.data` is one mixture source's data keys (for code that reads them from the recipe)."""
+        recipe = self.recipe
+        self.recipe = replace(recipe, data=data)
+        try:
+            yield
+        finally:
+            self.recipe = recipe
 
     @property
     def name(self) -> str:

@@ -81,8 +81,12 @@ class GenerationTask(Task):
         resolved = bb.resolve(spec) if train else None
         self.tokenizer = backbone_tokenizer(resolved, spec) if train else load_tokenizer(model_dir, spec)
         tables = self._tables(train)
-        self.chat = self._chat_encoder(next(iter(tables.values())).column_names, model_dir or spec.name)
-        readers = {key: self._reader(table, key) for key, table in tables.items()}  # columns, template, mask checks
+        configs = {key: config for key, _, config in self.train_locations()} if train else {}
+        configs["data.eval"] = data
+        shapes = [(table.column_names, configs[key]) for key, table in tables.items()]
+        self.chat = self._chat_encoder(shapes, model_dir or spec.name)
+        # columns, template, mask checks; each source of a mixture with its own data keys
+        readers = {key: self._reader(table, key, configs[key]) for key, table in tables.items()}
         ensure_pad_token(self.tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise SftError("backbone: generation needs a tokenizer with an EOS token so the model learns to stop")
@@ -90,8 +94,11 @@ class GenerationTask(Task):
         set_stop_tokens(bb.unwrap(self.model), self.tokenizer)
         self.isolation = None
         if train:
-            encoded, _ = encode_split(
-                tables["data.train"], readers["data.train"], "data.train", data.train, self.skipped, self.data_cache
+            encoded = self.mix_sources(
+                [
+                    encode_split(tables[key], readers[key], key, location, self.skipped, self.data_cache)[0]
+                    for key, location, _ in self.train_locations()
+                ]
             )
             self.role_tokens = trained_tokens_per_role(encoded)
             self.history = history_summary(encoded)
@@ -107,21 +114,24 @@ class GenerationTask(Task):
             self.eval_prompts = self._eval_prompts(tables["data.eval"].select(kept), reader)
 
     def _tables(self, train: bool) -> dict[str, Any]:
-        """data.train (when training) and data.eval, by recipe key."""
-        data = self.recipe.data
-        return {
-            key: load_table(location, key, self.data_cache)
-            for key, location in (("data.train", data.train), ("data.eval", data.eval))
-            if location and (train or key == "data.eval")
-        }
+        """data.train (each source of a mixture) when training, and data.eval, by recipe key."""
+        splits = [(key, location) for key, location, _ in self.train_locations()] if train else []
+        if self.recipe.data.eval:
+            splits.append(("data.eval", self.recipe.data.eval))
+        return {key: load_table(location, key, self.data_cache) for key, location in splits}
 
     # -- model and template ------------------------------------------------------------------
 
-    def _chat_encoder(self, columns: list[str], where: str) -> Optional[ChatEncoder]:
-        """A chat encoder when the data is conversational or a chat template is asked for; else None (pairs)."""
+    def _chat_encoder(self, shapes: list[tuple[list[str], Any]], where: str) -> Optional[ChatEncoder]:
+        """A chat encoder when any split (or mixture source) is conversational or a chat template is asked for;
+        else None (pairs). `shapes` holds each split's columns and data keys."""
         data = self.recipe.data
-        fmt = detect_format(columns, data.format, data.messages_field)
-        if fmt == "prompt-response" and data.chat_template is None and data.template != "chat":
+        pairs = all(
+            detect_format(columns, config.format, config.messages_field) == "prompt-response"
+            and config.template != "chat"
+            for columns, config in shapes
+        )
+        if pairs and data.chat_template is None:
             return None
         template = prepare_tokenizer(self.tokenizer, data.chat_template, where)
         if template.end_of_turn is None:
@@ -146,9 +156,10 @@ class GenerationTask(Task):
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
-    def _reader(self, table: Any, key: str) -> RowReader:
-        """How to read a split, checking its columns; conversational rows verify the mask on real rows."""
-        data = self.recipe.data
+    def _reader(self, table: Any, key: str, data: Any = None) -> RowReader:
+        """How to read a split (with `data`'s keys: a mixture source's own), checking its columns; conversational
+        rows verify the mask on real rows."""
+        data = data or self.recipe.data
         fmt = detect_format(table.column_names, data.format, data.messages_field)
         if fmt != "prompt-response" and self.chat is None:
             raise SftError(f"{key}: conversational rows ({fmt}) but no chat template — set data.chat_template")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -59,20 +60,30 @@ def build_lm(recipe: Any, objective_hint: str = "auto", cache: DataCache = DataC
 
 
 def _corpus_tokenizer(recipe: Any, cache: DataCache) -> Any:
-    """tokenizer.train: a tokenizer trained on data.train (read as a stream when data.streaming)."""
-    field = recipe.data.text_field
-    if recipe.data.streaming:
+    """tokenizer.train: a tokenizer trained on data.train, every source of a mixture (read as a stream when
+    data.streaming)."""
+    from sft_cli.data.mixture import source_data, sources
+
+    mix = sources(recipe.data)
+    splits = [(s.key, source_data(recipe.data, s)) for s in mix] if mix else [("data.train", recipe.data)]
+    corpora = [_corpus(key, data, cache) for key, data in splits]
+    texts = itertools.chain.from_iterable(texts for _, texts in corpora)
+    return trained_tokenizer(texts, "".join(key for key, _ in corpora), recipe.tokenizer.vocab_size, cache)
+
+
+def _corpus(key: str, data: Any, cache: DataCache) -> tuple[str, Iterable[str]]:
+    """(a cache key of its content, its texts) for one training source."""
+    field = data.text_field
+    if data.streaming:
         from sft_cli.data.files import content_hash, resolve_files
         from sft_cli.data.streaming import read_texts
 
-        builder, files = resolve_files(recipe.data.train, "data.train")
-        skip = recipe.data.skip_invalid
-        texts = (text for path in files for text in read_texts(path, builder, field, skip))
-        return trained_tokenizer(texts, content_hash(files) + field, recipe.tokenizer.vocab_size, cache)
-    table = load_table(recipe.data.train, "data.train", cache)
-    require_columns(table, [field], "data.text_field", f"data.train ({recipe.data.train})")
-    texts = (t for t in table[field] if isinstance(t, str) and t)
-    return trained_tokenizer(texts, table._fingerprint + field, recipe.tokenizer.vocab_size, cache)
+        builder, files = resolve_files(data.train, key)
+        texts = (text for path in files for text in read_texts(path, builder, field, data.skip_invalid))
+        return content_hash(files) + field, texts
+    table = load_table(data.train, key, cache)
+    require_columns(table, [field], "data.text_field", f"{key} ({data.train})")
+    return table._fingerprint + field, (t for t in table[field] if isinstance(t, str) and t)
 
 
 def trained_tokenizer(texts: Iterable[str], corpus_key: str, vocab_size: int, cache: DataCache = DataCache()) -> Any:
@@ -120,11 +131,21 @@ class LanguageModelingTask(TextFieldInput, Task):
         self.tokens_per_example = self.block
         if train and data.streaming:
             from sft_cli.data.files import resolve_files
+            from sft_cli.data.mixture import Mixture, sources
 
             self.streaming = True
-            self.stream_files = resolve_files(data.train, "data.train")
+            self.stream_sources = [
+                (key, resolve_files(location, key), config) for key, location, config in self.train_locations()
+            ]
+            self.stream_files = self.stream_sources[0][1]
+            mix = sources(data)
+            self.mixture = Mixture.stream(mix, recipe.engine.seed) if mix else None
         elif train:
-            self.train_set = self._blocks(data.train, "data.train")
+            parts = []
+            for key, location, config in self.train_locations():  # each source of a mixture with its own keys
+                with self.reading(config):
+                    parts.append(self._blocks(location, key))
+            self.train_set = self.mix_sources(parts)
         if data.eval:
             self.eval_set = self._blocks(data.eval, "data.eval")
 
@@ -150,26 +171,29 @@ class LanguageModelingTask(TextFieldInput, Task):
         return {"lm": 1.0}
 
     def train_stream(self, rank: int, world: int, batch_size: int, skip_batches: int) -> Any:
-        from sft_cli.data.streaming import BlockStream
+        from sft_cli.data.streaming import BlockStream, MixedBlockStream
 
-        builder, files = self.stream_files
         tokenizer, data = self.tokenizer, self.recipe.data
-        return BlockStream(
-            files,
-            builder,
-            data.text_field,
-            encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-            block=self.block,
-            separator=document_separator(tokenizer),
-            batch_size=batch_size,
-            collate=lambda rows: self.collate(rows, train=True),
-            seed=self.recipe.engine.seed,
-            rank=rank,
-            world=world,
-            buffer=data.shuffle_buffer,
-            skip_batches=skip_batches,
-            skip_invalid=data.skip_invalid,
-        )
+        streams = [
+            BlockStream(
+                files,
+                builder,
+                config.text_field,
+                encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                block=self.block,
+                separator=document_separator(tokenizer),
+                batch_size=batch_size,
+                collate=lambda rows: self.collate(rows, train=True),
+                seed=self.recipe.engine.seed,
+                rank=rank,
+                world=world,
+                buffer=data.shuffle_buffer,
+                skip_batches=skip_batches,
+                skip_invalid=config.skip_invalid,
+            )
+            for _, (builder, files), config in self.stream_sources
+        ]
+        return streams[0] if self.mixture is None else MixedBlockStream(streams, self.mixture.weights())
 
     def collate(self, rows: list[dict], train: bool) -> Batch:
         from sft_cli.tasks.text import text_batch

@@ -154,22 +154,30 @@ class Seq2SeqTask(Task):
             )
         resolved = bb.resolve(self.recipe.backbone) if train else None
         self._tokenizer(resolved, model_dir)
-        tables = {
-            key: load_table(location, key, self.data_cache)
-            for key, location in (("data.train", data.train), ("data.eval", data.eval))
-            if location and (train or key == "data.eval")
-        }
-        for key, table in tables.items():
-            self.input_format = self._check_columns(table.column_names, key)
+        locations = self.train_locations() if train else []
+        splits = [(key, location) for key, location, _ in locations]
+        splits += [("data.eval", data.eval)] if data.eval else []
+        tables = {key: load_table(location, key, self.data_cache) for key, location in splits}
+        for key, _, config in locations:  # each source of a mixture with its own data keys
+            with self.reading(config):
+                self._check_columns(tables[key].column_names, key)
+        if "data.eval" in tables:
+            self._check_columns(tables["data.eval"].column_names, "data.eval")
         self._model(resolved, model_dir)
         self.unlabeled = None
         if train:
-            self.train_set = self._encode(tables["data.train"], "data.train", data.train)
+            parts = []
+            for key, location, config in locations:
+                with self.reading(config):
+                    self.input_format = self._check_columns(tables[key].column_names, key)
+                    parts.append(self._encode(tables[key], key, location))
+            self.train_set = self.mix_sources(parts)
             if self.recipe.loss.lm > 0:
                 self.unlabeled = self._unlabeled()
             self.model = bb.apply_freeze(self.model, self.recipe.freeze)
         self.model, self.chunked = with_seq2seq_loss(self.model, len(self.tokenizer), self.recipe.engine.kernels)
         if "data.eval" in tables:
+            self.input_format = self._check_columns(tables["data.eval"].column_names, "data.eval")
             self.eval_set = self._encode(tables["data.eval"], "data.eval", data.eval)
 
     def _tokenizer(self, resolved: Optional[bb.ResolvedBackbone], model_dir: Optional[str]) -> None:
