@@ -1,4 +1,4 @@
-"""CLI commands that use a trained model: `sft predict`, `sft chat`, `sft export` (see `register`)."""
+"""CLI commands that use a trained model: `sft predict`, `sft chat`, `sft serve`, `sft export` (see `register`)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,27 @@ def chat(
     guard(run_chat, recipe, guard(model_directory, run_dir, model))
 
 
+def serve(
+    run: Path = typer.Argument(..., metavar="RUN_OR_RECIPE", help="A run directory, or a recipe (its output.dir)."),
+    overrides: Optional[List[str]] = OVERRIDES,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: a free one)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="SFT_API_KEY", help="Require `Authorization: Bearer KEY` (or set SFT_API_KEY)."
+    ),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: RUN/model)."),
+) -> None:
+    """Serve a trained model over HTTP: OpenAI-compatible chat/completions, and /v1/predict for every task."""
+    from sft_cli.commands.serve import serve as run_serve
+    from sft_cli.rundir.layout import model_directory, resolve_run
+
+    begin()
+    recipe, run_dir = guard(resolve_run, run, list(overrides or []))
+    code = guard(run_serve, recipe, guard(model_directory, run_dir, model), run_dir, host, port, api_key)
+    if code:
+        raise typer.Exit(code)
+
+
 def export(
     run: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (or its recipe)."),
     to: Path = typer.Option(..., "--to", help="The directory to write."),
@@ -73,4 +94,5 @@ def register(app: typer.Typer) -> None:
     """Add these commands to the app, in the order `sft --help` lists them."""
     app.command()(predict)
     app.command()(chat)
+    app.command()(serve)
     app.command()(export)

@@ -1,1 +1,1 @@
-"""What each command does, as plain functions the CLI calls: train and evaluate, plan, check, sweep, prepare, runs, predict, chat, export, the model card and starter recipes."""
+"""What each command does, as plain functions the CLI calls: train and evaluate, plan, check, sweep, prepare, runs, predict, chat, serve, export, the model card and starter recipes."""

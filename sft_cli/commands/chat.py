@@ -42,12 +42,13 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + (self.turns if turns is None else turns)
 
-    def prompt(self) -> tuple[list[int], int]:
+    def prompt(self, wanted: Optional[int] = None) -> tuple[list[int], int]:
         """(the conversation with the generation prompt, tokens left to generate) within the model's context.
 
-        The oldest exchanges go first; when the newest message alone leaves no room, it is refused.
+        `wanted` tokens to generate (default predict.max_new_tokens) are budgeted: the oldest exchanges go first;
+        when the newest message alone leaves no room, it is refused.
         """
-        wanted, turns = self.recipe.predict.max_new_tokens, self.turns
+        wanted, turns = wanted or self.recipe.predict.max_new_tokens, self.turns
         while True:
             ids = self.task.prompt_ids(self.messages(turns))
             if len(ids) + wanted <= self.context or len(turns) <= 1:
@@ -109,6 +110,15 @@ class ChatSession:
         return True
 
 
+def load_task(recipe: Recipe, model_dir: Path) -> Any:
+    """The recipe's task with its trained model loaded for inference, on the device, in eval mode."""
+    accelerator = make_accelerator(recipe.engine, training=False)
+    task = build_task(recipe)
+    task.load_for_inference(str(model_dir))
+    task.model = accelerator.prepare_model(task.model, evaluation_mode=True).eval()
+    return task
+
+
 def chat(recipe: Recipe, model_dir: Path, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """Run the conversation loop until /exit or end of input; returns the number of replies."""
     if not TASK_SPECS[recipe.task].can_chat:
@@ -116,10 +126,7 @@ def chat(recipe: Recipe, model_dir: Path, stdin: TextIO = sys.stdin, stdout: Tex
         raise SftError(
             f"task: '{recipe.task}' models do not chat — use `sft predict` (sft chat needs task: {chatting})"
         )
-    accelerator = make_accelerator(recipe.engine, training=False)
-    task = build_task(recipe)
-    task.load_for_inference(str(model_dir))
-    task.model = accelerator.prepare_model(task.model, evaluation_mode=True).eval()
+    task = load_task(recipe, model_dir)
     session = ChatSession(task, recipe)
     interactive = stdin.isatty() and stdout.isatty()
     if interactive:

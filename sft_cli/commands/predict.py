@@ -187,25 +187,30 @@ def _run(task: Any, model: Any, table: Any, rows: range, part: Path, recipe: Rec
             end = min(begin + chunk, rows.stop)
             batch_rows = table[begin:end]
             records = [dict(zip(batch_rows, values)) for values in zip(*batch_rows.values())]
-            problems = task.row_problems(records, begin + 1)
-            results: list[Optional[dict]] = [
-                None if problem is None else {"prediction": None, "skipped": problem} for problem in problems
-            ]
-            usable = [i for i, problem in enumerate(problems) if problem is None]
-            order = sorted(usable, key=lambda i: task.predict_length(records[i]))
-            for offset in range(0, len(order), settings.batch_size):
-                picks = order[offset : offset + settings.batch_size]
-                for index, result in zip(picks, task.predict(model, [records[i] for i in picks], settings)):
-                    results[index] = result
-            out.write(
-                "".join(json.dumps({**jsonable(r), **p}, ensure_ascii=False) + "\n" for r, p in zip(records, results))
-            )
+            lines = predict_records(task, model, records, begin + 1, settings)
+            out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
             out.flush()
             os.fsync(out.fileno())
             written += len(records)
             rate = written / max(time.perf_counter() - started, 1e-9)
             progress.update(bar, advance=len(records), rate=f"{rate:,.1f}")
     return written
+
+
+def predict_records(task: Any, model: Any, records: list[dict], first: int, settings: Any) -> list[dict[str, Any]]:
+    """What `sft predict` writes for these input rows (`first` numbers the first, from 1), in their order: each row's
+    own fields plus its prediction, or why it was skipped. Rows are batched by length, `settings.batch_size` each."""
+    problems = task.row_problems(records, first)
+    results: list[Optional[dict]] = [
+        None if problem is None else {"prediction": None, "skipped": problem} for problem in problems
+    ]
+    usable = [i for i, problem in enumerate(problems) if problem is None]
+    order = sorted(usable, key=lambda i: task.predict_length(records[i]))
+    for offset in range(0, len(order), settings.batch_size):
+        picks = order[offset : offset + settings.batch_size]
+        for index, result in zip(picks, task.predict(model, [records[i] for i in picks], settings)):
+            results[index] = result
+    return [{**jsonable(r), **p} for r, p in zip(records, results)]
 
 
 def complete_lines(path: Path) -> int:

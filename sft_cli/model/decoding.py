@@ -22,6 +22,7 @@ class DecodeSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
+    stop: tuple[str, ...] = ()  # strings that end a reply (`sft serve`'s `stop`): the text is cut before them
 
 
 @dataclass
@@ -86,6 +87,7 @@ def generate(
     stops = stop_ids(tokenizer)
     if settings.do_sample and settings.seed is not None:
         torch.manual_seed(settings.seed)
+    until = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
@@ -94,6 +96,7 @@ def generate(
         pad_token_id=pad,
         streamer=streamer,
         **search_settings(settings),
+        **until,
     )
     # a decoder's output repeats the prompt; an encoder-decoder's starts with the decoder start token
     generated_part = output[:, 1:] if seq2seq else output[:, input_ids.shape[1] :]
@@ -102,5 +105,16 @@ def generate(
         cut = next((i for i, t in enumerate(generated) if t in stops), None)
         ids = generated if cut is None else generated[:cut]
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        results.append(Generated(text=text, ids=ids, stopped=cut is not None))
+        found = first_stop(text, settings.stop)
+        if found is not None:  # a row of the batch that ended there is padded after it
+            text = text[:found]
+            while ids and ids[-1] == pad:
+                ids = ids[:-1]
+        results.append(Generated(text=text, ids=ids, stopped=cut is not None or found is not None))
     return results
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> Optional[int]:
+    """Where the first of the stop strings begins in the text (None: none occurs)."""
+    found = [index for index in (text.find(stop) for stop in stops if stop) if index >= 0]
+    return min(found) if found else None
