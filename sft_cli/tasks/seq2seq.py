@@ -166,11 +166,13 @@ class Seq2SeqTask(Task):
         self._model(resolved, model_dir)
         self.unlabeled = None
         if train:
-            parts = []
+            parts, template = [], self.template
             for key, location, config in locations:
                 with self.reading(config):
                     self.input_format = self._check_columns(tables[key].column_names, key)
+                    self.template = config.template if config.template != data.template else template
                     parts.append(self._encode(tables[key], key, location))
+            self.template = template  # what predictions and the export use: the recipe-wide one
             self.train_set = self.mix_sources(parts)
             if self.recipe.loss.lm > 0:
                 self.unlabeled = self._unlabeled()

@@ -111,7 +111,7 @@ def test_kill_9_then_resume_draws_the_same_mixture(tmp_path, sources, tiny_decod
     from tests.integration.test_schedules_resume import _wait_for_checkpoint, cli
 
     def recipe(name: str) -> Path:
-        run = values(tmp_path, tiny_decoder, name, mixture(sources, (0.6, 0.1, 0.3)), epochs=2)
+        run = values(tmp_path, tiny_decoder, name, mixture(sources), epochs=2)
         run["output"].update({"save_every": 6, "keep": 2})
         return write_recipe(tmp_path / f"{name}.yaml", run)
 
