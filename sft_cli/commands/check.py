@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from sft_cli.config.recipe import load_recipe
 from sft_cli.config.schema import Recipe
+from sft_cli.data.mixture import sources
 from sft_cli.data.tables import DataCache
 from sft_cli.environment import hub_offline
 from sft_cli.errors import SftError
@@ -103,7 +104,8 @@ def smoke_recipe(
     """The recipe shrunk to a smoke run: sampled data, a few steps, tiny batches, output in `work`."""
     data = recipe.data
     labels = data.label_field if recipe.task in ("classification", "image-classification") else None
-    sampled = {
+    mix = sources(data)
+    sampled: dict[str, Any] = {
         key: _sample(
             getattr(data, key),
             f"data.{key}",
@@ -114,8 +116,17 @@ def smoke_recipe(
             data.audio_field if recipe.task == "speech-recognition" else None,
         )
         for key in ("train", "eval", "unlabeled")
-        if getattr(data, key)
+        if getattr(data, key) and not (key == "train" and mix)
     }
+    if mix:  # each source sampled apart, its own keys kept (and num_samples capped to the sample)
+        sampled["train"] = [
+            {
+                **entry,
+                "path": _sample(s.path, s.key, SAMPLE_ROWS, work / f"train-{s.index}", None, cache),
+                **({"num_samples": min(s.num_samples, SAMPLE_ROWS)} if s.num_samples else {}),
+            }
+            for s, entry in zip(mix, data.train)
+        ]
     backbone = recipe.backbone
     produced = models.get(Path(backbone.name).expanduser().resolve())
     if produced is not None:  # built by a recipe checked before this one

@@ -190,9 +190,19 @@ class Worker:
         for job, output in zip(group, outputs):
             job.channel.send("done", output)
 
+    def _absolute_paths(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Image and audio paths relative to the server's working directory (an input file's are relative to it)."""
+        row = dict(row)
+        for column in (self.recipe.data.image_field, self.recipe.data.audio_field):
+            value = row.get(column)
+            if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+                row[column] = str(Path.cwd() / value)
+        return row
+
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`sft predict` on these rows: read as an input file is, checked, predicted in batches."""
         settings = self.recipe.predict
+        rows = [self._absolute_paths(row) for row in rows]
         with tempfile.TemporaryDirectory(prefix="sft-serve-") as tmp:
             path = Path(tmp) / "rows.jsonl"
             path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

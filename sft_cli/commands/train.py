@@ -166,11 +166,17 @@ def _train(
         manifest.record(run_dir, *(run_dir / name for name in ("recipe.yaml", "status.json", "metrics.jsonl")))
     started["training"] = True
     trackers = start_trackers(recipe, run_dir, resume_from is not None) if accelerator.is_main_process else None
+    status = "FAILED"
     try:
-        return _fit(recipe, run_dir, accelerator, task, resume_from, resume_command, tokenized, trackers)
+        summary = _fit(recipe, run_dir, accelerator, task, resume_from, resume_command, tokenized, trackers)
+        status = "FINISHED"
+        return summary
+    except Interrupted:
+        status = "KILLED"
+        raise
     finally:
         if trackers is not None:
-            trackers.finish()
+            trackers.finish(status)
 
 
 def start_trackers(recipe: Recipe, run_dir: Path, resume: bool) -> Trackers:

@@ -35,6 +35,48 @@ OBJECTIVES = ("auto", "clm", "mlm", "span", "denoise")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 # output.report_to: Accelerate's built-in trackers (its LoggerType values)
 TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+# output.tracker.<name> options sft checks by name: Accelerate's MLflowTracker and wandb.init's arguments,
+# SummaryWriter's (tests/unit/test_recipe.py keeps these equal to the installed libraries')
+TRACKER_OPTIONS = {
+    "mlflow": (
+        "tracking_uri",
+        "experiment_name",
+        "logging_dir",
+        "run_id",
+        "tags",
+        "nested_run",
+        "run_name",
+        "description",
+    ),
+    "wandb": (
+        "entity",
+        "project",
+        "dir",
+        "id",
+        "name",
+        "notes",
+        "tags",
+        "config",
+        "config_exclude_keys",
+        "config_include_keys",
+        "allow_val_change",
+        "group",
+        "job_type",
+        "mode",
+        "force",
+        "reinit",
+        "resume",
+        "resume_from",
+        "fork_from",
+        "save_code",
+        "tensorboard",
+        "sync_tensorboard",
+        "monitor_gym",
+        "settings",
+        "anonymous",
+    ),  # fmt: skip
+    "tensorboard": ("logging_dir", "comment", "purge_step", "max_queue", "flush_secs", "filename_suffix"),
+}
 
 
 # data.train as a mixture: a list of sources {path, weight | num_samples, <data.* keys for this source>}; these
@@ -53,6 +95,8 @@ MIXTURE_GLOBAL_KEYS = (
     "packing",
     "max_length",
     "max_target_length",
+    "source_lang",
+    "target_lang",
     "image_size",
     "mean",
     "std",

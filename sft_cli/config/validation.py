@@ -28,6 +28,7 @@ from sft_cli.config.schema import (
     SCHEDULERS,
     STRATEGIES,
     TASKS,
+    TRACKER_OPTIONS,
     TRACKERS,
     TRAIN_ON,
     DataConfig,
@@ -354,6 +355,12 @@ def _check_trackers(output: Any, source: str) -> None:
             source,
             f"'output.tracker.{name}' must be a mapping of options, e.g. {{project: my-project}}; got {options!r}",
         )
+        known = TRACKER_OPTIONS.get(str(name))
+        for option in (options or {}) if known else ():
+            if option not in known:
+                near = difflib.get_close_matches(str(option), known, n=1, cutoff=0.6)
+                hint = f"did you mean '{near[0]}'?" if near else f"known options: {', '.join(known)}"
+                raise SftError(f"{source}: unknown option 'output.tracker.{name}.{option}' — {hint}")
         _check(
             name in output.report_to or (name == "tensorboard" and output.tensorboard),
             source,

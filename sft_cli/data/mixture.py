@@ -15,6 +15,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from sft_cli.config.schema import MIXTURE_KEYS, DataConfig
+from sft_cli.config.validation import is_mixture
+from sft_cli.errors import SftError
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Source:
 def sources(data: DataConfig) -> Optional[list[Source]]:
     """The mixture's sources, or None when data.train is one location (a path, glob or list of paths)."""
     train = data.train
-    if not isinstance(train, (list, tuple)) or not any(isinstance(item, dict) for item in train):
+    if not is_mixture(train):
         return None
     return [
         Source(
@@ -62,7 +64,14 @@ def quotas(sizes: Sequence[int], mix: Sequence[Source]) -> list[int]:
     ]
     weighted = [i for i, s in enumerate(mix) if s.weight is not None and s.num_samples is None]
     if weighted:
-        room = max(len(weighted), sum(sizes) - sum(counts))
+        room = sum(sizes) - sum(counts)
+        if room < len(weighted):
+            names = ", ".join(mix[i].key for i in weighted)
+            raise SftError(
+                f"data.train: the sources with num_samples (or neither key) take {sum(counts):,} of the mixture's "
+                f"{sum(sizes):,} rows per epoch, leaving none for {names} — lower num_samples, or give those sources "
+                "num_samples too"
+            )
         total = sum(mix[i].weight for i in weighted)
         exact = [room * mix[i].weight / total for i in weighted]
         floors = [max(1, int(x)) for x in exact]

@@ -11,6 +11,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Optional
@@ -36,10 +37,11 @@ def requested(output: Any) -> list[str]:
 
 
 def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested recipe as `section.key` params; lists and dicts a tracker cannot hold become JSON text."""
+    """A nested recipe as `section.key` params; lists and dicts a tracker cannot hold become JSON text; characters
+    trackers refuse in names (MLflow: letters, digits, _ - . / and space) become _."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = re.sub(r"[^\w\-./ ]", "_", f"{prefix}{key}")
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{name}."))
         elif isinstance(value, (list, dict)):
@@ -68,24 +70,29 @@ class Trackers:
     def start(self, params: dict[str, Any]) -> None:
         """Start every requested tracker and log the recipe as params; unreachable ones warn (or fail)."""
         for name in self.names:
+            tracker = None
             try:
                 tracker = self._start(name)
-                tracker.store_init_configuration(params)
-            except SftError as err:
-                self._unreachable(name, str(err))
-                continue
+                identity = self._identity(name, tracker)
             except Exception as err:  # a tracker's own failure (network, auth, bad option) must not stop training
-                self._unreachable(name, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
+                why = str(err) if isinstance(err, SftError) else f"{type(err).__name__}: {_short(err)}"
+                _close(tracker)
+                self._unreachable(name, why)
                 continue
-            self.active[name] = tracker
-            self.ids[name] = self._identity(name, tracker)
+            self.active[name], self.ids[name] = tracker, identity
+            if name not in self.previous:  # a continued run already has them (MLflow refuses changed values)
+                try:
+                    tracker.store_init_configuration(params)
+                except Exception as err:
+                    log.warning("output.report_to: %s did not take the recipe as params (%s)", name, _short(err))
         if self.ids:
-            write_json_atomic(self.run_dir / TRACKERS_FILE, self.ids)
+            write_json_atomic(self.run_dir / TRACKERS_FILE, {**self.previous, **self.ids})
             manifest.record(self.run_dir, self.run_dir / TRACKERS_FILE)
 
     def _unreachable(self, name: str, why: str) -> None:
         message = f"output.report_to: {name} cannot be used — {why}"
         if self.output.tracker_required:
+            self.finish("FAILED")
             raise SftError(message + " (output.tracker_required: true)")
         log.warning("%s; training goes on without it", message)
 
@@ -102,6 +109,7 @@ class Trackers:
         builder = getattr(self, f"_{name}", None)
         tracker = builder(options) if builder else LOGGER_TYPE_TO_CLASS[name](self.run_name, **options)
         tracker.start()
+        self._started(name, tracker)
         return tracker
 
     def _tensorboard(self, options: dict[str, Any]) -> Any:
@@ -146,6 +154,12 @@ class Trackers:
             manifest.record(self.run_dir, self.run_dir / "wandb")
         return WandBTracker(project, **options)
 
+    def _started(self, name: str, tracker: Any) -> None:
+        """After start: W&B plots against sft's step (its own _step only grows, so re-logged steps would drop)."""
+        if name == "wandb":
+            tracker.run.define_metric("step")
+            tracker.run.define_metric("*", step_metric="step")
+
     def _identity(self, name: str, tracker: Any) -> dict[str, Any]:
         """What summary.json records about a started tracker: its run id and where the run lives."""
         if name == "mlflow":
@@ -169,7 +183,8 @@ class Trackers:
         """One metrics.jsonl row to every tracker, at its step (numbers only)."""
         values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if values:
-            self._each("log", lambda tracker: tracker.log(values, step=int(record.get("step", 0))))
+            step = int(record.get("step", 0))
+            self._each("log", lambda tracker: _log(tracker, values, step))
 
     def log_artifacts(self) -> None:
         """The run's pictures and JSON reports: MLflow artifacts, W&B files / images, TensorBoard images."""
@@ -177,9 +192,10 @@ class Trackers:
         if paths:
             self._each("upload artifacts", lambda tracker: _upload(tracker, paths))
 
-    def finish(self) -> None:
-        """End every tracker run (flushes W&B, closes TensorBoard's writer, ends the MLflow run)."""
-        self._each("finish", lambda tracker: tracker.finish())
+    def finish(self, status: str = "FINISHED") -> None:
+        """End every tracker run (flushes W&B, closes TensorBoard's writer, ends the MLflow run with `status`:
+        FINISHED, FAILED or KILLED)."""
+        self._each("finish", lambda tracker: _close(tracker, status))
         self.active.clear()
 
     def _each(self, what: str, action: Any) -> None:
@@ -191,17 +207,48 @@ class Trackers:
                     "output.report_to: %s failed to %s (%s) — no more logging to it in this run",
                     name,
                     what,
-                    " ".join(str(err).split())[:200],
+                    _short(err),
                 )
                 self.active.pop(name, None)
 
 
+def _short(err: BaseException) -> str:
+    """An exception's message on one line, cut to 300 characters."""
+    return " ".join(str(err).split())[:300]
+
+
+def _log(tracker: Any, values: dict[str, Any], step: int) -> None:
+    """W&B gets the step as a value (its x-axis, see `_started`); the others as the step."""
+    if tracker.name == "wandb":
+        tracker.log({**values, "step": step})
+    else:
+        tracker.log(values, step=step)
+
+
+def _close(tracker: Any, status: str = "FINISHED") -> None:
+    """End a tracker run, best effort (an MLflow run with its status)."""
+    if tracker is None:
+        return
+    if tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.end_run(status=status)
+    elif tracker.name == "wandb":
+        tracker.run.finish(exit_code=0 if status == "FINISHED" else 1)
+    else:
+        tracker.finish()
+
+
 def _upload(tracker: Any, paths: list[Path]) -> None:
-    """Send files the way each tracker keeps them."""
+    """Send files the way each tracker keeps them (a folder's pictures under its name)."""
     if tracker.name == "mlflow":
         for path in paths:
-            (tracker.log_artifacts if path.is_dir() else tracker.log_artifact)(str(path), None)
+            if path.is_dir():
+                tracker.log_artifacts(str(path), path.name)
+            else:
+                tracker.log_artifact(str(path), None)
         return
+    paths = [f for p in paths for f in (sorted(p.rglob("*.png")) if p.is_dir() else [p])]
     images = [p for p in paths if p.suffix == ".png"]
     if tracker.name == "wandb":
         import wandb
@@ -210,7 +257,9 @@ def _upload(tracker: Any, paths: list[Path]) -> None:
             if path.is_file():
                 wandb.save(str(path), base_path=str(path.parent), policy="now")
         if images:
-            tracker.log({p.stem: wandb.Image(str(p)) for p in images})
+            tracker.log(
+                {p.stem if p.parent.name != "samples" else f"samples/{p.stem}": wandb.Image(str(p)) for p in images}
+            )
         return
     if tracker.name == "tensorboard" and images:
         import numpy as np
@@ -218,7 +267,8 @@ def _upload(tracker: Any, paths: list[Path]) -> None:
 
         for path in images:
             pixels = np.asarray(Image.open(path).convert("RGB"))
-            tracker.writer.add_image(path.stem, pixels, dataformats="HWC")
+            tag = path.stem if path.parent.name != "samples" else f"samples/{path.stem}"
+            tracker.writer.add_image(tag, pixels, dataformats="HWC")
         tracker.writer.flush()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -117,6 +117,8 @@ class Trainer:
     def _restore(self, checkpoint: Path) -> None:
         """Load model weights and trainer state so the run continues as if never stopped."""
         self.state = TrainState(**self.checkpointer.restore(checkpoint))
+        if self.accelerator.process_index != 0:  # the saved per-source counts are every process's: rank 0 holds them
+            self.state.tokens_per_source, self.state.examples_per_source = {}, {}
         self.log.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", checkpoint, self.state.step)
 
@@ -132,7 +134,17 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """A checkpoint of everything (weights, optimizer, scheduler, RNG, data position); keeps `output.keep`."""
-        return self.checkpointer.save(self.state)
+        return self.checkpointer.save(self._state_over_ranks())
+
+    def _state_over_ranks(self) -> TrainState:
+        """The state to save (rank 0's): a mixture's per-source counts summed over every process."""
+        if self.task.mixture is None or self.accelerator.num_processes == 1:
+            return self.state
+        from accelerate.utils import gather_object
+
+        ranks = gather_object([[self.state.tokens_per_source, self.state.examples_per_source]])
+        total = [{k: sum(r[i].get(k, 0) for r in ranks) for k in ranks[0][i]} for i in (0, 1)]
+        return replace(self.state, tokens_per_source=total[0], examples_per_source=total[1])
 
     def _schedule_length(self) -> tuple[int, int]:
         """(optimizer steps, steps per epoch): from the epochs, capped by max_steps and the max_tokens budget.
@@ -225,9 +237,7 @@ class Trainer:
             return
         if indices is not None:  # in-memory rows: their sources and lengths are known from the indices
             flat = np.asarray([i for batch in indices for i in batch], dtype=np.int64)
-            lengths = self.task.lengths("train")
-            fixed = self.task.tokens_per_example or 0  # packed blocks: every example the same length
-            tokens = np.asarray(lengths)[flat] if lengths is not None else np.full(len(flat), fixed, dtype=np.int64)
+            tokens = self._example_tokens()[flat]
             sources = mixture.source_of(flat)
         else:  # a stream marks each row's source and tokens itself
             sources = np.concatenate([b.pop("mixture_source").numpy() for b in window])
@@ -240,6 +250,15 @@ class Trainer:
             self.state.tokens_per_source[source.key] = self.state.tokens_per_source.get(source.key, 0) + int(
                 tokens[chosen].sum()
             )
+
+    def _example_tokens(self) -> np.ndarray:
+        """Tokens of each training example (read once: a column of a large table is slow to convert)."""
+        if getattr(self, "_tokens_of", None) is None:
+            lengths = self.task.lengths("train")
+            fixed = self.task.tokens_per_example or 0  # packed blocks: every example the same length
+            count = len(self.task.train_set)
+            self._tokens_of = np.asarray(lengths) if lengths is not None else np.full(count, fixed, dtype=np.int64)
+        return self._tokens_of
 
     def _paused(self, action: Callable[[], Any]) -> Any:
         """Run eval or saving without counting it as training time."""

@@ -85,6 +85,12 @@ class GenerationTask(Task):
         configs["data.eval"] = data
         shapes = [(table.column_names, configs[key]) for key, table in tables.items()]
         self.chat = self._chat_encoder(shapes, model_dir or spec.name)
+        for key, config in configs.items():
+            if self.chat is not None and config.template not in (None, "chat", data.template):
+                raise SftError(
+                    f"{key}.template: this mixture is rendered with the chat template (a source is a conversation, "
+                    "or data.chat_template is set), so a source's own template would be ignored — remove it"
+                )
         # columns, template, mask checks; each source of a mixture with its own data keys
         readers = {key: self._reader(table, key, configs[key]) for key, table in tables.items()}
         ensure_pad_token(self.tokenizer)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import recipe_values, train_and_eval_in_process
+from tests.conftest import recipe_values
 
 pytestmark = pytest.mark.integration
 mlflow = pytest.importorskip("mlflow")
@@ -106,7 +106,12 @@ def test_mlflow_wandb_and_tensorboard_receive_params_metrics_and_artifacts(tmp_p
     )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(values))
-    train_and_eval_in_process(recipe)
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
+
+    commands.train(load_recipe(recipe), "finetune")
+    # `sft eval` with another eval batch size: the same tracker runs (MLflow keeps the params it was started with)
+    commands.evaluate_model(load_recipe(recipe, ["eval.batch_size=16"]))
 
     rows = metric_rows(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -133,9 +138,9 @@ def test_mlflow_wandb_and_tensorboard_receive_params_metrics_and_artifacts(tmp_p
     wandb_run = summary["trackers"]["wandb"]
     files = glob.glob(f"{wandb_run['dir']}/run-{wandb_run['run_id']}.wandb")
     assert files and Path(wandb_run["dir"]).parent == run_dir / "wandb"
-    logged = {(h["_step"], h["loss"]) for h in wandb_history(files[0]) if "loss" in h}
+    logged = {(h["step"], h["loss"]) for h in wandb_history(files[0]) if "loss" in h}
     assert_series(sorted(logged), losses)
-    logged_evals = {(h["_step"], h["eval_loss"]) for h in wandb_history(files[0]) if "eval_loss" in h}
+    logged_evals = {(h["step"], h["eval_loss"]) for h in wandb_history(files[0]) if "eval_loss" in h}
     assert_series(sorted(logged_evals), evals)
 
     # TensorBoard (output.tensorboard: true): event files in output.dir/tensorboard with the same scalars

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,26 @@ def test_weights_share_the_epoch_exactly_and_counts_are_kept():
     # num_samples rows of its own; a source with neither keeps its size; weights share what is left
     assert quotas([50, 80, 70], mix({"num_samples": 20}, {}, {"weight": 2})) == [20, 80, 100]
     assert sum(quotas([7, 11, 13], mix({"weight": 1}, {"weight": 1}, {"weight": 1}))) == 31
+
+
+def test_counts_that_leave_no_room_for_the_weighted_sources_are_one_line():
+    with pytest.raises(SftError, match=r"leaving none for data.train\[1\] — lower num_samples"):
+        quotas([10000, 20000], mix({"num_samples": 50000}, {"weight": 1}))
+
+
+def test_sft_check_samples_each_source_and_keeps_its_keys(tmp_path):
+    from sft_cli.commands.check import smoke_recipe
+    from tests.conftest import write_jsonl
+
+    for name in ("a", "b"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": str(i), "response": str(i)} for i in range(300)])
+    text = f"task: generation\ndata: {{train: [{{path: {tmp_path}/a.jsonl, num_samples: 500, format: alpaca}}, "
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text + f"{{path: {tmp_path}/b.jsonl, weight: 2}}]}}\n")
+    smoke = smoke_recipe(load_recipe(recipe), tmp_path / "work", 2, "cpu", {})
+    first, second = smoke.data.train
+    assert first["format"] == "alpaca" and first["num_samples"] <= 300 and second["weight"] == 2
+    assert Path(first["path"]).is_dir() and Path(second["path"]).is_dir() and first["path"] != second["path"]
 
 
 def test_each_epoch_draws_its_quota_seeded_and_an_undersampled_source_sees_every_row_over_epochs():

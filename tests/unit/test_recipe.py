@@ -57,6 +57,11 @@ def test_overrides_win_and_create_nested_keys(tmp_path):
         ("data: {train: t}\noutput: {report_to: mlflow}\n", [], "'output.report_to' expects list"),
         ("data: {train: t}\noutput: {report_to: [wandb], tracker: {wandb: offline}}\n", [], "output.tracker.wandb"),
         ("data: {train: t}\noutput: {tracker: {mlflow: {tracking_uri: x}}}\n", [], "not in output.report_to"),
+        (
+            "data: {train: t}\noutput: {report_to: [mlflow], tracker: {mlflow: {experiment: x}}}\n",
+            [],
+            "did you mean 'experiment_name'",
+        ),
     ],
 )
 def test_bad_recipes_fail_before_compute_naming_the_key(tmp_path, text, overrides, expected):
@@ -178,3 +183,20 @@ def test_a_deepspeed_config_file_that_sets_the_optimizer_is_refused_naming_the_k
     overrides = ["engine.distributed.strategy=deepspeed", f"engine.distributed.deepspeed_config={tmp_path / 'ds.json'}"]
     with pytest.raises(SftError, match="'engine.distributed.deepspeed_config'.*remove its 'optimizer' section"):
         load_recipe(write(tmp_path, "data: {train: t}\n"), overrides)
+
+
+def test_the_tracker_options_sft_checks_are_the_installed_libraries_arguments():
+    import inspect
+
+    from sft_cli.config.schema import TRACKER_OPTIONS
+
+    wandb = pytest.importorskip("wandb")
+    from accelerate.tracking import MLflowTracker
+    from torch.utils.tensorboard import SummaryWriter
+
+    def arguments(function):
+        return {name for name in inspect.signature(function).parameters if name != "self"}
+
+    assert set(TRACKER_OPTIONS["mlflow"]) == arguments(MLflowTracker.__init__) | {"tracking_uri"}
+    assert set(TRACKER_OPTIONS["wandb"]) == arguments(wandb.init)
+    assert set(TRACKER_OPTIONS["tensorboard"]) == arguments(SummaryWriter.__init__) - {"log_dir"} | {"logging_dir"}
