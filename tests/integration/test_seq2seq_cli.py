@@ -83,3 +83,38 @@ def test_pretraining_learns_to_fill_what_the_objective_hides(tmp_path, arch, obj
     assert tokenizer("a b")["input_ids"][-1] == tokenizer.eos_token_id  # texts end with EOS, as T5's do
     if objective == "span":
         assert tokenizer.convert_tokens_to_ids("<extra_id_99>") != tokenizer.unk_token_id
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_fine_tuning_raises_held_out_quality(tmp_path, tiny_seq2seq, arch):
+    """400 docs lines -> their first three words on a tiny random-init T5 / BART: held-out loss and chrF++ against
+    the untrained model (measured: T5 7.06 -> 5.02 and chrF 0 -> 7.1, BART 6.41 -> 4.47 and 0 -> 10.8)."""
+    from sft_cli.commands import train as commands
+    from sft_cli.config.recipe import load_recipe
+    from tests.conftest import DOCS, write_recipe
+
+    lines = [line.strip() for line in (DOCS / "train.txt").read_text(encoding="utf-8").splitlines()]
+    rows = [{"prompt": line, "response": " ".join(line.split()[:3])} for line in lines if len(line.split()) > 6]
+    values = {
+        "name": f"rises-{arch}",
+        "task": "generation",
+        "backbone": {"name": str(tiny_seq2seq[arch])},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows[:400])),
+            "eval": str(write_jsonl(tmp_path / "test.jsonl", rows[3000:3048])),
+            "template": "first words: {prompt}",
+            "max_length": 48,
+            "max_target_length": 12,
+        },
+        "optim": {"lr": 3e-3},
+        "schedule": {"epochs": 8, "batch_size": 16, "warmup": 0.0, "log_every": 25},
+        "engine": {"device": "cpu", "precision": "fp32", "seed": 0},
+        "eval": {"max_new_tokens": 12, "batch_size": 48},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    recipe = write_recipe(tmp_path / "recipe.yaml", values)
+    before = commands.evaluate_model(load_recipe(recipe), model_dir=str(tiny_seq2seq[arch]))
+    commands.train(load_recipe(recipe), "finetune")
+    after = commands.evaluate_model(load_recipe(recipe))
+    assert after["loss"] < 0.8 * before["loss"], (before["loss"], after["loss"])
+    assert after["chrf"] > before["chrf"] + 5, (before["chrf"], after["chrf"])
