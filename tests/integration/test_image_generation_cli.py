@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -145,7 +144,7 @@ def test_export_reloads_with_diffusers_alone_and_draws_the_same_images(runs):
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, digit_folders):
-    from tests.integration.test_schedules_resume import _wait_for_checkpoint, cli
+    from tests.integration.test_schedules_resume import whole_and_resumed_losses
 
     def recipe(name: str) -> Path:
         values = diffusion_values(
@@ -158,19 +157,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, digit_folde
         )
         return write_recipe(tmp_path / f"{name}.yaml", values)
 
-    whole = cli("pretrain", str(recipe("whole")))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    process = cli("pretrain", str(recipe("killed")), wait=False)
-    _wait_for_checkpoint(tmp_path / "killed", process, 20)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = max(int(p.name.split("-")[1]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*"))
-    assert done < 80, "the run finished before it could be killed"
-    resumed = cli("pretrain", str(recipe("killed")), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    losses = [
-        [r["loss"] for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("whole", "killed")
-    ]
+    losses = whole_and_resumed_losses("pretrain", recipe("whole"), recipe("killed"), 20)
     assert len(losses[0]) == 80 and losses[1] == pytest.approx(losses[0], abs=1e-6)
     evals = [json.loads((tmp_path / n / "summary.json").read_text())["eval"]["eval_loss"] for n in ("whole", "killed")]
     assert evals[1] == pytest.approx(evals[0], abs=1e-6)  # the EMA weights resumed too

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -108,26 +107,15 @@ def test_weights_set_the_shares_of_an_epoch_and_plan_shows_them(tmp_path, source
 
 
 def test_kill_9_then_resume_draws_the_same_mixture(tmp_path, sources, tiny_decoder):
-    from tests.integration.test_schedules_resume import _wait_for_checkpoint, cli
+    from tests.integration.test_schedules_resume import whole_and_resumed_losses
 
     def recipe(name: str) -> Path:
         run = values(tmp_path, tiny_decoder, name, mixture(sources), epochs=2)
         run["output"].update({"save_every": 6, "keep": 2})
         return write_recipe(tmp_path / f"{name}.yaml", run)
 
-    whole = cli("finetune", str(recipe("whole")))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    process = cli("finetune", str(recipe("killed")), wait=False)
-    _wait_for_checkpoint(tmp_path / "killed", process, 24)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it could be killed"
-    resumed = cli("finetune", str(recipe("killed")), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    losses = whole_and_resumed_losses("finetune", recipe("whole"), recipe("killed"), 24)
     runs = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("whole", "killed")]
-    losses = [
-        [r["loss"] for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("whole", "killed")
-    ]
     assert len(losses[0]) == runs[0]["steps"] == 60 and losses[1] == pytest.approx(losses[0], abs=1e-6)
     assert runs[1]["tokens_per_source"] == runs[0]["tokens_per_source"]
     assert runs[1]["examples_per_source"] == runs[0]["examples_per_source"]

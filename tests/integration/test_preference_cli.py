@@ -101,9 +101,8 @@ def test_a_pair_with_identical_completions_is_one_line_exit_2(run):
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, tiny_decoder):
     """The reference log-probabilities are part of the run's data: a resumed run reads the same ones back."""
-    import signal
 
-    from tests.integration.test_schedules_resume import _wait_for_checkpoint, cli
+    from tests.integration.test_schedules_resume import whole_and_resumed_losses
 
     train = write_jsonl(tmp_path / "train.jsonl", read_jsonl(PREFS / "train.jsonl")[:96])
 
@@ -121,19 +120,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, tiny_decode
         }
         return write_recipe(tmp_path / f"{name}.yaml", values)
 
-    whole = cli("finetune", str(recipe("whole")))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    process = cli("finetune", str(recipe("killed")), wait=False)
-    _wait_for_checkpoint(tmp_path / "killed", process, 12)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = max(int(p.name.split("-")[1]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*"))
-    assert done < 36, "the run finished before it could be killed"
-    resumed = cli("finetune", str(recipe("killed")), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    losses = [
-        [r["loss"] for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("whole", "killed")
-    ]
+    losses = whole_and_resumed_losses("finetune", recipe("whole"), recipe("killed"), 12)
     assert len(losses[0]) == 36 and losses[1] == pytest.approx(losses[0], abs=1e-6)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["preference"]["reference_seconds"] < 1.0  # read back from the run's data cache, not recomputed

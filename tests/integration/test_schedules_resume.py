@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import read_jsonl, recipe_values, write_recipe
 
@@ -127,6 +128,23 @@ def _wait_for_checkpoint(run: Path, process, min_step: int) -> None:
         assert process.poll() is None, process.stderr.read()[-2000:]
         time.sleep(0.01)
     raise AssertionError("no checkpoint appeared")
+
+
+def whole_and_resumed_losses(command: str, whole: Path, killed: Path, kill_after: int) -> list[list[float]]:
+    """Train `whole` uninterrupted; train `killed`, kill -9 it once its checkpoint at `kill_after` is complete and
+    --resume it; the logged losses of both runs (their run directories are the recipes' output.dir)."""
+    done = cli(command, str(whole))
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed_dir = Path(yaml.safe_load(killed.read_text())["output"]["dir"])
+    process = cli(command, str(killed), wait=False)
+    _wait_for_checkpoint(killed_dir, process, kill_after)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = cli(command, str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole_dir = Path(yaml.safe_load(whole.read_text())["output"]["dir"])
+    return [[r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (whole_dir, killed_dir)]
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
