@@ -207,7 +207,7 @@ def print_role_shares(shares: dict[str, dict[str, Any]]) -> None:
 def _stream_plan(recipe: Recipe, task: Any) -> dict[str, Any]:
     """data.streaming: the corpus is not read ahead, so the plan has the files and the budget, not counts."""
     schedule = recipe.schedule
-    builder, files = task.stream_files
+    builder = task.stream_sources[0][1][0]  # the first source's format
     files = [f for _, (_, source_files), _ in task.stream_sources for f in source_files]
     per_step = recipe.data.max_length * schedule.batch_size * schedule.grad_accum
     steps = [n for n in (schedule.max_steps, math.ceil((schedule.max_tokens or 0) / per_step)) if n]

@@ -23,7 +23,6 @@ from sft_cli.rundir.atomic import write_json_atomic
 
 log = logging.getLogger("sft")
 
-INSTALL = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "comet_ml": "comet_ml"}
 TRACKERS_FILE = "trackers.json"  # the run ids, so --resume and `sft eval` continue the same tracker runs
 ARTIFACTS = ("report.png", "confusion_matrix.png", "samples.png", "eval.json", "summary.json", "samples")
 
@@ -101,11 +100,10 @@ class Trackers:
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
         options = dict(self.output.tracker.get(name) or {})
-        module = INSTALL.get(name, name)
         try:
-            __import__(module if name != "tensorboard" else "tensorboard")
+            __import__(name)  # each tracker's package has the tracker's name
         except ImportError:
-            raise SftError(f"the {module} package is not installed (pip install 'sft[trackers]')") from None
+            raise SftError(f"the {name} package is not installed (pip install 'sft[trackers]')") from None
         builder = getattr(self, f"_{name}", None)
         tracker = builder(options) if builder else LOGGER_TYPE_TO_CLASS[name](self.run_name, **options)
         tracker.start()
@@ -116,7 +114,8 @@ class Trackers:
         from accelerate.tracking import TensorBoardTracker
 
         directory = Path(options.pop("logging_dir", self.run_dir))
-        manifest.record(self.run_dir, directory / "tensorboard") if directory == self.run_dir else None
+        if directory == self.run_dir:
+            manifest.record(self.run_dir, directory / "tensorboard")
         return TensorBoardTracker("tensorboard", directory, **options)
 
     def _mlflow(self, options: dict[str, Any]) -> Any:

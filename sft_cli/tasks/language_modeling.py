@@ -137,7 +137,6 @@ class LanguageModelingTask(TextFieldInput, Task):
             self.stream_sources = [
                 (key, resolve_files(location, key), config) for key, location, config in self.train_locations()
             ]
-            self.stream_files = self.stream_sources[0][1]
             mix = sources(data)
             self.mixture = Mixture.stream(mix, recipe.engine.seed) if mix else None
         elif train:
